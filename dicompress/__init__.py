@@ -1,0 +1,35 @@
+"""dicompress: post-training compression for Diffusion Transformers.
+
+    import dicompress
+    state = dicompress.compress(model, [dicompress.TLQ(bits=4)])
+    dicompress.save(state, "out/my_model")                 # loads back with diffusers' from_pretrained
+    report = dicompress.run("recipes/tiny_flux_w4.yaml")   # a whole recipe, end to end
+"""
+__version__ = "0.1.0"
+
+from .arch import register_arch  # noqa: E402
+from .errors import ArtifactError, CalibrationError, DicompressError, ModelError, RecipeError  # noqa: E402
+from .passes import Pass, PassConfig, register_pass  # noqa: E402
+try:  # TEMP during parallel development: remove before commit
+    from .io import load, register_manifest_op, register_with_diffusers, verify_artifact  # noqa: E402
+    from .passes.rtn import RTN  # noqa: E402
+    from .passes.tlq import TLQ  # noqa: E402
+    register_with_diffusers()
+except ImportError:
+    pass
+from .pipeline import compress, run  # noqa: E402
+from .recipe import Recipe, load_recipe  # noqa: E402
+
+
+def save(state, out_dir, report: dict | None = None, overwrite: bool = False, files: dict | None = None):
+    """Write a compressed model (a CompressionState from `compress`) as a dicompress artifact."""
+    from .io import write_artifact
+    rep = dict(report or state.report)
+    return write_artifact(state.model, out_dir, manifest=state.manifest, report=rep,
+                          source={"model": getattr(getattr(state.model, "config", None), "_name_or_path", None)},
+                          files=files, overwrite=overwrite)
+
+
+__all__ = ["compress", "run", "load", "save", "verify_artifact", "Recipe", "load_recipe", "Pass", "PassConfig",
+           "TLQ", "RTN", "register_pass", "register_arch", "register_manifest_op", "DicompressError",
+           "RecipeError", "ModelError", "ArtifactError", "CalibrationError"]

@@ -1,0 +1,88 @@
+"""What passes need to know about a model family, so they never name diffusers classes themselves."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+ARCHS: dict[str, "ArchAdapter"] = {}
+
+
+@dataclass(frozen=True)
+class BlockRef:
+    name: str          # dotted module name, e.g. "transformer_blocks.3"
+    stream: str        # "double" (two streams, joint attention), "single" (one concatenated stream)
+    index: int         # position within its stream's ModuleList
+
+
+class ArchAdapter:
+    """One subclass per model family. Instances are stateless; pass the model to each method."""
+
+    name: ClassVar[str]
+    model_classes: ClassVar[tuple[str, ...]]       # diffusers class names handled
+    block_lists: ClassVar[tuple[tuple[str, str], ...]]   # (ModuleList attribute, stream kind) in run order
+    quant_include: ClassVar[tuple[str, ...]]       # linears quantized by default (fnmatch, full names)
+    quant_keep: ClassVar[tuple[str, ...]]          # kept in high precision by default
+    attention_linears: ClassVar[tuple[str, ...]]   # names relative to a block
+    ffn_linears: ClassVar[tuple[str, ...]]
+    # block forward kwargs that carry one row per sample (captured per sample); the rest are shared
+    per_sample_inputs: ClassVar[tuple[str, ...]]
+    shared_inputs: ClassVar[tuple[str, ...]]
+
+    def blocks(self, model: nn.Module) -> list[BlockRef]:
+        refs = []
+        for attr, stream in self.block_lists:
+            for i, _ in enumerate(getattr(model, attr)):
+                refs.append(BlockRef(f"{attr}.{i}", stream, i))
+        return refs
+
+    def run_block(self, block: nn.Module, inputs: dict) -> dict[str, torch.Tensor]:
+        """Run one block on captured inputs (as returned by the calibration store); returns the
+        block's outputs under the input names they replace (e.g. hidden_states, encoder_hidden_states)."""
+        raise NotImplementedError
+
+    def synthetic_inputs(self, model: nn.Module, batch: int, generator: torch.Generator) -> dict:
+        """Random model-forward kwargs of the right shapes (plumbing-grade calibration)."""
+        raise NotImplementedError
+
+    def describe(self, model: nn.Module) -> dict:
+        cfg = dict(model.config) if hasattr(model, "config") else {}
+        streams: dict[str, int] = {}
+        for b in self.blocks(model):
+            streams[b.stream] = streams.get(b.stream, 0) + 1
+        return {"arch": self.name, "class": type(model).__name__, "blocks": streams,
+                "params": sum(p.numel() for p in model.parameters()),
+                "config": {k: v for k, v in cfg.items() if not k.startswith("_")}}
+
+
+def register_arch(adapter_cls: type[ArchAdapter]) -> type[ArchAdapter]:
+    ARCHS[adapter_cls.name] = adapter_cls()
+    return adapter_cls
+
+
+def supported_classes() -> list[str]:
+    _load_builtin()
+    return sorted(c for a in ARCHS.values() for c in a.model_classes)
+
+
+def adapter_for_class(class_name: str) -> ArchAdapter | None:
+    _load_builtin()
+    for a in ARCHS.values():
+        if class_name in a.model_classes:
+            return a
+    return None
+
+
+def adapter_for(model: nn.Module) -> ArchAdapter:
+    from ..errors import ModelError
+    a = adapter_for_class(type(model).__name__)
+    if a is None:
+        raise ModelError(f"unsupported architecture {type(model).__name__}",
+                         hint=f"supported model classes: {', '.join(supported_classes())}")
+    return a
+
+
+def _load_builtin() -> None:
+    from . import flux, qwenimage  # noqa: F401  (register on import)

@@ -1,0 +1,43 @@
+"""FLUX (FluxTransformer2DModel): 19 double-stream MMDiT blocks then 38 single-stream blocks in FLUX.1."""
+from __future__ import annotations
+
+import torch
+
+from .base import ArchAdapter, register_arch
+
+
+@register_arch
+class FluxAdapter(ArchAdapter):
+    name = "flux"
+    model_classes = ("FluxTransformer2DModel",)
+    block_lists = (("transformer_blocks", "double"), ("single_transformer_blocks", "single"))
+    quant_include = ("transformer_blocks.*", "single_transformer_blocks.*")
+    # AdaLN modulation (norm*.linear), embedders and the final proj_out stay high precision (LRQ-DiT).
+    quant_keep = ("*norm*", "*embed*", "proj_out")
+    attention_linears = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                         "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+    # single blocks fuse attention-out and MLP-down into proj_out; proj_mlp is the MLP up-projection
+    ffn_linears = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+                   "proj_mlp", "proj_out")
+    per_sample_inputs = ("hidden_states", "encoder_hidden_states", "temb")
+    shared_inputs = ("image_rotary_emb",)
+
+    def run_block(self, block, inputs):
+        enc, hid = block(hidden_states=inputs["hidden_states"], encoder_hidden_states=inputs["encoder_hidden_states"],
+                         temb=inputs["temb"], image_rotary_emb=inputs.get("image_rotary_emb"))
+        return {"hidden_states": hid, "encoder_hidden_states": enc}
+
+    def synthetic_inputs(self, model, batch, generator):
+        cfg = model.config
+        grid, txt = 8, 8                               # an 8x8 token grid, 8 text tokens
+        kw = dict(generator=generator)
+        ids = torch.zeros(grid, grid, 3)
+        ids[..., 1] = torch.arange(grid)[:, None]
+        ids[..., 2] = torch.arange(grid)[None, :]
+        out = dict(hidden_states=torch.randn(batch, grid * grid, cfg.in_channels, **kw),
+                   encoder_hidden_states=torch.randn(batch, txt, cfg.joint_attention_dim, **kw),
+                   pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, **kw),
+                   timestep=torch.rand(batch, **kw), img_ids=ids.view(-1, 3), txt_ids=torch.zeros(txt, 3))
+        if cfg.guidance_embeds:
+            out["guidance"] = torch.full((batch,), 3.5)
+        return out

@@ -1,0 +1,36 @@
+"""Qwen-Image (QwenImageTransformer2DModel): 60 dual-stream MMDiT blocks with img_/txt_ branches."""
+from __future__ import annotations
+
+import torch
+
+from .base import ArchAdapter, register_arch
+
+
+@register_arch
+class QwenImageAdapter(ArchAdapter):
+    name = "qwenimage"
+    model_classes = ("QwenImageTransformer2DModel",)
+    block_lists = (("transformer_blocks", "double"),)
+    quant_include = ("transformer_blocks.*",)
+    # img_mod / txt_mod are the AdaLN modulation linears; img_in / txt_in / time embed are embedders.
+    quant_keep = ("*norm*", "*_mod.*", "*embed*", "img_in", "txt_in", "proj_out")
+    attention_linears = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                         "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+    ffn_linears = ("img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2")
+    per_sample_inputs = ("hidden_states", "encoder_hidden_states", "temb", "encoder_hidden_states_mask")
+    shared_inputs = ("image_rotary_emb",)
+
+    def run_block(self, block, inputs):
+        enc, hid = block(hidden_states=inputs["hidden_states"], encoder_hidden_states=inputs["encoder_hidden_states"],
+                         encoder_hidden_states_mask=inputs.get("encoder_hidden_states_mask"),
+                         temb=inputs["temb"], image_rotary_emb=inputs.get("image_rotary_emb"))
+        return {"hidden_states": hid, "encoder_hidden_states": enc}
+
+    def synthetic_inputs(self, model, batch, generator):
+        cfg = model.config
+        grid, txt = 8, 8
+        kw = dict(generator=generator)
+        return dict(hidden_states=torch.randn(batch, grid * grid, cfg.in_channels, **kw),
+                    encoder_hidden_states=torch.randn(batch, txt, cfg.joint_attention_dim, **kw),
+                    encoder_hidden_states_mask=torch.ones(batch, txt, dtype=torch.long),
+                    timestep=torch.rand(batch, **kw), img_shapes=[(1, grid, grid)] * batch)

@@ -1,0 +1,102 @@
+"""Calibration sources: run a real sampling loop (or random inputs) under capture hooks.
+
+- classes:    the embedded digits model; its per-class conditioning table x seeds, FluxPipeline loop.
+- embeddings: a safetensors file of precomputed prompt_embeds / pooled_prompt_embeds, same loop.
+- prompts:    a text file of prompts through the model's full diffusers pipeline (text encoders from
+              the model's own repository); for users who have the real weights.
+- synthetic:  random latents and text embeddings of the right shapes, a spread of timesteps;
+              plumbing-grade (data-free, fine for weight-only quantization, not for activations).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from ..errors import CalibrationError
+from .capture import Capture
+from .store import CalibrationStore, StoreWriter
+
+
+def capture(model, adapter, cfg, model_info: dict, out_dir: str | Path, block_inputs: bool,
+            progress: bool = True) -> CalibrationStore:
+    """Run `cfg.source` over `model` with hooks; returns the finished store at `out_dir`."""
+    meta = {"source": cfg.source, "model": model_info.get("name"), "seeds": list(cfg.seeds), "steps": cfg.steps,
+            "blocks": [b.name for b in adapter.blocks(model)], "block_inputs": block_inputs}
+    writer = StoreWriter(out_dir, meta)
+    run = {"classes": _run_table, "embeddings": _run_table, "prompts": _run_prompts,
+           "synthetic": _run_synthetic}[cfg.source]
+    with torch.no_grad(), Capture(model, adapter, writer, block_inputs=block_inputs) as cap:
+        extra = run(model, adapter, cfg, model_info, cap, progress)
+    return writer.finish(**extra)
+
+
+def _table(cfg, model_info):
+    from ..zoo import load_conditioning
+    from ..zoo.sampler import Conditioning
+    if cfg.source == "embeddings":
+        t = load_file(cfg.embeddings)
+        return Conditioning(t["prompt_embeds"], t["pooled_prompt_embeds"])
+    return load_conditioning(model_info["path"])
+
+
+def _run_table(model, adapter, cfg, model_info, cap, progress):
+    from ..zoo.sampler import make_pipeline, sample
+    table = _table(cfg, model_info)
+    rows = list(cfg.classes) if cfg.classes is not None else list(range(table.prompt_embeds.shape[0]))
+    pairs = [(c, s) for s in cfg.seeds for c in rows]
+    pipe = make_pipeline(model)
+    bar = tqdm(total=len(pairs), desc="calibration", unit="sample", disable=not progress)
+    for i in range(0, len(pairs), cfg.batch_size):
+        chunk = pairs[i:i + cfg.batch_size]
+        sample(model, table, [c for c, _ in chunk], [s for _, s in chunk], steps=cfg.steps, pipeline=pipe,
+               batch_size=len(chunk))
+        cap.flush()
+        bar.update(len(chunk))
+    bar.close()
+    return {"classes": rows, "samples": len(pairs), "rows": len(pairs) * cfg.steps}
+
+
+def _run_prompts(model, adapter, cfg, model_info, cap, progress):
+    from diffusers import DiffusionPipeline
+    root = model_info.get("pipeline_root")
+    if root is None:
+        raise CalibrationError("calibration source 'prompts' needs the model's full pipeline (text encoders)",
+                               hint="point `model` at a diffusers pipeline directory or hub id, or use "
+                                    "source: embeddings / synthetic")
+    prompts = [p.strip() for p in Path(cfg.prompts).read_text().splitlines() if p.strip() and not p.startswith("#")]
+    pipe = DiffusionPipeline.from_pretrained(root, transformer=model, torch_dtype=next(model.parameters()).dtype)
+    pipe.to(next(model.parameters()).device)
+    pipe.set_progress_bar_config(disable=True)
+    bar = tqdm(total=len(prompts) * len(cfg.seeds), desc="calibration", unit="prompt", disable=not progress)
+    for seed in cfg.seeds:
+        for i in range(0, len(prompts), cfg.batch_size):
+            chunk = prompts[i:i + cfg.batch_size]
+            gen = torch.Generator("cpu").manual_seed(seed)
+            pipe(prompt=chunk, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+                 height=cfg.height, width=cfg.width, generator=gen, output_type="latent")
+            cap.flush()
+            bar.update(len(chunk))
+    bar.close()
+    return {"prompts": len(prompts), "samples": len(prompts) * len(cfg.seeds)}
+
+
+def _run_synthetic(model, adapter, cfg, model_info, cap, progress):
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    sigmas = torch.linspace(1.0, 1.0 / cfg.steps, cfg.steps)
+    bar = tqdm(total=len(cfg.seeds) * cfg.steps, desc="calibration (synthetic)", unit="step", disable=not progress)
+    for seed in cfg.seeds:
+        gen = torch.Generator().manual_seed(seed)
+        kwargs = adapter.synthetic_inputs(model, cfg.batch_size, gen)
+        kwargs = {k: v.to(device, dtype) if torch.is_tensor(v) and v.is_floating_point() else
+                  (v.to(device) if torch.is_tensor(v) else v) for k, v in kwargs.items()}
+        for s in sigmas:
+            kwargs["timestep"] = torch.full((cfg.batch_size,), float(s), device=device, dtype=dtype)
+            model(**kwargs, return_dict=False)
+            bar.update(1)
+        cap.flush()
+    bar.close()
+    return {"samples": len(cfg.seeds) * cfg.batch_size, "rows": len(cfg.seeds) * cfg.batch_size * cfg.steps}

@@ -1,0 +1,166 @@
+"""The calibration store: captured block inputs and per-linear input statistics, on disk.
+
+Layout (one directory per capture):
+    meta.json                              what was captured (source, classes/prompts, seeds, steps ...)
+    blocks/<block>/chunk_00000.safetensors per-sample block inputs (+ "timestep"), one chunk per flush
+    shared/<block>.safetensors             inputs shared by all samples (e.g. rotary embeddings)
+    final/chunk_00000.safetensors          outputs of the last block (targets for distillation)
+    linear_stats.safetensors               <linear>.absmax / .sumsq [in_features], <linear>.count [1]
+
+Blocks are read one at a time, so memory does not grow with depth.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..errors import CalibrationError
+
+STORE_FORMAT = 1
+
+
+def flatten(name: str, value, out: dict) -> None:
+    """Tensors, tuples of tensors and complex tensors -> flat safetensors-friendly dict."""
+    if value is None:
+        return
+    if isinstance(value, (tuple, list)):
+        for i, v in enumerate(value):
+            flatten(f"{name}.{i}", v, out)
+    elif torch.is_complex(value):
+        out[f"{name}.complex"] = torch.view_as_real(value).contiguous()
+    else:
+        out[name] = value.contiguous()
+
+
+def unflatten(flat: dict[str, torch.Tensor]) -> dict:
+    """Inverse of `flatten` (tuples rebuilt in index order)."""
+    out: dict = {}
+    tuples: dict[str, dict[int, torch.Tensor]] = {}
+    for key, t in flat.items():
+        if key.endswith(".complex"):
+            key, t = key[: -len(".complex")], torch.view_as_complex(t)
+        base, _, idx = key.rpartition(".")
+        if base and idx.isdigit():
+            tuples.setdefault(base, {})[int(idx)] = t
+        else:
+            out[key] = t
+    for base, parts in tuples.items():
+        out[base] = tuple(parts[i] for i in sorted(parts))
+    return out
+
+
+def _safe(name: str) -> str:
+    return name.replace("/", "_")
+
+
+class CalibrationStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        meta_path = self.root / "meta.json"
+        if not meta_path.exists():
+            raise CalibrationError(f"no calibration store at {self.root} (meta.json missing)",
+                                   hint="run the capture again; an interrupted capture is not reused")
+        self.meta = json.loads(meta_path.read_text())
+
+    # -- reading ---------------------------------------------------------------------------------
+    @property
+    def block_names(self) -> list[str]:
+        return list(self.meta.get("blocks", []))
+
+    @property
+    def has_block_inputs(self) -> bool:
+        return bool(self.meta.get("block_inputs"))
+
+    def _chunks(self, sub: str) -> list[Path]:
+        return sorted((self.root / sub).glob("chunk_*.safetensors"))
+
+    def block_inputs(self, block: str, keys: list[str] | None = None) -> dict:
+        """All captured inputs of one block: per-sample tensors concatenated on dim 0, plus shared ones."""
+        if not self.has_block_inputs:
+            raise CalibrationError("this calibration store holds statistics only, not block inputs",
+                                   hint="a pass that needs block inputs must be in the recipe when capturing")
+        chunks = self._chunks(f"blocks/{_safe(block)}")
+        if not chunks:
+            raise CalibrationError(f"no captured inputs for block {block!r} in {self.root}")
+        parts: dict[str, list[torch.Tensor]] = {}
+        for path in chunks:
+            with safe_open(str(path), "pt") as f:
+                for k in f.keys():
+                    if keys is None or k.split(".")[0] in keys or k == "timestep":
+                        parts.setdefault(k, []).append(f.get_tensor(k))
+        flat = {k: torch.cat(v) for k, v in parts.items()}
+        shared = self.root / "shared" / f"{_safe(block)}.safetensors"
+        if shared.exists():
+            with safe_open(str(shared), "pt") as f:
+                flat.update({k: f.get_tensor(k) for k in f.keys()})
+        return unflatten(flat)
+
+    def final_outputs(self) -> dict:
+        chunks = self._chunks("final")
+        if not chunks:
+            raise CalibrationError(f"no captured final outputs in {self.root}")
+        parts: dict[str, list[torch.Tensor]] = {}
+        for path in chunks:
+            with safe_open(str(path), "pt") as f:
+                for k in f.keys():
+                    parts.setdefault(k, []).append(f.get_tensor(k))
+        return {k: torch.cat(v) for k, v in parts.items()}
+
+    def linear_stats(self) -> dict[str, dict[str, torch.Tensor]]:
+        """name -> {"absmax": [in], "rms": [in], "count": int} (per input channel)."""
+        path = self.root / "linear_stats.safetensors"
+        if not path.exists():
+            raise CalibrationError(f"no linear statistics in {self.root}")
+        out: dict[str, dict] = {}
+        with safe_open(str(path), "pt") as f:
+            for k in f.keys():
+                name, _, field = k.rpartition(".")
+                out.setdefault(name, {})[field] = f.get_tensor(k)
+        for s in out.values():
+            count = float(s.pop("count").item())
+            s["count"] = int(count)
+            s["rms"] = (s.pop("sumsq") / max(count, 1.0)).sqrt()
+        return out
+
+
+class StoreWriter:
+    """Writes a store; `meta.json` is written last, so an interrupted capture is never read as complete."""
+
+    def __init__(self, root: str | Path, meta: dict):
+        self.root = Path(root)
+        if (self.root / "meta.json").exists():
+            (self.root / "meta.json").unlink()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.meta = {"format": STORE_FORMAT, **meta}
+        self._chunk_ids: dict[str, int] = {}
+        self.rows = 0
+
+    def write_chunk(self, sub: str, tensors: dict[str, torch.Tensor]) -> None:
+        if not tensors:
+            return
+        i = self._chunk_ids.get(sub, 0)
+        self._chunk_ids[sub] = i + 1
+        d = self.root / sub
+        d.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(d / f"chunk_{i:05d}.safetensors"))
+
+    def write_block_chunk(self, block: str, tensors: dict[str, torch.Tensor]) -> None:
+        self.write_chunk(f"blocks/{_safe(block)}", tensors)
+
+    def write_shared(self, block: str, tensors: dict[str, torch.Tensor]) -> None:
+        d = self.root / "shared"
+        d.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(d / f"{_safe(block)}.safetensors"))
+
+    def write_linear_stats(self, stats: dict[str, dict[str, torch.Tensor]]) -> None:
+        flat = {f"{n}.{k}": v.contiguous() for n, s in stats.items() for k, v in s.items()}
+        save_file(flat, str(self.root / "linear_stats.safetensors"))
+
+    def finish(self, **extra) -> CalibrationStore:
+        self.meta.update(extra)
+        (self.root / "meta.json").write_text(json.dumps(self.meta, indent=2) + "\n")
+        return CalibrationStore(self.root)

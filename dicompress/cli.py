@@ -1,0 +1,76 @@
+"""`dicompress run | eval | inspect`: parse, call the API, print. Errors print without a traceback."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import DicompressError
+
+
+def _friendly(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DicompressError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted: no artifact was written (outputs are renamed into place only when complete)",
+                       err=True)
+            sys.exit(130)
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="dicompress")
+def main():
+    """Post-training compression for Diffusion Transformers."""
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--model", help="Override the recipe's model: a local diffusers directory or zoo:NAME.")
+@click.option("--output", help="Override the recipe's output directory.")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output directory.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_friendly
+def run(recipe, model, output, overwrite, quiet):
+    """Compress a model as RECIPE (a YAML file) says and write the artifact."""
+    from .eval import format_summary
+    from .pipeline import run as run_recipe
+    report = run_recipe(recipe, progress=not quiet, model=model, output=output, overwrite=overwrite)
+    click.echo(format_summary(report))
+
+
+@main.command("eval")
+@click.argument("artifact", type=click.Path())
+@click.option("--samples-per-class", default=20, show_default=True, type=int)
+@click.option("--steps", default=None, type=int, help="Sampling steps (default: the model's).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the metrics as JSON.")
+@_friendly
+def eval_cmd(artifact, samples_per_class, steps, json_out):
+    """Evaluate an artifact against the model it was made from."""
+    from .evaluate import evaluate_artifact
+    from .eval import format_summary
+    report = evaluate_artifact(artifact, samples_per_class=samples_per_class, steps=steps)
+    click.echo(format_summary(report))
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
+@main.command()
+@click.argument("path")
+@_friendly
+def inspect(path):
+    """Describe an artifact (manifest, footprint, report) or a model (architecture, blocks, linears)."""
+    from .evaluate import inspect_path
+    click.echo(inspect_path(path))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Replacement modules and module surgery."""

@@ -1,0 +1,89 @@
+"""QuantLinear: a Linear whose weight is stored as packed b-bit codes plus a codec's small tensors.
+
+Storage (all persistent buffers, so they round-trip through safetensors / diffusers loading):
+  qweight  uint8 [out_features, packed_bytes(in_features, bits)]  codes, see quant/packing.py
+  <codec buffers>  e.g. TLQ: scales [out, groups] fp16, grid [out, 4] fp16, eta [1] fp32
+  bias     the original bias (Parameter), or absent
+
+The pure-torch path decodes the weight on every call (no fp32 copy is kept, so memory stays packed).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant.codecs import get_codec
+from ..quant.packing import pack_codes, packed_bytes, unpack_codes
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, codec: str, bits: int,
+                 group_size: int | None = None, device=None, bias_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.codec, self.bits, self.group_size = codec, bits, group_size
+        c = get_codec(codec)
+        self.register_buffer("qweight", torch.empty(out_features, packed_bytes(in_features, bits),
+                                                    dtype=torch.uint8, device=device))
+        for name, (shape, dtype) in c.buffer_specs(out_features, in_features, bits, group_size).items():
+            self.register_buffer(name, torch.empty(shape, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device),
+                                 requires_grad=False) if bias else None
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_manifest(cls, entry: dict, device="meta") -> "QuantLinear":
+        return cls(entry["in_features"], entry["out_features"], entry["bias"], entry["codec"], entry["bits"],
+                   entry.get("group_size"), device=device)
+
+    @classmethod
+    def from_linear_codes(cls, linear: nn.Linear, codes: torch.Tensor, buffers: dict[str, torch.Tensor],
+                          codec: str, bits: int, group_size: int | None = None) -> "QuantLinear":
+        """The QuantLinear for `linear` holding `codes` [out, in] and the codec's `buffers`, on the
+        linear's device, carrying its bias (in the bias's own dtype)."""
+        bias = linear.bias
+        q = cls(linear.in_features, linear.out_features, bias is not None, codec, bits, group_size,
+                device=linear.weight.device, bias_dtype=bias.dtype if bias is not None else torch.float32)
+        expected = {n: getattr(q, n).shape for n in q.codec_buffers()}
+        given = {n: t.shape for n, t in buffers.items()}
+        if expected != given or codes.shape != (q.out_features, q.in_features):
+            raise ValueError(f"{codec} buffers {given} / codes {tuple(codes.shape)} do not match the layer: "
+                             f"expected {expected} / {(q.out_features, q.in_features)}")
+        with torch.no_grad():
+            q.qweight.copy_(pack_codes(codes, bits))
+            for n, t in buffers.items():
+                getattr(q, n).copy_(t)
+            if bias is not None:
+                q.bias.copy_(bias)
+        return q
+
+    def manifest_entry(self, name: str) -> dict:
+        return {"op": "quantize", "module": name, "codec": self.codec, "bits": self.bits,
+                "group_size": self.group_size, "in_features": self.in_features,
+                "out_features": self.out_features, "bias": self.bias is not None}
+
+    # -- math -----------------------------------------------------------------------------------
+    def codec_buffers(self) -> dict[str, torch.Tensor]:
+        names = get_codec(self.codec).buffer_specs(self.out_features, self.in_features, self.bits, self.group_size)
+        return {n: getattr(self, n) for n in names}
+
+    def codes(self) -> torch.Tensor:
+        return unpack_codes(self.qweight, self.bits, self.in_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """The effective fp32 weight [out, in]."""
+        return get_codec(self.codec).dequantize(self.codes(), self.codec_buffers(), self.bits, self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantize().to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the quantized weight: codes plus every codec tensor (bias not included)."""
+        return sum(t.numel() * t.element_size() for t in [self.qweight, *self.codec_buffers().values()])
+
+    def extra_repr(self) -> str:
+        g = f"g{self.group_size}" if self.group_size else "channel"
+        return f"in={self.in_features}, out={self.out_features}, {self.codec} w{self.bits} {g}, bias={self.bias is not None}"

@@ -1,0 +1,57 @@
+"""The pass API: a pass is a validated config plus one `apply(state)`, registered by name."""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+PASSES: dict[str, type["Pass"]] = {}
+
+
+class PassConfig(BaseModel):
+    """Base of every pass config: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Pass:
+    """Subclass with `name`, `Config` and `apply`; declare what the pass needs so recipes are checked
+    before any work starts."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[PassConfig]] = PassConfig
+    needs_calibration: ClassVar[bool] = False   # needs the calibration store (captured activations)
+    needs_teacher: ClassVar[bool] = False       # needs the uncompressed model alongside
+
+    def __init__(self, config: PassConfig | dict | None = None, **kwargs: Any):
+        if config is None:
+            config = self.Config(**kwargs)
+        elif isinstance(config, dict):
+            config = self.Config(**config, **kwargs)
+        self.config = config
+
+    def check(self, previous: list["Pass"]) -> list[tuple[str, str]]:
+        """Order rules: return [(key, message)] problems given the passes that run before this one."""
+        return []
+
+    def apply(self, state) -> None:  # state: pipeline.CompressionState
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config.model_dump().items())
+        return f"{type(self).__name__}({args})"
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: make the pass available in recipes under `cls.name`."""
+    if cls.name in PASSES and PASSES[cls.name] is not cls:
+        raise ValueError(f"pass name {cls.name!r} is already registered by {PASSES[cls.name].__name__}")
+    PASSES[cls.name] = cls
+    return cls
+
+
+def get_pass(name: str) -> type[Pass]:
+    try:
+        return PASSES[name]
+    except KeyError:
+        raise KeyError(f"unknown pass {name!r}; available: {', '.join(sorted(PASSES))}") from None

@@ -1,0 +1,145 @@
+"""Runs passes in order over one CompressionState; `run(recipe)` is the whole job end to end."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from .arch import adapter_for
+from .passes import Pass
+from .recipe import Recipe, build_passes, load_recipe
+from .state import CompressionState
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def compress(model, passes: Iterable[Pass | dict], calibration=None, teacher=None, progress: bool = True,
+             device: str | torch.device | None = None) -> CompressionState:
+    """Apply `passes` to `model` in place and return the state (model, manifest, report).
+
+    `passes`: Pass objects (e.g. `TLQ(bits=4)`) or recipe-style dicts (`{"tlq": {"bits": 4}}`).
+    `calibration`: a CalibrationStore, needed by passes that declare `needs_calibration`.
+    `teacher`: the uncompressed model (or a zero-argument factory), for passes that need one.
+    """
+    passes = build_passes(list(passes))
+    for i, p in enumerate(passes):
+        if p.needs_calibration and calibration is None:
+            raise ValueError(f"pass {p.name!r} (position {i}) needs calibration data: pass calibration=...")
+    factory = teacher if callable(teacher) and not isinstance(teacher, torch.nn.Module) else (
+        (lambda: teacher) if teacher is not None else None)
+    state = CompressionState(model=model, adapter=adapter_for(model), calibration=calibration,
+                             teacher_factory=factory, progress=progress,
+                             device=torch.device(device) if device else next(model.parameters()).device)
+    run_passes(state, passes)
+    return state
+
+
+def run_passes(state: CompressionState, passes: list[Pass]) -> None:
+    bar = tqdm(passes, desc="passes", unit="pass", disable=not state.progress or len(passes) < 2)
+    for p in bar:
+        bar.set_postfix_str(p.name)
+        t0 = time.perf_counter()
+        n_before = len(state.report["passes"])
+        p.apply(state)
+        secs = round(time.perf_counter() - t0, 3)
+        if len(state.report["passes"]) == n_before:   # a pass that reported nothing still gets a row
+            state.add_pass_report(p.name, {})
+        state.report["passes"][-1].setdefault("seconds", secs)
+        state.report["passes"][-1].setdefault("config", p.config.model_dump(mode="json"))
+
+
+def resolve_device(policy: str) -> torch.device:
+    if policy == "cuda" and not torch.cuda.is_available():
+        from .errors import DicompressError
+        raise DicompressError("recipe asks for device: cuda but no CUDA GPU is visible",
+                              hint="set `device: auto` or `device: cpu` in the recipe")
+    if policy == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(policy)
+
+
+def resolve_dtype(policy: str, device: torch.device) -> torch.dtype:
+    if policy == "auto":   # bf16/fp16 matmul on CPU is ~250x slower than fp32: compute fp32 there
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[policy]
+
+
+def cache_root(recipe: Recipe) -> Path:
+    base = (recipe.calibration and recipe.calibration.cache_dir) or os.environ.get("DICOMPRESS_CACHE") \
+        or os.path.join(os.path.expanduser("~"), ".cache", "dicompress")
+    return Path(base) / "calib"
+
+
+def _calib_key(info, recipe: Recipe, block_inputs: bool, dtype) -> str:
+    weights = sorted(info.path.glob("*.safetensors"))
+    stamp = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in weights]
+    blob = json.dumps([str(info.path.resolve()), stamp, recipe.calibration.model_dump(mode="json"),
+                       block_inputs, str(dtype)], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run(recipe: Recipe | str | Path, progress: bool = True, echo=print, **overrides) -> dict:
+    """Run a recipe end to end: resolve the model, capture calibration, apply the passes, evaluate,
+    write the artifact. Returns the report."""
+    from .calib import CalibrationStore, capture
+    from .errors import CalibrationError
+    from .models import load_transformer, resolve_model
+
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, **overrides)
+    elif overrides:
+        recipe = recipe.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    passes = recipe.pass_objects()
+    info = resolve_model(recipe.model)               # fails fast: before any weight is read
+    out = Path(recipe.output)
+    if out.exists() and not recipe.overwrite:
+        from .errors import ArtifactError
+        raise ArtifactError(f"output {out} already exists", hint="choose another --output, delete it, "
+                            "or set `overwrite: true` in the recipe")
+    device = resolve_device(recipe.device)
+    dtype = resolve_dtype(recipe.dtype, device)
+    torch.manual_seed(recipe.seed)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    model = load_transformer(info, dtype, device)
+    adapter = adapter_for(model)
+    timings["load"] = time.perf_counter() - t0
+
+    store = None
+    if recipe.calibration is not None:
+        t1 = time.perf_counter()
+        cfg = recipe.calibration
+        if cfg.source == "classes" and not info.is_zoo:
+            raise CalibrationError(f"calibration source 'classes' needs a model with a class-conditioning table "
+                                   f"(zoo models); {info.name} has none",
+                                   hint="use source: prompts, embeddings or synthetic")
+        need = any(p.needs_calibration for p in passes)
+        block_inputs = need if cfg.block_inputs == "auto" else bool(cfg.block_inputs)
+        root = cache_root(recipe) / _calib_key(info, recipe, block_inputs, dtype)
+        if (root / "meta.json").exists():
+            store = CalibrationStore(root)
+            echo(f"calibration: reusing {root}")
+        else:
+            store = capture(model, adapter, cfg, {"name": info.name, "path": info.path,
+                                                  "pipeline_root": info.pipeline_root},
+                            root, block_inputs=block_inputs, progress=progress)
+        timings["calibration"] = time.perf_counter() - t1
+
+    teacher_factory = lambda: load_transformer(info, dtype, device)  # noqa: E731
+    state = CompressionState(model=model, adapter=adapter, calibration=store, teacher_factory=teacher_factory,
+                             device=device, progress=progress)
+    t2 = time.perf_counter()
+    run_passes(state, passes)
+    timings["passes"] = time.perf_counter() - t2
+
+    from .report import build_report, write_run_artifact
+    report = build_report(state, recipe, info, passes, progress=progress, timings=timings)
+    write_run_artifact(state, recipe, info, report, progress=progress)
+    report["seconds"]["total"] = round(time.perf_counter() - t0, 2)
+    return report

@@ -1,0 +1,1 @@
+"""Quantization math as pure functions on tensors (no modules, no model knowledge)."""

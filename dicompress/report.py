@@ -1,0 +1,81 @@
+"""The run report (metrics, footprint, per-layer table) and writing the run's artifact."""
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+from . import __version__
+
+
+def _layer_activation_stats(state) -> None:
+    """Attach each layer's calibration input statistics (absmax, RMS) to its row of the layer table."""
+    if state.calibration is None:
+        return
+    try:
+        stats = state.calibration.linear_stats()
+    except Exception:   # a store without statistics: nothing to add
+        return
+    for row in state.report["layers"]:
+        s = stats.get(row.get("module"))
+        if s is not None:
+            row["act_absmax"] = round(float(s["absmax"].max()), 4)
+            row["act_rms"] = round(float(s["rms"].pow(2).mean().sqrt()), 4)
+
+
+def build_report(state, recipe, info, passes, progress=True, timings=None) -> dict:
+    from .eval import bf16_bytes, evaluate_digits, layer_sqnr_table, quantized_linear_bytes, tensor_bytes
+
+    rep = state.report
+    rep.update({"dicompress_version": __version__, "model": info.name, "model_class": info.class_name,
+                "recipe": recipe.source_file, "output": recipe.output, "device": str(state.device)})
+    if recipe.calibration is not None and state.calibration is not None:
+        rep["calibration"] = {k: state.calibration.meta.get(k) for k in
+                              ("source", "seeds", "steps", "samples", "rows", "block_inputs")}
+    _layer_activation_stats(state)
+    q_bytes, q_bf16, n_q = quantized_linear_bytes(state.model)
+    total, total_bf16 = tensor_bytes(state.model), bf16_bytes(state.model)
+    rep["footprint"] = {"bytes_total": total, "bytes_total_bf16": total_bf16,
+                        "bytes_quantized_linears": q_bytes, "bytes_quantized_linears_bf16": q_bf16,
+                        "quantized_linears": n_q,
+                        "ratio_quantized_linears": round(q_bytes / q_bf16, 4) if q_bf16 else None,
+                        "ratio_total": round(total / total_bf16, 4) if total_bf16 else None}
+    timings = dict(timings or {})
+    if recipe.eval.enabled and info.is_zoo:
+        t = time.perf_counter()
+        teacher = state.teacher
+        kw = {"steps": recipe.eval.steps} if recipe.eval.steps else {}
+        metrics, images = evaluate_digits(state.model, teacher, info.path,
+                                          samples_per_class=recipe.eval.samples_per_class,
+                                          seed_base=recipe.eval.seed, progress=progress, **kw)
+        rep["metrics"] = metrics
+        rep["_images"] = images
+        sq = {r["module"]: r for r in layer_sqnr_table(state.model, teacher)}
+        for row in rep["layers"]:
+            if row.get("module") in sq and "sqnr_db" not in row:
+                row["sqnr_db"] = sq[row["module"]]["sqnr_db"]
+        timings["eval"] = time.perf_counter() - t
+    rep["seconds"] = {k: round(v, 2) for k, v in timings.items()}
+    return rep
+
+
+def write_run_artifact(state, recipe, info, report, progress=True) -> Path:
+    from .eval import dir_bytes, save_sample_grid
+    from .io import write_artifact
+
+    files: dict[str, bytes] = {}
+    images = report.pop("_images", None)
+    if images is not None and recipe.eval.grid:
+        buf = io.BytesIO()
+        save_sample_grid(images["teacher"], images["student"], buf, images["labels"])
+        files["samples.png"] = buf.getvalue()
+    if info.is_zoo:   # the class-conditioning table, so the artifact samples on its own
+        files["conditioning.safetensors"] = (info.path / "conditioning.safetensors").read_bytes()
+    t = time.perf_counter()
+    out = Path(recipe.output)
+    source = {"model": info.name, "class": info.class_name, "recipe": recipe.source_file}
+    write_artifact(state.model, out, manifest=state.manifest, report=report, source=source, files=files,
+                   overwrite=recipe.overwrite)
+    report["footprint"]["bytes_on_disk"] = dir_bytes(out)
+    report["seconds"]["write"] = round(time.perf_counter() - t, 2)
+    return out

@@ -1,0 +1,41 @@
+"""CompressionState: everything a pass may read or change, in one object."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class CompressionState:
+    model: nn.Module                              # the diffusers transformer being rewritten (in place)
+    adapter: Any                                  # arch.ArchAdapter for the model's family
+    calibration: Any = None                       # calib.CalibrationStore, when the recipe captured one
+    teacher_factory: Callable[[], nn.Module] | None = None   # builds a fresh uncompressed copy
+    manifest: list[dict] = field(default_factory=list)       # ordered record of every change
+    report: dict[str, Any] = field(default_factory=lambda: {"passes": [], "layers": []})
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    progress: bool = True
+    _teacher: nn.Module | None = None
+
+    @property
+    def teacher(self) -> nn.Module:
+        """The uncompressed model (built once, on first use)."""
+        if self._teacher is None:
+            if self.teacher_factory is None:
+                raise RuntimeError("this pass needs the teacher, but no teacher_factory was given")
+            self._teacher = self.teacher_factory().eval().requires_grad_(False)
+        return self._teacher
+
+    def record(self, entry: dict) -> None:
+        """Append one change to the manifest (what a loader replays on the meta model)."""
+        if "op" not in entry or "module" not in entry:
+            raise ValueError(f"manifest entries need 'op' and 'module': {entry}")
+        self.manifest.append(entry)
+
+    def add_pass_report(self, name: str, summary: dict, layers: list[dict] | None = None) -> None:
+        self.report["passes"].append({"pass": name, **summary})
+        if layers:
+            self.report["layers"].extend(layers)

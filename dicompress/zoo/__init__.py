@@ -1,0 +1,47 @@
+"""Small models that ship with the package. `zoo:tiny-flux-digits` is the embedded default."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..errors import ModelError
+
+ZOO_DIR = Path(__file__).parent
+ZOO = {"tiny-flux-digits": ZOO_DIR / "tiny_flux_digits"}
+PREFIX = "zoo:"
+
+
+def zoo_path(name: str) -> Path:
+    """Directory of a zoo model, given `zoo:NAME` or `NAME`."""
+    key = name[len(PREFIX):] if name.startswith(PREFIX) else name
+    if key not in ZOO:
+        raise ModelError(f"unknown zoo model {name!r}", hint=f"available: {', '.join(PREFIX + k for k in ZOO)}")
+    path = ZOO[key]
+    if not (path / "config.json").exists():
+        raise ModelError(f"zoo model {name!r} is missing its files at {path}",
+                         hint="reinstall dicompress, or rebuild it with tools/train_tiny_flux.py")
+    return path
+
+
+def is_zoo_dir(path: str | Path) -> bool:
+    return (Path(path) / "conditioning.safetensors").exists() and (Path(path) / "classifier.safetensors").exists()
+
+
+def load_conditioning(path: str | Path):
+    from .sampler import Conditioning
+    t = load_file(str(Path(path) / "conditioning.safetensors"))
+    return Conditioning(t["prompt_embeds"], t["pooled_prompt_embeds"])
+
+
+def load_classifier(path: str | Path):
+    from .classifier import DigitClassifier
+    clf = DigitClassifier()
+    clf.load_state_dict(load_file(str(Path(path) / "classifier.safetensors")))
+    return clf.eval().requires_grad_(False)
+
+
+def load_transformer(path: str | Path, dtype: torch.dtype = torch.float32):
+    from diffusers import FluxTransformer2DModel
+    return FluxTransformer2DModel.from_pretrained(str(path), torch_dtype=dtype).eval()

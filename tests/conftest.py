@@ -1,0 +1,41 @@
+"""Shared fixtures: small random models in the layouts dicompress reads (built in code, never downloaded)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+TINY_FLUX = dict(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                 num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=64, axes_dims_rope=(4, 6, 6))
+TINY_QWEN = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                 num_attention_heads=3, joint_attention_dim=16, axes_dims_rope=(8, 4, 4))
+
+
+@pytest.fixture(autouse=True)
+def _threads_and_cache(tmp_path_factory, monkeypatch):
+    torch.set_num_threads(2)
+    monkeypatch.setenv("DICOMPRESS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo_dir(tmp_path_factory):
+    """A random FLUX in the zoo layout: transformer + per-class conditioning + digit classifier."""
+    from diffusers import FluxTransformer2DModel
+    from dicompress.zoo.classifier import DigitClassifier
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny_zoo")
+    FluxTransformer2DModel(**TINY_FLUX).save_pretrained(d)
+    save_file({"prompt_embeds": torch.randn(10, 4, 64), "pooled_prompt_embeds": torch.randn(10, 64)},
+              str(d / "conditioning.safetensors"))
+    save_file({k: v.contiguous() for k, v in DigitClassifier().state_dict().items()},
+              str(d / "classifier.safetensors"))
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory):
+    from diffusers import QwenImageTransformer2DModel
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny_qwen")
+    QwenImageTransformer2DModel(**TINY_QWEN).save_pretrained(d)
+    return d

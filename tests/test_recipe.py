@@ -1,0 +1,84 @@
+import pytest
+import yaml
+
+from dicompress.errors import RecipeError
+from dicompress.recipe import load_recipe, parse_recipe
+
+GOOD = {"model": "zoo:tiny-flux-digits", "passes": [{"tlq": {"bits": 4}}], "output": "out/x"}
+
+
+def write(tmp_path, data, name="r.yaml"):
+    p = tmp_path / name
+    p.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return p
+
+
+def test_good_recipe_parses(tmp_path):
+    r = load_recipe(write(tmp_path, GOOD))
+    assert [p.name for p in r.pass_objects()] == ["tlq"]
+    assert r.device == "auto" and r.eval.enabled
+
+
+def test_shipped_recipes_validate():
+    for name in ("recipes/tiny_flux_w4.yaml", "recipes/flux_w4a8.yaml"):
+        r = load_recipe(name)
+        assert r.pass_objects()
+    r = load_recipe("recipes/tiny_flux_w4.yaml")
+    assert r.calibration.source == "classes" and r.calibration.seeds == [0, 1]
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    p = write(tmp_path, "model: x\npasses: [tlq: {bits: 4}\noutput: o\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    assert str(p) in str(e.value) and "line" in str(e.value) and e.value.exit_code == 2
+
+
+def test_unknown_top_level_key(tmp_path):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, {**GOOD, "otput": "x"}))
+    assert "otput" in str(e.value) and "unknown key" in str(e.value)
+
+
+def test_unknown_pass_lists_available(tmp_path):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, {**GOOD, "passes": [{"tlq": {"bits": 4}}, {"quantize_all": {}}]}))
+    assert "passes[1]" in str(e.value) and "quantize_all" in str(e.value) and "tlq" in str(e.value)
+
+
+def test_bad_pass_param_names_key_path(tmp_path):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, {**GOOD, "passes": [{"tlq": {"bits": 4, "gropu_size": 64}}]}))
+    assert "passes[0].tlq.gropu_size" in str(e.value)
+
+
+def test_wrong_type_and_all_problems_reported(tmp_path):
+    data = {**GOOD, "device": "tpu", "calibration": {"source": "classes", "steps": "many"}}
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, data))
+    msg = str(e.value)
+    assert "device" in msg and "calibration.steps" in msg
+
+
+def test_prompts_source_needs_existing_file(tmp_path):
+    data = {**GOOD, "calibration": {"source": "prompts", "prompts": "nope.txt"}}
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, data))
+    assert "calibration.prompts" in str(e.value)
+
+
+def test_missing_required_key(tmp_path):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, {"model": "zoo:tiny-flux-digits", "passes": []}))
+    assert "output" in str(e.value)
+
+
+def test_pass_entry_shape(tmp_path):
+    with pytest.raises(RecipeError) as e:
+        parse_recipe({**GOOD, "passes": [{"tlq": {"bits": 4}, "rtn": {"bits": 4}}]}, "f.yaml")
+    assert "passes[0]" in str(e.value) and "one key" in str(e.value)
+
+
+def test_overrides_apply(tmp_path):
+    r = load_recipe(write(tmp_path, GOOD), output="elsewhere", model=None)
+    assert r.output == "elsewhere" and r.model == GOOD["model"]

@@ -1,0 +1,130 @@
+"""Quantization benchmark on the embedded model: every method, same calibration, seeds and classes.
+
+    python tools/bench_quant.py --out bench/quant.json      # also writes bench/quant.md
+
+Rows: one per method and setting, with sample PSNR vs the teacher (same noise and class), class
+accuracy, Frechet distance of classifier features, and bytes. Model bytes count every tensor that is
+not quantized at bf16 (the deployment dtype) and quantized linears at their packed size.
+A second section reports TLQ's weight SQNR on synthetic Gaussian / Laplacian matrices beside the
+Lloyd-Max and uniform limits.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import dicompress  # noqa: E402
+from dicompress.arch import adapter_for  # noqa: E402
+from dicompress.eval import bf16_bytes, evaluate_digits, quantized_linear_bytes  # noqa: E402
+from dicompress.models import load_transformer, resolve_model  # noqa: E402
+
+SETTINGS = [("tlq", 4, None), ("tlq", 4, 64), ("tlq", 3, None), ("tlq", 3, 64),
+            ("rtn", 4, None), ("rtn", 4, 64), ("rtn", 3, None), ("rtn", 3, 64)]
+
+
+def _bytes(student, teacher_bf16: int, q_bytes: int, q_bf16: int) -> int:
+    return teacher_bf16 - q_bf16 + q_bytes
+
+
+def run(args) -> dict:
+    torch.manual_seed(0)
+    info = resolve_model(args.model)
+    teacher = load_transformer(info)
+    teacher_bf16 = bf16_bytes(teacher)
+    common = dict(samples_per_class=args.samples_per_class, progress=False)
+    t0 = time.perf_counter()
+    base, images = evaluate_digits(teacher, teacher, info.path, **common)
+    teacher_samples = images["teacher"]
+    rows = []
+
+    def add(method, w_bits, gran, student, q_bytes, q_bf16, seconds, extra=None):
+        m, _ = evaluate_digits(student, teacher, info.path, teacher_samples=teacher_samples, **common)
+        row = {"method": method, "w_bits": w_bits, "a_bits": None, "granularity": gran,
+               "psnr_db": round(m["psnr_db"], 3), "class_acc": m["class_acc"],
+               "class_acc_teacher": base["class_acc_teacher"], "frechet": round(m["frechet"], 4),
+               "frechet_teacher": round(base["frechet_teacher"], 4),
+               "bytes": _bytes(student, teacher_bf16, q_bytes, q_bf16), "bytes_teacher": teacher_bf16,
+               "bytes_quantized_linears": q_bytes, "bytes_quantized_linears_bf16": q_bf16,
+               "ratio_quantized_linears": round(q_bytes / q_bf16, 4), "quantize_seconds": round(seconds, 2),
+               **(extra or {})}
+        rows.append(row)
+        print(f"{method:8s} w{w_bits} {gran:9s} psnr {row['psnr_db']:6.2f} dB  acc {row['class_acc']:.3f} "
+              f"(teacher {row['class_acc_teacher']:.3f})  frechet {row['frechet']:.3f}  "
+              f"q-bytes {row['ratio_quantized_linears']:.3f}x bf16", flush=True)
+
+    for method, bits, group in SETTINGS:
+        student = load_transformer(info)
+        cfg = {"bits": bits, "granularity": "group" if group else "channel"}
+        if group:
+            cfg["group_size"] = group
+        t = time.perf_counter()
+        state = dicompress.compress(student, [{method: cfg}], progress=False)
+        secs = time.perf_counter() - t
+        q_bytes, q_bf16, _ = quantized_linear_bytes(student)
+        sq = [r["sqnr_db"] for r in state.report["layers"]]
+        add(method, bits, f"group{group}" if group else "channel", student, q_bytes, q_bf16, secs,
+            {"mean_weight_sqnr_db": round(sum(sq) / len(sq), 3)})
+
+    from peers import apply_bnb_nf4  # noqa: E402  (tools/peers.py)
+    student = load_transformer(info)
+    a = adapter_for(student)
+    t = time.perf_counter()
+    res = apply_bnb_nf4(student, a.quant_include, a.quant_keep, blocksize=64)
+    secs = time.perf_counter() - t
+    add("bnb-nf4", 4, "group64", student, res["bytes"], res["bf16_bytes"], secs)
+
+    from sqnr_synthetic import synthetic_sqnr_rows  # noqa: E402  (tools/sqnr_synthetic.py)
+    synthetic = synthetic_sqnr_rows(bits=(3, 4), n=args.synthetic_n)
+    return {"rows": rows, "synthetic_sqnr": synthetic,
+            "teacher": {k: base[k] for k in ("class_acc_teacher", "frechet_teacher")},
+            "settings": {"model": args.model, "samples_per_class": args.samples_per_class,
+                         "eval_seeds": f"{1000}..{1000 + 10 * args.samples_per_class - 1}",
+                         "synthetic_n": args.synthetic_n},
+            "command": "python " + " ".join(sys.argv), "seconds": round(time.perf_counter() - t0, 1),
+            "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                        "threads": torch.get_num_threads(), "torch": torch.__version__,
+                        "dicompress": dicompress.__version__}}
+
+
+def markdown(res: dict) -> str:
+    lines = ["| method | W | A | granularity | PSNR vs teacher (dB) | class acc (teacher) | Frechet (teacher) "
+             "| quantized linears vs bf16 | model bytes vs bf16 |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['method']} | {r['w_bits']} | {r['a_bits'] or '-'} | {r['granularity']} | "
+                     f"{r['psnr_db']:.2f} | {r['class_acc']:.3f} ({r['class_acc_teacher']:.3f}) | "
+                     f"{r['frechet']:.3f} ({r['frechet_teacher']:.3f}) | {r['ratio_quantized_linears']:.3f}x | "
+                     f"{r['bytes'] / r['bytes_teacher']:.3f}x |")
+    lines += ["", "| source | bits | method | SQNR (dB) | Lloyd-Max (dB) | best uniform (dB) | gap to Lloyd-Max (dB) |",
+              "|---|---|---|---|---|---|---|"]
+    for r in res["synthetic_sqnr"]:
+        lines.append(f"| {r['source']} | {r['bits']} | {r['method']} | {r['sqnr_db']:.2f} | "
+                     f"{r['lloyd_max_db']:.2f} | {r['uniform_limit_db']:.2f} | {r['gap_to_lloyd_max_db']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench/quant.json")
+    ap.add_argument("--model", default="zoo:tiny-flux-digits")
+    ap.add_argument("--samples-per-class", type=int, default=50)
+    ap.add_argument("--synthetic-n", type=int, default=4096)
+    args = ap.parse_args()
+    res = run(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    md = markdown(res)
+    out.with_suffix(".md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
