@@ -1,0 +1,154 @@
+"""Plain-text summary of a run report (the dict written as report.json). Every section is optional."""
+from __future__ import annotations
+
+import math
+
+MAX_FULL_LAYERS = 40       # print every layer up to this many ...
+WORST, BEST = 10, 5        # ... else the worst and best by SQNR
+
+LABELS = {  # column / row names; unknown keys are shown as they are
+    "pass": "pass", "layers_quantized": "layers", "mean_sqnr_db": "mean SQNR dB", "min_sqnr_db": "min SQNR dB",
+    "seconds": "seconds", "module": "module", "method": "method", "bits": "bits", "group_size": "group",
+    "sqnr_db": "SQNR dB", "shape": "shape",
+}
+METRIC_ROWS = [  # (key, label); `key + "_teacher"` is the teacher column
+    ("psnr_db", "PSNR vs teacher dB"), ("class_acc", "class accuracy"), ("frechet", "Frechet distance"),
+    ("latency_ms_per_step", "latency ms/step"),
+]
+METRIC_META = {"samples", "steps", "latency_ratio"}
+
+
+def fmt_value(v, key: str = "") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, (list, tuple)):
+        return "x".join(str(s) for s in v)
+    if isinstance(v, float):
+        if math.isinf(v) or math.isnan(v):
+            return str(v)
+        if key.endswith("_db") or key.startswith("latency") or key in ("frechet", "frechet_teacher"):
+            return f"{v:.2f}"
+        if key.startswith("class_acc"):
+            return f"{v:.3f}"
+        if key == "seconds":
+            return f"{v:.1f}"
+        return f"{v:.4g}"
+    return str(v)
+
+
+def fmt_bytes(n) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+
+
+def table(headers: list[str], rows: list[list[str]], indent: str = "  ", left: set[int] = frozenset({0})) -> list[str]:
+    """Fixed-width columns: those in `left` left-aligned (text), the others right-aligned (numbers)."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+
+    def line(cells):
+        parts = [c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        return (indent + "  ".join(parts)).rstrip()
+
+    return [line(headers), *(line(r) for r in rows)]
+
+
+def _columns(records: list[dict], first: str) -> list[str]:
+    keys = [first] if any(first in r for r in records) else []
+    for r in records:
+        keys += [k for k in r if k not in keys]
+    return keys
+
+
+def _records_table(records: list[dict], first: str) -> list[str]:
+    cols = _columns(records, first)
+    text = {i for i, k in enumerate(cols) if any(isinstance(r.get(k), str) for r in records)}
+    return table([LABELS.get(k, k) for k in cols], [[fmt_value(r.get(k), k) for k in cols] for r in records],
+                 left=text | {0})
+
+
+def _header(report: dict) -> list[str]:
+    rows = [(k, report[k]) for k in ("model", "recipe", "output") if report.get(k) is not None]
+    w = max((len(k) for k, _ in rows), default=0)
+    return [f"  {k.ljust(w)}  {v}" for k, v in rows]
+
+
+def _passes(passes: list[dict]) -> list[str]:
+    return ["passes", *_records_table(passes, "pass")]
+
+
+def _metrics(m: dict) -> list[str]:
+    extra = [(k, k) for k in m if k not in METRIC_META and not k.endswith("_teacher")
+             and k not in {key for key, _ in METRIC_ROWS}]
+    rows = [[label, fmt_value(m.get(k), k), fmt_value(m.get(k + "_teacher"), k)]
+            for k, label in METRIC_ROWS + extra if k in m or k + "_teacher" in m]
+    if "latency_ratio" in m:
+        rows.append(["latency student/teacher", fmt_value(m["latency_ratio"], "latency_ratio") + "x", ""])
+    plan = ", ".join(f"{m[k]} {k}" for k in ("samples", "steps") if k in m)
+    return [f"quality ({plan})" if plan else "quality", *table(["metric", "student", "teacher"], rows)]
+
+
+def _ratio(small, big) -> str:
+    return f"{big / small:.2f}x" if small and big else "-"
+
+
+def _footprint(f: dict) -> list[str]:
+    rows = []
+    if "bytes_quantized_linears" in f or "bytes_quantized_linears_bf16" in f:
+        q, qb = f.get("bytes_quantized_linears"), f.get("bytes_quantized_linears_bf16")
+        ratio = f"{f['ratio_quantized_linears']:.2f}x" if f.get("ratio_quantized_linears") else _ratio(q, qb)
+        rows.append(["quantized linears", fmt_bytes(q), fmt_bytes(qb), ratio])
+    if "bytes_total" in f or "bytes_total_bf16" in f:
+        t, tb = f.get("bytes_total"), f.get("bytes_total_bf16")
+        rows.append(["whole model (memory)", fmt_bytes(t), fmt_bytes(tb), _ratio(t, tb)])
+    if "bytes_on_disk" in f:
+        d, tb = f["bytes_on_disk"], f.get("bytes_total_bf16")
+        rows.append(["on disk", fmt_bytes(d), fmt_bytes(tb), _ratio(d, tb)])
+    return ["footprint (bf16 = the uncompressed teacher in bf16)",
+            *table(["", "size", "bf16", "smaller by"], rows)]
+
+
+def _sqnr_key(r: dict) -> float:
+    v = r.get("sqnr_db")
+    return math.inf if v is None else v  # unknown SQNR sorts after the best
+
+
+def _layers(layers: list[dict]) -> list[str]:
+    ordered = sorted(layers, key=_sqnr_key)
+    if len(ordered) <= MAX_FULL_LAYERS:
+        return [f"layers ({len(ordered)}, sorted by SQNR, worst first)", *_records_table(ordered, "module")]
+    shown = ordered[:WORST] + ordered[-BEST:]
+    lines = _records_table(shown, "module")
+    gap = f"  ... {len(ordered) - WORST - BEST} more ..."
+    return [f"layers ({len(ordered)}, sorted by SQNR: the {WORST} worst and the {BEST} best)",
+            *lines[:1 + WORST], gap, *lines[1 + WORST:]]
+
+
+def _seconds(s: dict) -> list[str]:
+    return ["time", "  " + ", ".join(f"{k} {fmt_value(float(v), 'seconds')} s" for k, v in s.items())]
+
+
+def format_summary(report: dict) -> str:
+    """A readable multi-section summary: header, passes, quality, footprint, per-layer SQNR, time."""
+    sections = []
+    head = _header(report)
+    if head:
+        sections.append(head)
+    if report.get("passes"):
+        sections.append(_passes(report["passes"]))
+    if report.get("metrics"):
+        sections.append(_metrics(report["metrics"]))
+    if report.get("footprint"):
+        sections.append(_footprint(report["footprint"]))
+    if report.get("layers"):
+        sections.append(_layers(report["layers"]))
+    if report.get("seconds"):
+        sections.append(_seconds(report["seconds"]))
+    if not sections:
+        return "dicompress report\n  (empty: nothing was recorded)\n"
+    return "dicompress report\n" + "\n\n".join("\n".join(s) for s in sections) + "\n"
