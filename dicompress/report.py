@@ -67,7 +67,7 @@ def write_run_artifact(state, recipe, info, report, progress=True) -> Path:
     images = report.pop("_images", None)
     if images is not None and recipe.eval.grid:
         buf = io.BytesIO()
-        save_sample_grid(images["teacher"], images["student"], buf, images["labels"])
+        save_sample_grid(images["teacher"], images["student"], buf, images["labels"], per_class=8)
         files["samples.png"] = buf.getvalue()
     if info.is_zoo:   # the class-conditioning table, so the artifact samples on its own
         files["conditioning.safetensors"] = (info.path / "conditioning.safetensors").read_bytes()

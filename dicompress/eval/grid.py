@@ -48,6 +48,9 @@ def save_sample_grid(teacher: torch.Tensor, student: torch.Tensor, path, classes
             for k, img in enumerate((teacher[i], student[i])):
                 tile = np.kron(_to_uint8(img), np.ones((scale, scale), dtype=np.uint8))  # nearest upscale
                 canvas[y:y + th, x + k * tw:x + (k + 1) * tw] = tile[..., None]
+    if hasattr(path, "write"):          # a file-like object (e.g. BytesIO for an artifact's extra files)
+        Image.fromarray(canvas).save(path, format="PNG")
+        return path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(canvas).save(path)

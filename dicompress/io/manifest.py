@@ -1,0 +1,80 @@
+"""The manifest: an ordered, versioned record of structural changes, replayable on a meta model.
+
+Each entry is a JSON dict with at least `op` and `module`. A loader builds the original model from
+its diffusers config (on the meta device), then `replay` applies every entry in order so the module
+tree matches the stored tensors before any weight is read. Each op registers a `rebuild` function
+here; passes that add new structure (pruned blocks, MoE FFNs ...) register their own op.
+"""
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from typing import Callable, Iterable
+
+from torch import nn
+
+from ..errors import ArtifactError
+from ..nn.qlinear import QuantLinear
+from ..nn.surgery import set_module
+
+FORMAT_VERSION = 1  # bump when an existing op changes meaning; new ops alone do not need a bump
+
+RebuildFn = Callable[[nn.Module, dict, object], None]
+MANIFEST_OPS: dict[str, RebuildFn] = {}
+
+
+def dicompress_version() -> str:
+    try:
+        return version("dicompress")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0+unknown"
+
+
+def register_manifest_op(name: str) -> Callable[[RebuildFn], RebuildFn]:
+    """Decorator: `rebuild(model, entry, device)` makes `model` match `entry` (in place)."""
+    def deco(fn: RebuildFn) -> RebuildFn:
+        MANIFEST_OPS[name] = fn
+        return fn
+    return deco
+
+
+def replay(model: nn.Module, manifest: Iterable[dict], device="meta", *, written_by: str | None = None) -> nn.Module:
+    """Apply every manifest entry to `model` in order; returns `model`.
+
+    `written_by` (the dicompress version that wrote the artifact) only improves the error for ops
+    this version does not know.
+    """
+    for i, entry in enumerate(manifest):
+        op = entry.get("op") if isinstance(entry, dict) else None
+        if op not in MANIFEST_OPS:
+            need = f"dicompress>={written_by}" if written_by else "a newer dicompress"
+            raise ArtifactError(
+                f"manifest entry {i} uses op {op!r}, which dicompress {dicompress_version()} does not know "
+                f"(known: {', '.join(sorted(MANIFEST_OPS))})",
+                hint=f"the artifact needs {need}; upgrade with `pip install -U '{need}'`")
+        try:
+            MANIFEST_OPS[op](model, entry, device)
+        except ArtifactError:
+            raise
+        except (KeyError, AttributeError, TypeError, ValueError) as e:
+            raise ArtifactError(f"manifest entry {i} ({op} {entry.get('module')!r}) cannot be applied to "
+                                f"{type(model).__name__}: {e}",
+                                hint="config.json's manifest does not fit this model; re-run the compression "
+                                     "that wrote the artifact") from e
+    return model
+
+
+@register_manifest_op("quantize")
+def _rebuild_quantize(model: nn.Module, entry: dict, device) -> None:
+    name = entry["module"]
+    old = model.get_submodule(name)  # AttributeError names the missing module
+    # A manifest pointing at a linear of another shape was edited or belongs to another model.
+    shape = (getattr(old, "in_features", None), getattr(old, "out_features", None))
+    if shape != (entry["in_features"], entry["out_features"]):
+        raise ValueError(f"{name} is {type(old).__name__} with (in, out) = {shape}, the manifest says "
+                         f"({entry['in_features']}, {entry['out_features']})")
+    try:
+        new = QuantLinear.from_manifest(entry, device=device)
+    except KeyError as e:  # unknown codec: get_codec raises KeyError with the known names
+        raise ArtifactError(f"{name}: {e.args[0]}",
+                            hint="the artifact uses a codec this dicompress does not have; upgrade dicompress") from e
+    set_module(model, name, new)
