@@ -9,16 +9,12 @@ __version__ = "0.1.0"
 
 from .arch import register_arch  # noqa: E402
 from .errors import ArtifactError, CalibrationError, DicompressError, ModelError, RecipeError  # noqa: E402
-from .passes import Pass, PassConfig, register_pass  # noqa: E402
-try:  # TEMP during parallel development: remove before commit
-    from .io import load, register_manifest_op, register_with_diffusers, verify_artifact  # noqa: E402
-    from .passes.rtn import RTN  # noqa: E402
-    from .passes.tlq import TLQ  # noqa: E402
-    register_with_diffusers()
-except ImportError:
-    pass
+from .io import load, register_manifest_op, register_with_diffusers, verify_artifact  # noqa: E402
+from .passes import RTN, TLQ, Pass, PassConfig, register_pass  # noqa: E402
 from .pipeline import compress, run  # noqa: E402
 from .recipe import Recipe, load_recipe  # noqa: E402
+
+register_with_diffusers()
 
 
 def save(state, out_dir, report: dict | None = None, overwrite: bool = False, files: dict | None = None):

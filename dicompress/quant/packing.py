@@ -24,9 +24,9 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"codes out of range for {bits} bits")
     pad = (-n) % 8
     c = torch.nn.functional.pad(codes.to(torch.int64), (0, pad)).view(*lead, -1, 8)
-    word = (c << (torch.arange(8, device=c.device) * bits)).sum(-1)          # [..., runs] < 2^(8b) <= 2^64
-    if bits == 8:  # 64-bit words: go through uint64 bytes view to avoid int64 sign issues
+    if bits == 8:  # one code per byte (a 64-bit run word would overflow int64)
         return c.to(torch.uint8).reshape(*lead, -1)
+    word = (c << (torch.arange(8, device=c.device) * bits)).sum(-1)          # [..., runs] < 2^(8b) <= 2^56
     shifts = torch.arange(bits, device=c.device) * 8
     out = (word[..., None] >> shifts) & 0xFF                                  # [..., runs, bits]
     return out.to(torch.uint8).reshape(*lead, -1)

@@ -1,0 +1,7 @@
+"""Built-in passes. Each module registers its pass on import; this list is the whole set."""
+from .base import PASSES, Pass, PassConfig, get_pass, register_pass
+from . import rtn, tlq  # noqa: E402,F401  (register on import)
+from .rtn import RTN  # noqa: E402
+from .tlq import TLQ  # noqa: E402
+
+__all__ = ["PASSES", "Pass", "PassConfig", "get_pass", "register_pass", "RTN", "TLQ"]

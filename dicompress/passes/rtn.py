@@ -1,0 +1,19 @@
+"""`rtn` pass: weight-only uniform round-to-nearest (asymmetric min-max), the baseline TLQ is held against."""
+from __future__ import annotations
+
+from ..quant.uniform import rtn_quantize
+from ._weight_quant import WeightQuantConfig, quantize_linears
+from .base import Pass, register_pass
+
+
+class RTNConfig(WeightQuantConfig):
+    pass
+
+
+@register_pass
+class RTN(Pass):
+    name = "rtn"
+    Config = RTNConfig
+
+    def apply(self, state) -> None:
+        quantize_linears(state, self.name, self.config, codec="uniform", quantize=rtn_quantize)

@@ -1,0 +1,42 @@
+"""`tlq` pass: weight-only twin-log quantization (LRQ-DiT) of the selected linears."""
+from __future__ import annotations
+
+from functools import partial
+
+from pydantic import field_validator
+
+from ..quant.tlq import DEFAULT_ETAS, DEFAULT_PERCENTILES, tlq_quantize
+from ._weight_quant import WeightQuantConfig, quantize_linears
+from .base import Pass, register_pass
+
+
+class TLQConfig(WeightQuantConfig):
+    etas: tuple[float, ...] | None = None          # null = DEFAULT_ETAS, searched per layer by weight MSE
+    percentiles: tuple[float, ...] | None = None   # null = DEFAULT_PERCENTILES (top-of-grid clip)
+
+    @field_validator("etas")
+    @classmethod
+    def _etas(cls, v):
+        if v is not None and (not v or min(v) < 0):
+            raise ValueError("etas must be a non-empty list of values >= 0")
+        return v
+
+    @field_validator("percentiles")
+    @classmethod
+    def _percentiles(cls, v):
+        if v is not None and (not v or not all(0 < p <= 1 for p in v)):
+            raise ValueError("percentiles must be a non-empty list of values in (0, 1]")
+        return v
+
+
+@register_pass
+class TLQ(Pass):
+    name = "tlq"
+    Config = TLQConfig
+
+    def apply(self, state) -> None:
+        c = self.config
+        quantize = partial(tlq_quantize, etas=c.etas or DEFAULT_ETAS,
+                           percentiles=c.percentiles or DEFAULT_PERCENTILES)
+        quantize_linears(state, self.name, c, codec="tlq", quantize=quantize)
+
