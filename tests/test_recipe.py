@@ -82,3 +82,27 @@ def test_pass_entry_shape(tmp_path):
 def test_overrides_apply(tmp_path):
     r = load_recipe(write(tmp_path, GOOD), output="elsewhere", model=None)
     assert r.output == "elsewhere" and r.model == GOOD["model"]
+
+
+def test_order_rule_two_quantizers_on_same_layers(tmp_path):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, {**GOOD, "passes": [{"tlq": {"bits": 4}}, {"rtn": {"bits": 8}}]}))
+    assert "passes[1].rtn" in str(e.value) and "passes[0].tlq" in str(e.value)
+    ok = {**GOOD, "passes": [{"tlq": {"bits": 4, "include": ["transformer_blocks.*"]}},
+                             {"rtn": {"bits": 8, "include": ["single_transformer_blocks.*"]}}]}
+    assert len(load_recipe(write(tmp_path, ok)).pass_objects()) == 2
+
+
+def test_pass_needing_calibration_without_calibration(tmp_path):
+    from dicompress.passes import PASSES, Pass, register_pass
+
+    @register_pass
+    class NeedsCalib(Pass):
+        name = "_test_needs_calib"
+        needs_calibration = True
+    try:
+        with pytest.raises(RecipeError) as e:
+            load_recipe(write(tmp_path, {**GOOD, "passes": [{"_test_needs_calib": {}}]}))
+        assert "calibration" in str(e.value) and "passes[0]._test_needs_calib" in str(e.value)
+    finally:
+        PASSES.pop("_test_needs_calib")

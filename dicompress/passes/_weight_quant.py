@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from ..errors import RecipeError
 from ..nn.qlinear import QuantLinear
 from ..nn.surgery import iter_linears, set_module
-from .base import PassConfig
+from .base import Pass, PassConfig
 
 GROUP_SIZES = (64, 128)   # what the packed kernels are written for
 
@@ -72,3 +72,15 @@ def quantize_linears(state, pass_name: str, config: WeightQuantConfig, codec: st
     state.add_pass_report(pass_name, {"layers_quantized": len(rows),
                                       "mean_sqnr_db": sum(sqnr) / len(sqnr) if sqnr else None,
                                       "min_sqnr_db": min(sqnr) if sqnr else None}, rows)
+
+
+class WeightQuantPass(Pass):
+    """Base of weight quantizers: one order rule, since a quantized linear cannot be quantized again."""
+
+    def check(self, previous: list[Pass]) -> list[tuple[str, str]]:
+        mine = (self.config.include, self.config.keep)
+        for i, p in enumerate(previous):
+            if isinstance(p, WeightQuantPass) and (p.config.include, p.config.keep) == mine:
+                return [("", f"quantizes the same linears as passes[{i}].{p.name}; give one of them "
+                             "disjoint `include` / `keep` patterns, or drop one")]
+        return []

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from ..quant.uniform import rtn_quantize
-from ._weight_quant import WeightQuantConfig, quantize_linears
-from .base import Pass, register_pass
+from ._weight_quant import WeightQuantConfig, WeightQuantPass, quantize_linears
+from .base import register_pass
 
 
 class RTNConfig(WeightQuantConfig):
@@ -11,7 +11,7 @@ class RTNConfig(WeightQuantConfig):
 
 
 @register_pass
-class RTN(Pass):
+class RTN(WeightQuantPass):
     name = "rtn"
     Config = RTNConfig
 

@@ -6,8 +6,8 @@ from functools import partial
 from pydantic import field_validator
 
 from ..quant.tlq import DEFAULT_ETAS, DEFAULT_PERCENTILES, tlq_quantize
-from ._weight_quant import WeightQuantConfig, quantize_linears
-from .base import Pass, register_pass
+from ._weight_quant import WeightQuantConfig, WeightQuantPass, quantize_linears
+from .base import register_pass
 
 
 class TLQConfig(WeightQuantConfig):
@@ -30,7 +30,7 @@ class TLQConfig(WeightQuantConfig):
 
 
 @register_pass
-class TLQ(Pass):
+class TLQ(WeightQuantPass):
     name = "tlq"
     Config = TLQConfig
 
