@@ -75,24 +75,25 @@ class CalibrationStore:
     def has_block_inputs(self) -> bool:
         return bool(self.meta.get("block_inputs"))
 
-    def _chunks(self, sub: str) -> list[Path]:
-        return sorted((self.root / sub).glob("chunk_*.safetensors"))
+    def _read_chunks(self, sub: str, want=lambda key: True) -> dict[str, torch.Tensor]:
+        """Concatenate (on dim 0) every chunk file under `sub`, keeping the keys `want` accepts."""
+        parts: dict[str, list[torch.Tensor]] = {}
+        for path in sorted((self.root / sub).glob("chunk_*.safetensors")):
+            with safe_open(str(path), "pt") as f:
+                for k in f.keys():
+                    if want(k):
+                        parts.setdefault(k, []).append(f.get_tensor(k))
+        return {k: torch.cat(v) for k, v in parts.items()}
 
     def block_inputs(self, block: str, keys: list[str] | None = None) -> dict:
         """All captured inputs of one block: per-sample tensors concatenated on dim 0, plus shared ones."""
         if not self.has_block_inputs:
             raise CalibrationError("this calibration store holds statistics only, not block inputs",
                                    hint="a pass that needs block inputs must be in the recipe when capturing")
-        chunks = self._chunks(f"blocks/{_safe(block)}")
-        if not chunks:
+        flat = self._read_chunks(f"blocks/{_safe(block)}",
+                                 lambda k: keys is None or k.split(".")[0] in keys or k == "timestep")
+        if not flat:
             raise CalibrationError(f"no captured inputs for block {block!r} in {self.root}")
-        parts: dict[str, list[torch.Tensor]] = {}
-        for path in chunks:
-            with safe_open(str(path), "pt") as f:
-                for k in f.keys():
-                    if keys is None or k.split(".")[0] in keys or k == "timestep":
-                        parts.setdefault(k, []).append(f.get_tensor(k))
-        flat = {k: torch.cat(v) for k, v in parts.items()}
         shared = self.root / "shared" / f"{_safe(block)}.safetensors"
         if shared.exists():
             with safe_open(str(shared), "pt") as f:
@@ -100,15 +101,10 @@ class CalibrationStore:
         return unflatten(flat)
 
     def final_outputs(self) -> dict:
-        chunks = self._chunks("final")
-        if not chunks:
+        out = self._read_chunks("final")
+        if not out:
             raise CalibrationError(f"no captured final outputs in {self.root}")
-        parts: dict[str, list[torch.Tensor]] = {}
-        for path in chunks:
-            with safe_open(str(path), "pt") as f:
-                for k in f.keys():
-                    parts.setdefault(k, []).append(f.get_tensor(k))
-        return {k: torch.cat(v) for k, v in parts.items()}
+        return out
 
     def linear_stats(self) -> dict[str, dict[str, torch.Tensor]]:
         """name -> {"absmax": [in], "rms": [in], "count": int} (per input channel)."""
