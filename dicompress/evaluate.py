@@ -37,7 +37,12 @@ def evaluate_artifact(artifact: str | Path, samples_per_class: int = 20, steps: 
         report["metrics"] = metrics
     else:
         report.pop("metrics", None)
-    report["layers"] = layer_sqnr_table(student, teacher)
+    fresh = {r["module"]: r for r in layer_sqnr_table(student, teacher)}
+    rows = report.get("layers") or list(fresh.values())
+    for row in rows:   # keep what the passes measured; fill in what they did not
+        if row.get("sqnr_db") is None and fresh.get(row.get("module"), {}).get("sqnr_db") is not None:
+            row["sqnr_db"] = fresh[row["module"]]["sqnr_db"]
+    report["layers"] = rows
     return report
 
 

@@ -119,7 +119,7 @@ def run(recipe: Recipe | str | Path, progress: bool = True, echo=print, **overri
             raise CalibrationError(f"calibration source 'classes' needs a model with a class-conditioning table "
                                    f"(zoo models); {info.name} has none",
                                    hint="use source: prompts, embeddings or synthetic")
-        need = any(p.needs_calibration for p in passes)
+        need = any(p.needs_block_inputs for p in passes)
         block_inputs = need if cfg.block_inputs == "auto" else bool(cfg.block_inputs)
         root = cache_root(recipe) / _calib_key(info, recipe, block_inputs, dtype)
         if (root / "meta.json").exists():

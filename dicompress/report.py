@@ -52,7 +52,7 @@ def build_report(state, recipe, info, passes, progress=True, timings=None) -> di
         rep["_images"] = images
         sq = {r["module"]: r for r in layer_sqnr_table(state.model, teacher)}
         for row in rep["layers"]:
-            if row.get("module") in sq and "sqnr_db" not in row:
+            if row.get("module") in sq and row.get("sqnr_db") is None and sq[row["module"]]["sqnr_db"] is not None:
                 row["sqnr_db"] = sq[row["module"]]["sqnr_db"]
         timings["eval"] = time.perf_counter() - t
     rep["seconds"] = {k: round(v, 2) for k, v in timings.items()}

@@ -56,6 +56,9 @@ def run(args) -> dict:
                "ratio_quantized_linears": round(q_bytes / q_bf16, 4), "quantize_seconds": round(seconds, 2),
                **(extra or {})}
         rows.append(row)
+        partial = Path(args.out).with_suffix(".partial.json")   # a crash late in the run keeps the rows so far
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
         print(f"{method:8s} w{w_bits} {gran:9s} psnr {row['psnr_db']:6.2f} dB  acc {row['class_acc']:.3f} "
               f"(teacher {row['class_acc_teacher']:.3f})  frechet {row['frechet']:.3f}  "
               f"q-bytes {row['ratio_quantized_linears']:.3f}x bf16", flush=True)
@@ -123,6 +126,7 @@ def main():
     out.write_text(json.dumps(res, indent=2) + "\n")
     md = markdown(res)
     out.with_suffix(".md").write_text(md)
+    out.with_suffix(".partial.json").unlink(missing_ok=True)
     print(md)
 
 

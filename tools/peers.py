@@ -42,9 +42,10 @@ def apply_bnb_nf4(model: nn.Module, include: Iterable[str], keep: Iterable[str] 
     targets = list(iter_linears(model, include, keep))
     if not targets:
         raise ValueError(f"no nn.Linear matches include {list(include)} minus keep {list(keep)}")
-    total = 0
+    total = bf16 = 0
     for name, linear in targets:
+        bf16 += linear.weight.numel() * 2
         q = nf4_linear(linear, blocksize, double_quant)
         set_module(model, name, q)
         total += nf4_bytes(q)
-    return {"bytes": total, "layers": len(targets)}
+    return {"bytes": total, "bf16_bytes": bf16, "layers": len(targets)}

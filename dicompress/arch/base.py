@@ -17,6 +17,33 @@ class BlockRef:
     index: int         # position within its stream's ModuleList
 
 
+@dataclass(frozen=True)
+class NormFold:
+    """The group's input is (norm(h)·γ + β)·(1 + scale) + shift (AdaLN), `shift` being chunk `shift` of the
+    `chunks` equal pieces of `linear`'s output: a per-channel 1/s folds exactly into γ, β and the shift rows
+    (a norm without affine weight gets one). Names are relative to the block."""
+    norm: str
+    linear: str
+    chunks: int
+    shift: int
+
+
+@dataclass(frozen=True)
+class RowsFold:
+    """The group's input mixes the outputs of `linears` channel by channel (attention: softmax(QKᵀ)·V mixes
+    tokens, never channels, so V's channels pass through): 1/s folds exactly into their output rows."""
+    linears: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class InputGroup:
+    """Linears of a block whose inputs are scaled together: they read one tensor (to_q/to_k/to_v), or
+    their inputs come out of one fold site (to_out.0 / to_add_out: both halves of one attention output).
+    They share one smoothing vector s. `fold`: where 1/s is absorbed exactly; None keeps s online."""
+    linears: tuple[str, ...]
+    fold: NormFold | RowsFold | None = None
+
+
 class ArchAdapter:
     """One subclass per model family. Instances are stateless; pass the model to each method."""
 
@@ -30,6 +57,9 @@ class ArchAdapter:
     # block forward kwargs that carry one row per sample (captured per sample); the rest are shared
     per_sample_inputs: ClassVar[tuple[str, ...]]
     shared_inputs: ClassVar[tuple[str, ...]]
+    # stream kind -> the block's InputGroups (data for `smooth` and `ars`); linears in no group are
+    # smoothed online, on their own
+    input_groups: ClassVar[dict[str, tuple[InputGroup, ...]]] = {}
 
     def blocks(self, model: nn.Module) -> list[BlockRef]:
         refs = []

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ArchAdapter, register_arch
+from .base import ArchAdapter, InputGroup, NormFold, RowsFold, register_arch
 
 
 @register_arch
@@ -21,6 +21,23 @@ class FluxAdapter(ArchAdapter):
                    "proj_mlp", "proj_out")
     per_sample_inputs = ("hidden_states", "encoder_hidden_states", "temb")
     shared_inputs = ("image_rotary_emb",)
+    # AdaLayerNormZero: linear -> (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp); the
+    # single block's AdaLayerNormZeroSingle -> (shift, scale, gate). Not folded, kept online: ff.net.2 /
+    # ff_context.net.2 (after a GELU) and the single block's proj_out, whose input [attn | GELU(mlp)] is
+    # half behind a GELU. q/k outputs go through RMSNorm (qk-norm), so nothing folds into their rows.
+    input_groups = {
+        "double": (
+            InputGroup(("attn.to_q", "attn.to_k", "attn.to_v"), NormFold("norm1.norm", "norm1.linear", 6, 0)),
+            InputGroup(("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+                       NormFold("norm1_context.norm", "norm1_context.linear", 6, 0)),
+            InputGroup(("attn.to_out.0", "attn.to_add_out"), RowsFold(("attn.to_v", "attn.add_v_proj"))),
+            InputGroup(("ff.net.0.proj",), NormFold("norm2", "norm1.linear", 6, 3)),
+            InputGroup(("ff_context.net.0.proj",), NormFold("norm2_context", "norm1_context.linear", 6, 3)),
+        ),
+        "single": (
+            InputGroup(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), NormFold("norm.norm", "norm.linear", 3, 0)),
+        ),
+    }
 
     def run_block(self, block, inputs):
         enc, hid = block(hidden_states=inputs["hidden_states"], encoder_hidden_states=inputs["encoder_hidden_states"],

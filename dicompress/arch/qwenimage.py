@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ArchAdapter, register_arch
+from .base import ArchAdapter, InputGroup, NormFold, RowsFold, register_arch
 
 
 @register_arch
@@ -19,6 +19,19 @@ class QwenImageAdapter(ArchAdapter):
     ffn_linears = ("img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2")
     per_sample_inputs = ("hidden_states", "encoder_hidden_states", "temb", "encoder_hidden_states_mask")
     shared_inputs = ("image_rotary_emb",)
+    # img_mod.1 / txt_mod.1 -> (shift1, scale1, gate1, shift2, scale2, gate2), applied as
+    # norm(x)·(1 + scale) + shift (also with zero_cond_t: both halves are rows of the same linear).
+    # Kept online: img_mlp.net.2 / txt_mlp.net.2 (after a GELU).
+    input_groups = {
+        "double": (
+            InputGroup(("attn.to_q", "attn.to_k", "attn.to_v"), NormFold("img_norm1", "img_mod.1", 6, 0)),
+            InputGroup(("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+                       NormFold("txt_norm1", "txt_mod.1", 6, 0)),
+            InputGroup(("attn.to_out.0", "attn.to_add_out"), RowsFold(("attn.to_v", "attn.add_v_proj"))),
+            InputGroup(("img_mlp.net.0.proj",), NormFold("img_norm2", "img_mod.1", 6, 3)),
+            InputGroup(("txt_mlp.net.0.proj",), NormFold("txt_norm2", "txt_mod.1", 6, 3)),
+        ),
+    }
 
     def run_block(self, block, inputs):
         enc, hid = block(hidden_states=inputs["hidden_states"], encoder_hidden_states=inputs["encoder_hidden_states"],

@@ -86,7 +86,11 @@ def layer_sqnr_table(student, teacher) -> list[dict]:
             continue
         w_hat = m.dequantize().float()
         ref = getattr(teacher_modules.get(name), "weight", None)
-        ok = isinstance(ref, torch.Tensor) and ref.shape == w_hat.shape
+        act = getattr(m, "act", None)
+        # a smoothed / rotated layer stores its weight in another basis (and a folded smoothing factor
+        # lives upstream): the quantization pass's own SQNR, measured in that basis, is the one to read
+        transformed = act is not None and (act.has_smooth or act.rotation_kind is not None)
+        ok = isinstance(ref, torch.Tensor) and ref.shape == w_hat.shape and not transformed
         rows.append({"module": name, "shape": list(w_hat.shape), "bits": getattr(m, "bits", None),
                      "codec": getattr(m, "codec", None), "group_size": getattr(m, "group_size", None),
                      "sqnr_db": sqnr_db(ref.float(), w_hat) if ok else None})

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import ArtifactError, ModelError
+from ..nn.act import TransformedLinear
 from ..nn.qlinear import QuantLinear
 from ..nn.surgery import set_module
 from .manifest import FORMAT_VERSION, replay
@@ -147,8 +148,13 @@ class DicompressQuantizer(DiffusersQuantizer):
         for name, mod in list(model.named_modules()):
             if isinstance(mod, QuantLinear):
                 w = mod.dequantize()
-                lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
-                                device=w.device, dtype=w.dtype)
+                act = getattr(mod, "act", None)   # a smoothed / rotated input stays transformed
+                if act is not None:
+                    lin = TransformedLinear(mod.in_features, mod.out_features, bias=mod.bias is not None, act=act,
+                                            device=w.device, dtype=w.dtype)
+                else:
+                    lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                                    device=w.device, dtype=w.dtype)
                 lin.weight.data.copy_(w)
                 if mod.bias is not None:
                     lin.bias.data.copy_(mod.bias)

@@ -13,8 +13,9 @@ from typing import Callable, Iterable
 from torch import nn
 
 from ..errors import ArtifactError
+from ..nn.act import ActTransform, TransformedLinear
 from ..nn.qlinear import QuantLinear
-from ..nn.surgery import set_module
+from ..nn.surgery import affine_layernorm, set_module
 
 FORMAT_VERSION = 1  # bump when an existing op changes meaning; new ops alone do not need a bump
 
@@ -68,13 +69,45 @@ def _rebuild_quantize(model: nn.Module, entry: dict, device) -> None:
     name = entry["module"]
     old = model.get_submodule(name)  # AttributeError names the missing module
     # A manifest pointing at a linear of another shape was edited or belongs to another model.
-    shape = (getattr(old, "in_features", None), getattr(old, "out_features", None))
-    if shape != (entry["in_features"], entry["out_features"]):
-        raise ValueError(f"{name} is {type(old).__name__} with (in, out) = {shape}, the manifest says "
-                         f"({entry['in_features']}, {entry['out_features']})")
+    _check_linear_shape(name, old, entry)
     try:
         new = QuantLinear.from_manifest(entry, device=device)
     except KeyError as e:  # unknown codec: get_codec raises KeyError with the known names
         raise ArtifactError(f"{name}: {e.args[0]}",
                             hint="the artifact uses a codec this dicompress does not have; upgrade dicompress") from e
     set_module(model, name, new)
+
+
+def _check_linear_shape(name: str, module: nn.Module, entry: dict) -> None:
+    shape = (getattr(module, "in_features", None), getattr(module, "out_features", None))
+    if shape != (entry["in_features"], entry["out_features"]):
+        raise ValueError(f"{name} is {type(module).__name__} with (in, out) = {shape}, the manifest says "
+                         f"({entry['in_features']}, {entry['out_features']})")
+
+
+@register_manifest_op("act")
+def _rebuild_act(model: nn.Module, entry: dict, device) -> None:
+    """Give a linear its input transform: a plain nn.Linear becomes a TransformedLinear; a linear that
+    already carries one (TransformedLinear, QuantLinear) has it replaced by the entry's."""
+    name = entry["module"]
+    old = model.get_submodule(name)
+    _check_linear_shape(name, old, entry)
+    act = ActTransform.from_spec(entry["act"], entry["in_features"], device=device)
+    if type(old) is nn.Linear:
+        set_module(model, name, TransformedLinear(old.in_features, old.out_features, old.bias is not None, act=act,
+                                                  device=device, dtype=old.weight.dtype))
+    elif isinstance(old, (TransformedLinear, QuantLinear)):
+        old.act = act
+    else:
+        raise ValueError(f"{name} is a {type(old).__name__}, which cannot carry an input transform")
+
+
+@register_manifest_op("affine_norm")
+def _rebuild_affine_norm(model: nn.Module, entry: dict, device) -> None:
+    """A LayerNorm without affine weight gains one (smoothing folded into it)."""
+    name = entry["module"]
+    old = model.get_submodule(name)
+    if list(getattr(old, "normalized_shape", ())) != list(entry["normalized_shape"]):
+        raise ValueError(f"{name} is {type(old).__name__} of shape {getattr(old, 'normalized_shape', None)}, "
+                         f"the manifest says {entry['normalized_shape']}")
+    set_module(model, name, affine_layernorm(old, device=device))

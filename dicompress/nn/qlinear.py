@@ -4,6 +4,8 @@ Storage (all persistent buffers, so they round-trip through safetensors / diffus
   qweight  uint8 [out_features, packed_bytes(in_features, bits)]  codes, see quant/packing.py
   <codec buffers>  e.g. TLQ: scales [out, groups] fp16, grid [out, 4] fp16, eta [1] fp32
   bias     the original bias (Parameter), or absent
+  act.*    optional ActTransform (nn/act.py): smoothing / rotation / activation quantization of the input,
+           which the stored weight was transformed to match
 
 The pure-torch path decodes the weight on every call (no fp32 copy is kept, so memory stays packed).
 """
@@ -15,11 +17,13 @@ from torch import nn
 
 from ..quant.codecs import get_codec
 from ..quant.packing import pack_codes, packed_bytes, unpack_codes
+from .act import ActTransform
 
 
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, codec: str, bits: int,
-                 group_size: int | None = None, device=None, bias_dtype: torch.dtype = torch.float32):
+                 group_size: int | None = None, device=None, bias_dtype: torch.dtype = torch.float32,
+                 act: ActTransform | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.codec, self.bits, self.group_size = codec, bits, group_size
@@ -30,21 +34,25 @@ class QuantLinear(nn.Module):
             self.register_buffer(name, torch.empty(shape, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device),
                                  requires_grad=False) if bias else None
+        self.register_module("act", act)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def from_manifest(cls, entry: dict, device="meta") -> "QuantLinear":
+        act = entry.get("act")
+        act = None if act is None else ActTransform.from_spec(act, entry["in_features"], device=device)
         return cls(entry["in_features"], entry["out_features"], entry["bias"], entry["codec"], entry["bits"],
-                   entry.get("group_size"), device=device)
+                   entry.get("group_size"), device=device, act=act)
 
     @classmethod
     def from_linear_codes(cls, linear: nn.Linear, codes: torch.Tensor, buffers: dict[str, torch.Tensor],
-                          codec: str, bits: int, group_size: int | None = None) -> "QuantLinear":
+                          codec: str, bits: int, group_size: int | None = None,
+                          act: ActTransform | None = None) -> "QuantLinear":
         """The QuantLinear for `linear` holding `codes` [out, in] and the codec's `buffers`, on the
-        linear's device, carrying its bias (in the bias's own dtype)."""
+        linear's device, carrying its bias (in the bias's own dtype) and the input transform `act`."""
         bias = linear.bias
         q = cls(linear.in_features, linear.out_features, bias is not None, codec, bits, group_size,
-                device=linear.weight.device, bias_dtype=bias.dtype if bias is not None else torch.float32)
+                device=linear.weight.device, bias_dtype=bias.dtype if bias is not None else torch.float32, act=act)
         expected = {n: getattr(q, n).shape for n in q.codec_buffers()}
         given = {n: t.shape for n, t in buffers.items()}
         if expected != given or codes.shape != (q.out_features, q.in_features):
@@ -59,9 +67,12 @@ class QuantLinear(nn.Module):
         return q
 
     def manifest_entry(self, name: str) -> dict:
-        return {"op": "quantize", "module": name, "codec": self.codec, "bits": self.bits,
-                "group_size": self.group_size, "in_features": self.in_features,
-                "out_features": self.out_features, "bias": self.bias is not None}
+        entry = {"op": "quantize", "module": name, "codec": self.codec, "bits": self.bits,
+                 "group_size": self.group_size, "in_features": self.in_features,
+                 "out_features": self.out_features, "bias": self.bias is not None}
+        if self.act is not None:   # only then: manifests without transforms stay as they were
+            entry["act"] = self.act.spec()
+        return entry
 
     # -- math -----------------------------------------------------------------------------------
     def codec_buffers(self) -> dict[str, torch.Tensor]:
@@ -76,13 +87,17 @@ class QuantLinear(nn.Module):
         return get_codec(self.codec).dequantize(self.codes(), self.codec_buffers(), self.bits, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is not None:
+            x = self.act(x)
         w = self.dequantize().to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of the quantized weight: codes plus every codec tensor (bias not included)."""
-        return sum(t.numel() * t.element_size() for t in [self.qweight, *self.codec_buffers().values()])
+        """Bytes of the quantized weight: codes, every codec tensor and the input transform's tensors
+        (smoothing vector, signs, rotation: the layer cannot run without them); bias not included."""
+        own = sum(t.numel() * t.element_size() for t in [self.qweight, *self.codec_buffers().values()])
+        return own + (self.act.storage_bytes if self.act is not None else 0)
 
     def extra_repr(self) -> str:
         g = f"g{self.group_size}" if self.group_size else "channel"

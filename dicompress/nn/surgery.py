@@ -6,6 +6,8 @@ from typing import Iterable, Iterator
 
 from torch import nn
 
+from .act import TransformedLinear
+
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name)
@@ -26,8 +28,23 @@ def matches(name: str, patterns: Iterable[str]) -> bool:
 
 
 def iter_linears(model: nn.Module, include: Iterable[str], exclude: Iterable[str] = ()) -> Iterator[tuple[str, nn.Linear]]:
-    """Plain nn.Linear modules whose names match `include` and none of `exclude`, in model order."""
+    """Float linears (plain nn.Linear, or a TransformedLinear carrying an input transform) whose names match
+    `include` and none of `exclude`, in model order. Subclasses of other kinds (e.g. LoRA layers) are not taken."""
     include, exclude = list(include), list(exclude)
     for name, mod in model.named_modules():
-        if type(mod) is nn.Linear and matches(name, include) and not matches(name, exclude):
+        if type(mod) in (nn.Linear, TransformedLinear) and matches(name, include) and not matches(name, exclude):
             yield name, mod
+
+
+def affine_layernorm(norm: nn.LayerNorm, device=None, dtype=None) -> nn.LayerNorm:
+    """A LayerNorm computing what `norm` (elementwise_affine=False) does, with an affine weight γ = 1 (no
+    bias): one tensor a per-channel scale can be folded into, applied for free by LayerNorm kernels."""
+    if not isinstance(norm, nn.LayerNorm) or norm.weight is not None:
+        raise ValueError(f"expected a LayerNorm without affine weight, got {norm}")
+    return nn.LayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=True, bias=False,
+                        device=device, dtype=dtype)
+
+
+def affine_norm_entry(name: str, norm: nn.LayerNorm) -> dict:
+    """The manifest entry that replays `affine_layernorm` on module `name`."""
+    return {"op": "affine_norm", "module": name, "normalized_shape": list(norm.normalized_shape), "eps": norm.eps}

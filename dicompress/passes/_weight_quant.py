@@ -61,7 +61,9 @@ def quantize_linears(state, pass_name: str, config: WeightQuantConfig, codec: st
     gs, rows = config.effective_group_size, []
     for name, linear in tqdm(targets, desc=pass_name, unit="layer", disable=not state.progress):
         codes, buffers, info = quantize(linear.weight.detach().float(), config.bits, gs)
-        q = QuantLinear.from_linear_codes(linear, codes, buffers, codec, config.bits, gs)
+        # a TransformedLinear's weight is already in its input transform's basis: the transform moves along
+        q = QuantLinear.from_linear_codes(linear, codes, buffers, codec, config.bits, gs,
+                                          act=getattr(linear, "act", None))
         set_module(state.model, name, q)
         state.record(q.manifest_entry(name))
         rows.append({"module": name, "method": pass_name, "bits": config.bits, "group_size": gs,

@@ -20,7 +20,8 @@ class Pass:
 
     name: ClassVar[str]
     Config: ClassVar[type[PassConfig]] = PassConfig
-    needs_calibration: ClassVar[bool] = False   # needs the calibration store (captured activations)
+    needs_calibration: ClassVar[bool] = False   # needs the calibration store (per-linear input statistics)
+    needs_block_inputs: ClassVar[bool] = False  # ... and the captured per-block inputs (distillation, pruning)
     needs_teacher: ClassVar[bool] = False       # needs the uncompressed model alongside
 
     def __init__(self, config: PassConfig | dict | None = None, **kwargs: Any):

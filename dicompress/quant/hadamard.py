@@ -191,7 +191,7 @@ def apply_hadamard(x: torch.Tensor, n_or_plan: int | HadamardPlan | None = None,
     lead = x.shape[:-1]
     y = _fwht_unnormalised(x.reshape(*lead, plan.base, plan.pow2))
     if plan.base > 1:
-        hp = _base_matrix(plan.base).to(x.dtype)
+        hp = _base_matrix(plan.base).to(device=x.device, dtype=x.dtype)
         y = torch.einsum("...ab,ac->...cb", y, hp.T if transpose else hp)
     return (y * (1.0 / math.sqrt(n))).reshape(*lead, n)
 

@@ -1,0 +1,71 @@
+"""`act_quant` pass: dynamic per-token activation quantization of the selected linears' inputs.
+
+Sets `act_bits` on each selected linear's input transform (after its smoothing and rotation, if any), giving
+an identity transform to linears that have none. Only linear inputs are quantized: the attention matmuls
+(QKᵀ, AV) stay in high precision, as in LRQ-DiT. Works before or after the weight quantizer.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import RecipeError
+from ..nn.act import ActTransform, TransformedLinear, act_entry
+from ..nn.qlinear import QuantLinear
+from ..nn.surgery import matches, set_module
+from .base import Pass, PassConfig, register_pass
+
+
+class ActQuantConfig(PassConfig):
+    bits: int = Field(ge=2, le=16, description="bits per activation (8, 6, 4 in LRQ-DiT)")
+    granularity: Literal["token"] = Field("token", description="one dynamic absmax scale per token")
+    include: tuple[str, ...] | None = Field(None, description="fnmatch patterns of linears whose inputs are "
+                                                               "quantized; null = the architecture's quantized linears")
+    keep: tuple[str, ...] | None = Field(None, description="fnmatch patterns kept in high precision; null = the "
+                                                            "architecture's default (AdaLN, embedders, proj_out)")
+
+
+def act_targets(model: nn.Module, include, keep) -> list[tuple[str, nn.Module]]:
+    """Linears of any kind (float, transformed, weight-quantized) matching include and not keep."""
+    kinds = (nn.Linear, TransformedLinear, QuantLinear)
+    return [(n, m) for n, m in model.named_modules()
+            if type(m) in kinds and matches(n, include) and not matches(n, keep)]
+
+
+@register_pass
+class ActQuant(Pass):
+    name = "act_quant"
+    Config = ActQuantConfig
+
+    def check(self, previous: list[Pass]) -> list[tuple[str, str]]:
+        for i, p in enumerate(previous):
+            if p.name == self.name:
+                return [("", f"activations are already quantized by passes[{i}].act_quant; keep one "
+                             "`act_quant` (it sets the bits of every selected input)")]
+        return []
+
+    def apply(self, state) -> None:
+        c, model = self.config, state.model
+        include = c.include if c.include is not None else state.adapter.quant_include
+        keep = c.keep if c.keep is not None else state.adapter.quant_keep
+        targets = act_targets(model, include, keep)
+        if not targets:
+            raise RecipeError(f"no linear matches include {list(include)} minus keep {list(keep)}",
+                              key="act_quant.include", hint="check the `include` / `keep` patterns of `act_quant`")
+        rows = []
+        for name, mod in tqdm(targets, desc=self.name, unit="layer", disable=not state.progress):
+            if type(mod) is nn.Linear:
+                mod = TransformedLinear.wrap(mod)
+                set_module(model, name, mod)
+            elif mod.act is None:                       # a QuantLinear quantized without any transform
+                dev = mod.qweight.device
+                mod.act = ActTransform(mod.in_features, device=dev)
+            mod.act.set_act_bits(c.bits)
+            state.record(act_entry(name, mod))
+            rows.append({"module": name, "method": self.name, "act_bits": c.bits, "granularity": c.granularity,
+                         "input_transform": mod.act.describe()})
+        state.add_pass_report(self.name, {"layers_act_quantized": len(rows), "act_bits": c.bits,
+                                          "granularity": c.granularity}, rows)

@@ -1,0 +1,38 @@
+"""Dynamic per-token activation quantization (LRQ-DiT's A8 / A6 / A4), as pure functions.
+
+Each token (row of the last dim) gets its own symmetric absmax scale, computed on the fly:
+  q_max = 2^(b-1) - 1,  step = max|x_token| / q_max,  x_hat = clamp(round(x / step), -q_max, q_max) · step.
+Symmetric on purpose: the grid is then what an int8 / int4 GEMM consumes with one scale per row, and zero
+stays exactly zero. Nothing is clipped (the step comes from the token's own max), so every value is within
+half a step of its reconstruction. The math runs in fp32 whatever the input dtype (bf16 has 8 mantissa bits:
+x / step in bf16 would already round before the grid does).
+"""
+from __future__ import annotations
+
+import torch
+
+ACT_BITS_RANGE = (2, 16)
+
+
+def check_act_bits(bits) -> int:
+    """`bits` as an int in 2..16, else ValueError saying what to change."""
+    lo, hi = ACT_BITS_RANGE
+    if isinstance(bits, bool) or not isinstance(bits, int) or not lo <= bits <= hi:
+        raise ValueError(f"activation bits must be an integer in {lo}..{hi}, got {bits!r} "
+                         f"(set act_quant.bits to e.g. 8, 6 or 4)")
+    return bits
+
+
+def per_token_step(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """The quantization step of every token: max|x| over the last dim / (2^(b-1) - 1), shape [..., 1], fp32."""
+    qmax = (1 << (check_act_bits(bits) - 1)) - 1
+    return x.detach().float().abs().amax(-1, keepdim=True) / qmax
+
+
+def quantize_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Fake-quantize `x` to `bits` per token (symmetric absmax); returns x_hat in x's dtype and shape."""
+    qmax = (1 << (check_act_bits(bits) - 1)) - 1
+    xf = x.float()
+    step = xf.abs().amax(-1, keepdim=True) / qmax
+    safe = torch.where(step > 0, step, torch.ones_like(step))   # an all-zero token stays zero
+    return ((xf / safe).round().clamp(-qmax, qmax) * safe).to(x.dtype)
