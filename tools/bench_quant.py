@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -25,9 +26,30 @@ import dicompress  # noqa: E402
 from dicompress.arch import adapter_for  # noqa: E402
 from dicompress.eval import bf16_bytes, evaluate_digits, quantized_linear_bytes  # noqa: E402
 from dicompress.models import load_transformer, resolve_model  # noqa: E402
+from dicompress.recipe import CalibrationConfig  # noqa: E402
 
-SETTINGS = [("tlq", 4, None), ("tlq", 4, 64), ("tlq", 3, None), ("tlq", 3, 64),
-            ("rtn", 4, None), ("rtn", 4, 64), ("rtn", 3, None), ("rtn", 3, 64)]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def capture_calibration(info, teacher):
+    """The calibration store of calibration/digits_10x2.yaml, captured on the teacher (cached)."""
+    import tempfile
+    from dicompress.calib import capture
+    cfg = CalibrationConfig(**yaml.safe_load((ROOT / "calibration/digits_10x2.yaml").read_text()))
+    root = Path(tempfile.mkdtemp(prefix="dicompress-bench-calib-"))
+    return capture(teacher, adapter_for(teacher), cfg, {"name": info.name, "path": info.path}, root,
+                   block_inputs=False, progress=False)
+
+# weight-only: (method, w_bits, group)
+WEIGHT_ONLY = [("tlq", 4, None), ("tlq", 4, 64), ("tlq", 3, None), ("tlq", 3, 64),
+               ("rtn", 4, None), ("rtn", 4, 64), ("rtn", 3, None), ("rtn", 3, 64)]
+# weights + activations (per-channel weights): method -> the passes before the weight quantizer
+W_A_METHODS = {"lrq": [{"smooth": {"alpha": 0.5}}, {"ars": {"threshold": 1.0}}],
+               "tlq": [],
+               "tlq+smooth": [{"smooth": {"alpha": 0.5}}],
+               "tlq+hadamard": [{"ars": {"transform": "hadamard"}}]}
+W_A = [("lrq", 4, 8), ("lrq", 3, 8), ("lrq", 4, 4), ("lrq", 3, 4), ("tlq", 4, 8), ("tlq", 4, 4),
+       ("tlq+smooth", 4, 8), ("tlq+smooth", 4, 4), ("tlq+hadamard", 4, 8), ("tlq+hadamard", 4, 4)]
 
 
 def _bytes(student, teacher_bf16: int, q_bytes: int, q_bf16: int) -> int:
@@ -43,11 +65,11 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     base, images = evaluate_digits(teacher, teacher, info.path, **common)
     teacher_samples = images["teacher"]
-    rows = []
+    rows, skipped = [], []
 
-    def add(method, w_bits, gran, student, q_bytes, q_bf16, seconds, extra=None):
+    def add(method, w_bits, gran, student, q_bytes, q_bf16, seconds, extra=None, a_bits=None):
         m, _ = evaluate_digits(student, teacher, info.path, teacher_samples=teacher_samples, **common)
-        row = {"method": method, "w_bits": w_bits, "a_bits": None, "granularity": gran,
+        row = {"method": method, "w_bits": w_bits, "a_bits": a_bits, "granularity": gran,
                "psnr_db": round(m["psnr_db"], 3), "class_acc": m["class_acc"],
                "class_acc_teacher": base["class_acc_teacher"], "frechet": round(m["frechet"], 4),
                "frechet_teacher": round(base["frechet_teacher"], 4),
@@ -59,11 +81,11 @@ def run(args) -> dict:
         partial = Path(args.out).with_suffix(".partial.json")   # a crash late in the run keeps the rows so far
         partial.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
-        print(f"{method:8s} w{w_bits} {gran:9s} psnr {row['psnr_db']:6.2f} dB  acc {row['class_acc']:.3f} "
+        print(f"{method:12s} w{w_bits}a{a_bits or 16:<2} {gran:9s} psnr {row['psnr_db']:6.2f} dB  acc {row['class_acc']:.3f} "
               f"(teacher {row['class_acc_teacher']:.3f})  frechet {row['frechet']:.3f}  "
               f"q-bytes {row['ratio_quantized_linears']:.3f}x bf16", flush=True)
 
-    for method, bits, group in SETTINGS:
+    for method, bits, group in WEIGHT_ONLY:
         student = load_transformer(info)
         cfg = {"bits": bits, "granularity": "group" if group else "channel"}
         if group:
@@ -76,7 +98,48 @@ def run(args) -> dict:
         add(method, bits, f"group{group}" if group else "channel", student, q_bytes, q_bf16, secs,
             {"mean_weight_sqnr_db": round(sum(sq) / len(sq), 3)})
 
-    from peers import apply_bnb_nf4  # noqa: E402  (tools/peers.py)
+    # the same calibration set the recipes use: every class x seeds 0, 1 x all 16 sampling steps
+    store = capture_calibration(info, teacher)
+    for method, w_bits, a_bits in W_A:
+        student = load_transformer(info)
+        passes = [*W_A_METHODS[method], {"tlq": {"bits": w_bits}}, {"act_quant": {"bits": a_bits}}]
+        t = time.perf_counter()
+        state = dicompress.compress(student, passes, calibration=store, progress=False)
+        secs = time.perf_counter() - t
+        q_bytes, q_bf16, _ = quantized_linear_bytes(student)
+        rot = [r.get("transform") for r in state.report["layers"] if r.get("method") == "ars"]
+        extra = {"passes": [next(iter(p)) for p in passes]}
+        if rot:
+            extra["rotations"] = {k: rot.count(k) for k in sorted(set(rot))}
+        add(method, w_bits, "channel", student, q_bytes, q_bf16, secs, extra, a_bits=a_bits)
+
+    from peers import apply_bnb_nf4, apply_quanto_w4a8, apply_sdnq  # noqa: E402  (tools/peers.py)
+    from dicompress.zoo import load_conditioning  # noqa: E402
+    from dicompress.zoo.sampler import sample  # noqa: E402
+    cond = load_conditioning(info.path)
+    cal = CalibrationConfig(**yaml.safe_load((ROOT / "calibration/digits_10x2.yaml").read_text()))
+    pairs = [(c, s) for s in cal.seeds for c in cal.classes]
+
+    def calibrate(model):   # quanto's calibration pass: the same classes, seeds and steps
+        sample(model, cond, [c for c, _ in pairs], [s for _, s in pairs], steps=cal.steps)
+
+    student = load_transformer(info)
+    a = adapter_for(student)
+    t = time.perf_counter()
+    res = apply_quanto_w4a8(student, a.quant_include, a.quant_keep, calibrate)
+    add("quanto", 4, "group64" if res.get("group_size") == 64 else res.get("granularity", "-"), student,
+        res["bytes"], res["bf16_bytes"], time.perf_counter() - t, {"setting": res.get("setting")}, a_bits=8)
+    for a_bits in (None, 8):
+        student = load_transformer(info)
+        t = time.perf_counter()
+        try:
+            res = apply_sdnq(student, a.quant_include, a.quant_keep, w_bits=4, a_bits=a_bits)
+        except NotImplementedError as e:
+            skipped.append({"method": "sdnq", "w_bits": 4, "a_bits": a_bits, "reason": str(e)})
+            continue
+        add("sdnq", 4, res.get("granularity", "-"), student, res["bytes"], res["bf16_bytes"],
+            time.perf_counter() - t, {"setting": res.get("setting")}, a_bits=a_bits)
+
     student = load_transformer(info)
     a = adapter_for(student)
     t = time.perf_counter()
@@ -86,7 +149,7 @@ def run(args) -> dict:
 
     from sqnr_synthetic import synthetic_sqnr_rows  # noqa: E402  (tools/sqnr_synthetic.py)
     synthetic = synthetic_sqnr_rows(bits=(3, 4), n=args.synthetic_n)
-    return {"rows": rows, "synthetic_sqnr": synthetic,
+    return {"rows": rows, "skipped": skipped, "synthetic_sqnr": synthetic,
             "teacher": {k: base[k] for k in ("class_acc_teacher", "frechet_teacher")},
             "settings": {"model": args.model, "samples_per_class": args.samples_per_class,
                          "eval_seeds": f"{1000}..{1000 + 10 * args.samples_per_class - 1}",

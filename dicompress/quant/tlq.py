@@ -11,7 +11,9 @@ Buffers: `scales` fp16 [out, n_groups], `grid` fp16 [out, 4] = (B_pos, D_pos, B_
 `eta` fp32 [1] (one per layer).
 
 Quantizer. Each group is divided by its absmax (so u is in [-1, 1]); per row and sign,
-L = log2(|u| + eta), bottom = min L, top = the p-quantile of L (the clip), D = (top - bottom)/(M - 1).
+L = log2(|u| + eta), bottom = a low quantile of L (the minimum in the paper; here searched among
+DEFAULT_BOTTOMS), top = the p-quantile of L (the clip), D = (top - bottom)/(M - 1). eta is searched per
+layer; the bottom and top quantiles per row and sign (the grid is stored per row and sign anyway).
 The released LRQ-DiT code fills the other sign's positions with 0 in the log domain before the
 min/percentile, which pins the top of the grid at log2(1) = 0 whenever |w| + eta < 1 (METHODS.md);
 here each row is normalised first and the statistics are taken over that sign's entries only (masked),
@@ -38,6 +40,11 @@ from .codecs import num_groups, register_codec
 
 DEFAULT_ETAS = (0.0, 0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
 DEFAULT_PERCENTILES = (0.98, 0.99, 0.999, 0.9999, 0.99999, 1.0)
+# Bottom of each sign's grid: a low quantile of log2(|u| + eta) rather than always the minimum, so a
+# sign's lowest level need not sit at ~0 (with both signs starting at ~0, 2 of 2^b levels are spent on
+# zero); searched per row and sign like the top, at no storage cost (the grid is stored per row and sign).
+# A sign that holds exact zeros keeps the minimum, so exact zeros still decode to ~0 (see Zeros above).
+DEFAULT_BOTTOMS = (0.0, 0.01, 0.03, 0.06, 0.1, 0.15)
 _EMPTY_LOG = -24.0          # bottom of an empty sign's grid when eta = 0 (2^-24 ~ 0)
 _CHUNK_ELEMS = 1 << 20      # rows per search chunk ≈ this / in_features (bounds the float64 prefix sums)
 
@@ -122,61 +129,76 @@ class _SignStats:
         zero = torch.zeros(*a_s.shape[:-1], 1, dtype=torch.float64, device=u.device)
         self.prefix = [torch.cat([zero, t.cumsum(-1)], -1) for t in (s2, s2 * a_s, s2 * a_s * a_s)]
 
-    def grids(self, eta: float, percentiles: torch.Tensor, bits: int) -> torch.Tensor:
-        """Candidate grids for one eta and P percentiles, rounded to fp16: [P, R, 4] fp16."""
+    def grids(self, eta: float, percentiles: torch.Tensor, bits: int, bottoms: torch.Tensor) -> torch.Tensor:
+        """Candidate grids for one eta: every (bottom quantile, top percentile) pair, rounded to fp16:
+        [C, R, 2, 2] (C = len(bottoms) * len(percentiles); last dim (B, D) per sign)."""
         start = self.zeros if eta == 0 else torch.zeros_like(self.zeros)      # log2(0) = -inf is left out
         cnt = self.n - start
         last = (self.n - 1).clamp(min=0)
-        pos = start + percentiles[:, None, None] * (cnt - 1).clamp(min=0)     # [P, R, 2]
-        lo = pos.floor().long().clamp(max=last)
-        hi = (lo + 1).clamp(max=last)
-        frac = (pos - lo).float()
 
-        def log_at(idx):
-            v = self.sorted.expand(idx.shape[0], *self.sorted.shape).gather(-1, idx[..., None])[..., 0]
-            return torch.log2(v + eta)
+        def log_q(q):   # log2(a + eta) at quantile q [C] of each (row, sign), linear interpolation
+            pos = start + q[:, None, None] * (cnt - 1).clamp(min=0)           # [C, R, 2]
+            lo = pos.floor().long().clamp(max=last)
+            hi = (lo + 1).clamp(max=last)
+            frac = (pos - lo).float()
+            sorted_ = self.sorted.expand(lo.shape[0], *self.sorted.shape)
+            at = lambda i: torch.log2(sorted_.gather(-1, i[..., None])[..., 0] + eta)  # noqa: E731
+            return at(lo) + frac * (at(hi) - at(lo))
 
-        bottom = log_at(start.clamp(max=last)[None].expand_as(lo))
-        top = log_at(lo) + frac * (log_at(hi) - log_at(lo))
-        empty = cnt[None].expand_as(lo) == 0
+        qb = bottoms.repeat_interleave(len(percentiles))
+        qt = percentiles.repeat(len(bottoms))
+        bottom, top = log_q(qb), log_q(qt)
+        # a sign holding exact zeros keeps its bottom at the minimum (log2(eta), or the smallest magnitude
+        # when eta = 0), so zeros decode to ~0 (or to the smallest level) as documented above
+        bottom = torch.where(self.zeros[None] > 0, log_q(torch.zeros_like(qb)), bottom)
+        empty = cnt[None].expand_as(bottom) == 0
         b_empty = math.log2(eta) if eta > 0 else _EMPTY_LOG
         bottom = torch.where(empty, torch.full_like(bottom, b_empty), bottom)
-        step = torch.where(empty, torch.zeros_like(top), (top - bottom) / ((1 << (bits - 1)) - 1))
-        return torch.stack([bottom, step], -1).flatten(-2).to(torch.float16)  # [P, R, 4]
+        step = torch.where(empty, torch.zeros_like(top), (top - bottom).clamp(min=0) / ((1 << (bits - 1)) - 1))
+        return torch.stack([bottom, step], -1).to(torch.float16)               # [C, R, 2, 2]
 
     def errors(self, grids16: torch.Tensor, eta: torch.Tensor, bits: int) -> torch.Tensor:
-        """Exact sum of s²(a - level)² per candidate for grids [P, R, 4]: [P] float64."""
-        P, R = grids16.shape[:2]
-        lev = tlq_levels(grids16, eta, bits).permute(1, 2, 0, 3)              # [R, 2, P, M]
-        mids = ((lev[..., 1:] + lev[..., :-1]) / 2).flatten(-2)               # [R, 2, P*(M-1)]
-        idx = torch.searchsorted(self.sorted, mids.contiguous(), side="left").view(R, 2, P, -1)
+        """Exact sum of s²(a - level)² per candidate, row and sign for grids [C, R, 2, 2]: [C, R, 2] float64."""
+        C, R = grids16.shape[:2]
+        lev = tlq_levels(grids16.flatten(-2), eta, bits).permute(1, 2, 0, 3)  # [R, 2, C, M]
+        mids = ((lev[..., 1:] + lev[..., :-1]) / 2).flatten(-2)               # [R, 2, C*(M-1)]
+        idx = torch.searchsorted(self.sorted, mids.contiguous(), side="left").view(R, 2, C, -1)
         zero = torch.zeros_like(idx[..., :1])
-        edges = torch.cat([zero, idx, self.n[:, :, None, None].expand(R, 2, P, 1)], -1)  # [R, 2, P, M+1]
+        edges = torch.cat([zero, idx, self.n[:, :, None, None].expand(R, 2, C, 1)], -1)  # [R, 2, C, M+1]
         flat = edges.flatten(-2)
         s0, s1, s2 = (p.gather(-1, flat).view_as(edges).diff(dim=-1) for p in self.prefix)
         lev = lev.double()
-        return (s2 - 2 * lev * s1 + lev * lev * s0).sum(dim=(0, 1, 3))
+        return (s2 - 2 * lev * s1 + lev * lev * s0).sum(-1).permute(2, 0, 1)  # [C, R, 2]
 
 
-def _search(u, s, bits, etas, percentiles):
-    """All candidates' errors [E, P] and fp16 grids [E, P, R, 4], row chunk by row chunk."""
+def _search(u, s, bits, etas, percentiles, bottoms):
+    """Per eta: the best (bottom, top) candidate of every (row, sign) — errors separate by row and
+    sign, and the grid is stored per row and sign, so each picks its own — and the eta whose total
+    error is lowest (eta is one per layer). Returns (errors [E], grids [E, R, 4] fp16, chosen [E, R, 2])."""
     R, N = u.shape
     pct = torch.tensor(percentiles, dtype=torch.float64, device=u.device)
-    err = torch.zeros(len(etas), len(pct), dtype=torch.float64, device=u.device)
-    grids = torch.empty(len(etas), len(pct), R, 4, dtype=torch.float16, device=u.device)
+    bot = torch.tensor(bottoms, dtype=torch.float64, device=u.device)
+    err = torch.zeros(len(etas), dtype=torch.float64, device=u.device)
+    grids = torch.empty(len(etas), R, 4, dtype=torch.float16, device=u.device)
+    chosen = torch.empty(len(etas), R, 2, dtype=torch.long, device=u.device)
     rows = max(1, _CHUNK_ELEMS // max(N, 1))
     for r0 in range(0, R, rows):
         st = _SignStats(u[r0:r0 + rows], s[r0:r0 + rows])
         for e, eta in enumerate(etas):
-            g = st.grids(eta, pct, bits)
-            grids[e, :, r0:r0 + rows] = g
-            err[e] += st.errors(g, torch.tensor(eta, dtype=torch.float32), bits)
-    return err, grids
+            g = st.grids(eta, pct, bits, bot)                                  # [C, r, 2, 2]
+            ce = st.errors(g, torch.tensor(eta, dtype=torch.float32), bits)    # [C, r, 2]
+            best, arg = ce.min(0)                                              # [r, 2]
+            err[e] += best.sum()
+            pick = g.gather(0, arg[None, ..., None].expand(1, *arg.shape, 2))[0]        # [r, 2, 2]
+            grids[e, r0:r0 + rows] = pick.flatten(-2)
+            chosen[e, r0:r0 + rows] = arg
+    return err, grids, chosen
 
 
 def tlq_quantize(w: torch.Tensor, bits: int, group_size: int | None = None,
-                 etas=DEFAULT_ETAS, percentiles=DEFAULT_PERCENTILES):
-    """Quantize w [out, in] with TLQ, searching eta and the clip percentile by weight MSE.
+                 etas=DEFAULT_ETAS, percentiles=DEFAULT_PERCENTILES, bottoms=DEFAULT_BOTTOMS):
+    """Quantize w [out, in] with TLQ, searching eta (per layer) and the grid's top clip percentile and
+    bottom quantile (per row and sign) by weight MSE.
 
     Returns (codes int64 [out, in], buffers {scales, grid, eta}, info {eta, percentile, mse, sqnr_db})."""
     if not 2 <= bits <= 8:
@@ -189,12 +211,17 @@ def tlq_quantize(w: torch.Tensor, bits: int, group_size: int | None = None,
     scales = absmax_scales(w, group_size)
     u = normalise(w, scales, group_size)
     s = expand_groups(scales.float(), w.shape[1], group_size)
-    err, grids = _search(u, s, bits, tuple(float(e) for e in etas), tuple(float(p) for p in percentiles))
-    e, p = divmod(int(err.argmin()), err.shape[1])
+    err, grids, chosen = _search(u, s, bits, tuple(float(e) for e in etas), tuple(float(p) for p in percentiles),
+                                 tuple(float(b) for b in bottoms))
+    e = int(err.argmin())
     eta = torch.tensor([etas[e]], dtype=torch.float32, device=w.device)
-    buffers = {"scales": scales, "grid": grids[e, p].clone(), "eta": eta}
+    buffers = {"scales": scales, "grid": grids[e].clone(), "eta": eta}
     codes = tlq_assign(u, buffers["grid"], eta[0], bits)
-    return codes, buffers, {"eta": float(etas[e]), "percentile": float(percentiles[p]),
+    top = torch.bincount(chosen[e].flatten() % len(percentiles), minlength=len(percentiles))
+    bot = torch.bincount(chosen[e].flatten() // len(percentiles), minlength=len(bottoms))
+    return codes, buffers, {"eta": float(etas[e]),
+                            "percentile": float(percentiles[int(top.argmax())]),   # the most chosen per row
+                            "bottom_quantile": float(bottoms[int(bot.argmax())]),
                             **weight_error(w, tlq_dequantize(codes, buffers, bits, group_size))}
 
 
