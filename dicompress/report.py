@@ -23,6 +23,23 @@ def _layer_activation_stats(state) -> None:
             row["act_rms"] = round(float(s["rms"].pow(2).mean().sqrt()), 4)
 
 
+def merge_layer_rows(rows: list[dict]) -> list[dict]:
+    """One row per module: each pass adds its own facts (J and transform from ars, eta and SQNR from
+    tlq ...); `method` lists the passes in order."""
+    merged: dict[str, dict] = {}
+    for row in rows:
+        name = row.get("module")
+        if name not in merged:
+            merged[name] = dict(row)
+            continue
+        m = merged[name]
+        method = f"{m.get('method')}+{row['method']}" if row.get("method") and m.get("method") else \
+            (m.get("method") or row.get("method"))
+        m.update({k: v for k, v in row.items() if v is not None})
+        m["method"] = method
+    return list(merged.values())
+
+
 def build_report(state, recipe, info, passes, progress=True, timings=None) -> dict:
     from .eval import bf16_bytes, evaluate_digits, layer_sqnr_table, quantized_linear_bytes, tensor_bytes
 
@@ -32,6 +49,7 @@ def build_report(state, recipe, info, passes, progress=True, timings=None) -> di
     if recipe.calibration is not None and state.calibration is not None:
         rep["calibration"] = {k: state.calibration.meta.get(k) for k in
                               ("source", "seeds", "steps", "samples", "rows", "block_inputs")}
+    rep["layers"] = merge_layer_rows(rep["layers"])
     _layer_activation_stats(state)
     q_bytes, q_bf16, n_q = quantized_linear_bytes(state.model)
     total, total_bf16 = tensor_bytes(state.model), bf16_bytes(state.model)

@@ -215,7 +215,7 @@ def _full_report(n_layers: int) -> dict:
                         "frechet_teacher": 11.0, "latency_ms_per_step": 5.0, "latency_ms_per_step_teacher": 4.0,
                         "latency_ratio": 1.25, "samples": 200, "steps": 16},
             "footprint": {"bytes_total": 1 << 20, "bytes_total_bf16": 3 << 20, "bytes_quantized_linears": 1 << 19,
-                          "bytes_quantized_linears_bf16": 1 << 21, "ratio_quantized_linears": 4.0,
+                          "bytes_quantized_linears_bf16": 1 << 21, "ratio_quantized_linears": 0.25,
                           "bytes_on_disk": 1 << 20},
             "seconds": {"calibration": 1.0, "total": 9.5}}
 
@@ -223,7 +223,7 @@ def _full_report(n_layers: int) -> dict:
 def test_format_summary_full():
     text = format_summary(_full_report(50))
     for needle in ("zoo:tiny-flux-digits", "out/tiny", "tlq", "20.10", "inf", "0.950", "0.960", "1.25x",
-                   "4.00x", "3.00x", "512.00 KiB", "35 more", "blocks.0.attn.to_q", "blocks.49.attn.to_q"):
+                   "0.25x", "0.33x", "512.00 KiB", "35 more", "blocks.0.attn.to_q", "blocks.49.attn.to_q"):
         assert needle in text, needle
     assert "blocks.20.attn.to_q" not in text            # middle rows elided
     lines = text.splitlines()

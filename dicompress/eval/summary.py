@@ -79,8 +79,16 @@ def _header(report: dict) -> list[str]:
 
 
 def _passes(passes: list[dict]) -> list[str]:
-    # the full config of each pass stays in report.json; the summary shows what it measured
-    return ["passes", *_records_table([{k: v for k, v in p.items() if k != "config"} for p in passes], "pass")]
+    """One line per pass: its name and time, then what it measured (the full config stays in report.json;
+    passes report different keys, so a shared table would be mostly empty columns)."""
+    lines = ["passes"]
+    width = max((len(str(p.get("pass", ""))) for p in passes), default=0)
+    for p in passes:
+        secs = fmt_value(p.get("seconds"), "seconds")
+        facts = ", ".join(f"{LABELS.get(k, k)} {fmt_value(v, k)}" for k, v in p.items()
+                          if k not in ("pass", "seconds", "config"))
+        lines.append(f"  {str(p.get('pass', '?')).ljust(width)}  {secs:>6} s  {facts}".rstrip())
+    return lines
 
 
 def _metrics(m: dict) -> list[str]:
@@ -94,8 +102,8 @@ def _metrics(m: dict) -> list[str]:
     return [f"quality ({plan})" if plan else "quality", *table(["metric", "student", "teacher"], rows)]
 
 
-def _ratio(small, big) -> str:
-    return f"{big / small:.2f}x" if small and big else "-"
+def _ratio(size, bf16) -> str:
+    return f"{size / bf16:.2f}x" if size and bf16 else "-"
 
 
 def _footprint(f: dict) -> list[str]:
@@ -111,7 +119,7 @@ def _footprint(f: dict) -> list[str]:
         d, tb = f["bytes_on_disk"], f.get("bytes_total_bf16")
         rows.append(["on disk", fmt_bytes(d), fmt_bytes(tb), _ratio(d, tb)])
     return ["footprint (bf16 = the uncompressed teacher in bf16)",
-            *table(["", "size", "bf16", "smaller by"], rows)]
+            *table(["", "size", "bf16", "size / bf16"], rows)]
 
 
 def _sqnr_key(r: dict) -> float:
@@ -119,7 +127,13 @@ def _sqnr_key(r: dict) -> float:
     return math.inf if v is None else v  # unknown SQNR sorts after the best
 
 
+# the per-layer columns the summary prints, when present (report.json keeps every key)
+LAYER_COLUMNS = ("module", "method", "shape", "bits", "group_size", "eta", "percentile", "sqnr_db", "J", "transform",
+                 "smoothing", "act_bits", "act_absmax", "act_rms")
+
+
 def _layers(layers: list[dict]) -> list[str]:
+    layers = [{k: r[k] for k in LAYER_COLUMNS if k in r} for r in layers]
     ordered = sorted(layers, key=_sqnr_key)
     if len(ordered) <= MAX_FULL_LAYERS:
         return [f"layers ({len(ordered)}, sorted by SQNR, worst first)", *_records_table(ordered, "module")]
