@@ -8,10 +8,9 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
-from ..errors import RecipeError
 from ..nn.qlinear import QuantLinear
-from ..nn.surgery import iter_linears, set_module
-from .base import Pass, PassConfig
+from ..nn.surgery import set_module
+from .base import Pass, PassConfig, select_layers
 
 GROUP_SIZES = (64, 128)   # what the packed kernels are written for
 
@@ -50,14 +49,7 @@ class WeightQuantConfig(PassConfig):
 def quantize_linears(state, pass_name: str, config: WeightQuantConfig, codec: str, quantize: Quantizer) -> None:
     """Replace every selected nn.Linear by a QuantLinear (codec `codec`), record it in the manifest and
     add the pass's report (one row per layer)."""
-    include = config.include if config.include is not None else state.adapter.quant_include
-    keep = config.keep if config.keep is not None else state.adapter.quant_keep
-    targets = list(iter_linears(state.model, include, keep))
-    if not targets:
-        raise RecipeError(f"no nn.Linear matches include {list(include)} minus keep {list(keep)}",
-                          key=f"{pass_name}.include",
-                          hint=f"check the `include` / `keep` patterns of `{pass_name}` (fnmatch over full dotted "
-                               "module names, e.g. 'transformer_blocks.*')")
+    targets = select_layers(state, pass_name, config.include, config.keep)
     gs, rows = config.effective_group_size, []
     for name, linear in tqdm(targets, desc=pass_name, unit="layer", disable=not state.progress):
         codes, buffers, info = quantize(linear.weight.detach().float(), config.bits, gs)

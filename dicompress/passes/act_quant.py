@@ -12,11 +12,10 @@ from pydantic import Field
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import RecipeError
 from ..nn.act import ActTransform, TransformedLinear, act_entry
 from ..nn.qlinear import QuantLinear
 from ..nn.surgery import matches, set_module
-from .base import Pass, PassConfig, register_pass
+from .base import Pass, PassConfig, register_pass, select_layers
 
 
 class ActQuantConfig(PassConfig):
@@ -49,12 +48,7 @@ class ActQuant(Pass):
 
     def apply(self, state) -> None:
         c, model = self.config, state.model
-        include = c.include if c.include is not None else state.adapter.quant_include
-        keep = c.keep if c.keep is not None else state.adapter.quant_keep
-        targets = act_targets(model, include, keep)
-        if not targets:
-            raise RecipeError(f"no linear matches include {list(include)} minus keep {list(keep)}",
-                              key="act_quant.include", hint="check the `include` / `keep` patterns of `act_quant`")
+        targets = select_layers(state, self.name, c.include, c.keep, finder=act_targets)
         rows = []
         for name, mod in tqdm(targets, desc=self.name, unit="layer", disable=not state.progress):
             if type(mod) is nn.Linear:

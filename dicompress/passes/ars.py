@@ -22,11 +22,11 @@ from tqdm.auto import tqdm
 
 from ..errors import CalibrationError, RecipeError
 from ..nn.act import TransformedLinear, act_entry
-from ..nn.surgery import iter_linears, set_module
+from ..nn.surgery import set_module
 from ..quant.hadamard import can_hadamard, random_signs
 from ..quant.rotation import choose_rotation, outlier_aware_rotation, rms_J
 from ._weight_quant import WeightQuantPass
-from .base import Pass, PassConfig, register_pass
+from .base import Pass, PassConfig, register_pass, select_layers
 
 
 class ARSConfig(PassConfig):
@@ -142,12 +142,7 @@ class ARS(Pass):
             raise CalibrationError("the ars pass needs calibration statistics (J is computed from them)",
                                    hint="add a `calibration` section to the recipe, or pass calibration=...")
         c, model = self.config, state.model
-        include = c.include if c.include is not None else state.adapter.quant_include
-        keep = c.keep if c.keep is not None else state.adapter.quant_keep
-        targets = list(iter_linears(model, include, keep))
-        if not targets:
-            raise RecipeError(f"no nn.Linear matches include {list(include)} minus keep {list(keep)}",
-                              key="ars.include", hint="check the `include` / `keep` patterns of `ars`")
+        targets = select_layers(state, self.name, c.include, c.keep)
         choices = plan(targets, state.calibration.linear_stats(), group_keys(model, state.adapter), c)
         rows, cache = [], {}
         for ch in tqdm(choices, desc=self.name, unit="layer", disable=not state.progress):

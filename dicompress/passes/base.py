@@ -43,6 +43,22 @@ class Pass:
         return f"{type(self).__name__}({args})"
 
 
+def select_layers(state, pass_name: str, include, keep, finder=None) -> list:
+    """The `(name, module)` pairs a pass works on: its `include` / `keep` patterns (null = the
+    architecture's defaults) through `finder` (default: `iter_linears`); none at all is a recipe error."""
+    from ..errors import RecipeError
+    from ..nn.surgery import iter_linears
+    include = include if include is not None else state.adapter.quant_include
+    keep = keep if keep is not None else state.adapter.quant_keep
+    targets = list((finder or iter_linears)(state.model, include, keep))
+    if not targets:
+        raise RecipeError(f"no linear matches include {list(include)} minus keep {list(keep)}",
+                          key=f"{pass_name}.include",
+                          hint=f"check the `include` / `keep` patterns of `{pass_name}` (fnmatch over full dotted "
+                               "module names, e.g. 'transformer_blocks.*')")
+    return targets
+
+
 def register_pass(cls: type[Pass]) -> type[Pass]:
     """Class decorator: make the pass available in recipes under `cls.name`."""
     if cls.name in PASSES and PASSES[cls.name] is not cls:

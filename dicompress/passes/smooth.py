@@ -18,10 +18,10 @@ from tqdm.auto import tqdm
 from ..arch.base import NormFold, RowsFold
 from ..errors import CalibrationError, ModelError, RecipeError
 from ..nn.act import TransformedLinear, act_entry
-from ..nn.surgery import affine_layernorm, affine_norm_entry, iter_linears, set_module
+from ..nn.surgery import affine_layernorm, affine_norm_entry, set_module
 from ..quant.smooth import column_absmax, fold_into_modulated_norm_, fold_into_rows_, scale_columns_, smooth_factors
 from ._weight_quant import WeightQuantPass
-from .base import Pass, PassConfig, register_pass
+from .base import Pass, PassConfig, register_pass, select_layers
 
 LATER_PASSES = ("smooth", "ars", "act_quant")   # smoothing comes before these (and the weight quantizers)
 
@@ -222,12 +222,7 @@ class Smooth(Pass):
             raise CalibrationError("the smooth pass needs calibration statistics",
                                    hint="add a `calibration` section to the recipe, or pass calibration=...")
         c, model = self.config, state.model
-        include = c.include if c.include is not None else state.adapter.quant_include
-        keep = c.keep if c.keep is not None else state.adapter.quant_keep
-        selected = [n for n, _ in iter_linears(model, include, keep)]
-        if not selected:
-            raise RecipeError(f"no nn.Linear matches include {list(include)} minus keep {list(keep)}",
-                              key="smooth.include", hint="check the `include` / `keep` patterns of `smooth`")
+        selected = [n for n, _ in select_layers(state, self.name, c.include, c.keep)]
         stats = state.calibration.linear_stats()
         groups = plan_groups(model, state.adapter, selected, c.fold)
         validate(model, groups, stats)
