@@ -12,9 +12,10 @@ def _layer_activation_stats(state) -> None:
     """Attach each layer's calibration input statistics (absmax, RMS) to its row of the layer table."""
     if state.calibration is None:
         return
+    from .errors import CalibrationError
     try:
         stats = state.calibration.linear_stats()
-    except Exception:   # a store without statistics: nothing to add
+    except CalibrationError:   # a store without statistics: nothing to add
         return
     for row in state.report["layers"]:
         s = stats.get(row.get("module"))

@@ -76,8 +76,7 @@ class Capture:
                 shared: dict = {}
                 for key in self.adapter.shared_inputs:
                     flatten(key, kwargs.get(key), shared)
-                self.writer.write_shared(name, {k: t.detach().float().cpu() if not t.is_complex() else t.cpu()
-                                                for k, t in shared.items()})
+                self.writer.write_shared(name, {k: t.detach().float().cpu() for k, t in shared.items()})
                 self._shared_done.add(name)
         return hook
 

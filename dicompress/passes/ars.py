@@ -138,12 +138,10 @@ class ARS(Pass):
         return []
 
     def apply(self, state) -> None:
-        if state.calibration is None:
-            raise CalibrationError("the ars pass needs calibration statistics (J is computed from them)",
-                                   hint="add a `calibration` section to the recipe, or pass calibration=...")
+        stats = self.calibration(state).linear_stats()   # J is computed from them
         c, model = self.config, state.model
         targets = select_layers(state, self.name, c.include, c.keep)
-        choices = plan(targets, state.calibration.linear_stats(), group_keys(model, state.adapter), c)
+        choices = plan(targets, stats, group_keys(model, state.adapter), c)
         rows, cache = [], {}
         for ch in tqdm(choices, desc=self.name, unit="layer", disable=not state.progress):
             mod = model.get_submodule(ch.module)

@@ -38,6 +38,15 @@ class Pass:
     def apply(self, state) -> None:  # state: pipeline.CompressionState
         raise NotImplementedError
 
+    def calibration(self, state):
+        """The calibration store, or a CalibrationError naming this pass (for direct `apply` calls;
+        recipes and `compress` check earlier)."""
+        if state.calibration is None:
+            from ..errors import CalibrationError
+            raise CalibrationError(f"the {self.name} pass needs calibration statistics",
+                                   hint="add a `calibration` section to the recipe, or pass calibration=...")
+        return state.calibration
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config.model_dump().items())
         return f"{type(self).__name__}({args})"

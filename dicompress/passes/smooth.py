@@ -218,12 +218,9 @@ class Smooth(Pass):
         return []
 
     def apply(self, state) -> None:
-        if state.calibration is None:
-            raise CalibrationError("the smooth pass needs calibration statistics",
-                                   hint="add a `calibration` section to the recipe, or pass calibration=...")
+        stats = self.calibration(state).linear_stats()
         c, model = self.config, state.model
         selected = [n for n, _ in select_layers(state, self.name, c.include, c.keep)]
-        stats = state.calibration.linear_stats()
         groups = plan_groups(model, state.adapter, selected, c.fold)
         validate(model, groups, stats)
         scales, rows = {}, []

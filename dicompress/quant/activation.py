@@ -33,6 +33,6 @@ def quantize_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Fake-quantize `x` to `bits` per token (symmetric absmax); returns x_hat in x's dtype and shape."""
     qmax = (1 << (check_act_bits(bits) - 1)) - 1
     xf = x.float()
-    step = xf.abs().amax(-1, keepdim=True) / qmax
+    step = per_token_step(xf, bits)
     safe = torch.where(step > 0, step, torch.ones_like(step))   # an all-zero token stays zero
     return ((xf / safe).round().clamp(-qmax, qmax) * safe).to(x.dtype)

@@ -41,7 +41,3 @@ def load_classifier(path: str | Path):
     clf.load_state_dict(load_file(str(Path(path) / "classifier.safetensors")))
     return clf.eval().requires_grad_(False)
 
-
-def load_transformer(path: str | Path, dtype: torch.dtype = torch.float32):
-    from diffusers import FluxTransformer2DModel
-    return FluxTransformer2DModel.from_pretrained(str(path), torch_dtype=dtype).eval()
