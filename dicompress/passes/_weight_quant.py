@@ -10,12 +10,17 @@ from tqdm.auto import tqdm
 
 from ..nn.qlinear import QuantLinear
 from ..nn.surgery import set_module
+from ..quant.codecs import get_codec
+from ..quant.gptq import gptq_codes, output_sqnr_db
+from ..quant.tlq import weight_error
 from .base import Pass, PassConfig, select_layers
 
 GROUP_SIZES = (64, 128)   # what the packed kernels are written for
 
 # (w fp32 [out, in], bits, group_size | None) -> (codes, buffers, info with eta/percentile/sqnr_db)
 Quantizer = Callable[[torch.Tensor, int, "int | None"], tuple[torch.Tensor, dict, dict]]
+# (buffers, bits, group_size | None) -> gptq.ColumnQuantizer on that fixed grid
+ColumnQuantizerFactory = Callable[[dict, int, "int | None"], Callable]
 
 
 class WeightQuantConfig(PassConfig):
@@ -26,6 +31,12 @@ class WeightQuantConfig(PassConfig):
                                                                "null = the architecture's default")
     keep: tuple[str, ...] | None = Field(None, description="fnmatch patterns never quantized; null = the "
                                                             "architecture's default")
+    gptq: bool = Field(False, description="GPTQ error feedback: keep the grid, choose levels column by column "
+                                          "so the layer's output error on calibration inputs is minimised; "
+                                          "needs calibration with block inputs")
+    gptq_damp: float = Field(0.01, gt=0, le=1, description="GPTQ dampening, a fraction of mean(diag H) added "
+                                                            "to H's diagonal")
+    gptq_act_order: bool = Field(True, description="GPTQ: quantize input channels by decreasing energy")
 
     @field_validator("group_size")
     @classmethod
@@ -33,6 +44,12 @@ class WeightQuantConfig(PassConfig):
         if v not in GROUP_SIZES:
             raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _gptq_keys_need_gptq(self):
+        if not self.gptq and {"gptq_damp", "gptq_act_order"} & self.model_fields_set:
+            raise ValueError("gptq_damp / gptq_act_order apply only with gptq: true")
+        return self
 
     @model_validator(mode="after")
     def _group_size_needs_group(self):
@@ -46,13 +63,27 @@ class WeightQuantConfig(PassConfig):
         return self.group_size if self.granularity == "group" else None
 
 
-def quantize_linears(state, pass_name: str, config: WeightQuantConfig, codec: str, quantize: Quantizer) -> None:
+def quantize_linears(state, pass_name: str, config: WeightQuantConfig, codec: str, quantize: Quantizer,
+                     column_quantizer: ColumnQuantizerFactory | None = None) -> None:
     """Replace every selected nn.Linear by a QuantLinear (codec `codec`), record it in the manifest and
-    add the pass's report (one row per layer)."""
+    add the pass's report (one row per layer). With `config.gptq`, block by block: the block's input
+    Hessians are collected, then its linears take GPTQ codes on the grid `quantize` chose."""
     targets = select_layers(state, pass_name, config.include, config.keep)
     gs, rows = config.effective_group_size, []
+    hessians = _hessians_by_block(state, targets) if config.gptq else None
     for name, linear in tqdm(targets, desc=pass_name, unit="layer", disable=not state.progress):
-        codes, buffers, info = quantize(linear.weight.detach().float(), config.bits, gs)
+        w = linear.weight.detach().float()
+        codes, buffers, info = quantize(w, config.bits, gs)
+        row = {}
+        h = hessians(name) if hessians else None
+        if h is not None:
+            plain = get_codec(codec).dequantize(codes, buffers, config.bits, gs)
+            codes = gptq_codes(w, h, column_quantizer(buffers, config.bits, gs), damp=config.gptq_damp,
+                               act_order=config.gptq_act_order)
+            w_hat = get_codec(codec).dequantize(codes, buffers, config.bits, gs)
+            info = {**info, **weight_error(w, w_hat)}
+            row = {"output_sqnr_db": _finite(output_sqnr_db(w, w_hat, h)),
+                   "output_sqnr_db_rounding": _finite(output_sqnr_db(w, plain, h))}
         # a TransformedLinear's weight is already in its input transform's basis: the transform moves along
         q = QuantLinear.from_linear_codes(linear, codes, buffers, codec, config.bits, gs,
                                           act=getattr(linear, "act", None))
@@ -60,16 +91,62 @@ def quantize_linears(state, pass_name: str, config: WeightQuantConfig, codec: st
         state.record(q.manifest_entry(name))
         rows.append({"module": name, "method": pass_name, "bits": config.bits, "group_size": gs,
                      "eta": info["eta"], "percentile": info["percentile"],
-                     "sqnr_db": info["sqnr_db"] if math.isfinite(info["sqnr_db"]) else None,  # None = exact
+                     "sqnr_db": _finite(info["sqnr_db"]), **row,   # None = exact
                      "shape": [q.out_features, q.in_features]})
     sqnr = [r["sqnr_db"] for r in rows if r["sqnr_db"] is not None]
-    state.add_pass_report(pass_name, {"layers_quantized": len(rows),
-                                      "mean_sqnr_db": sum(sqnr) / len(sqnr) if sqnr else None,
-                                      "min_sqnr_db": min(sqnr) if sqnr else None}, rows)
+    summary = {"layers_quantized": len(rows), "mean_sqnr_db": sum(sqnr) / len(sqnr) if sqnr else None,
+               "min_sqnr_db": min(sqnr) if sqnr else None}
+    if config.gptq:
+        gain = [r["output_sqnr_db"] - r["output_sqnr_db_rounding"] for r in rows
+                if r.get("output_sqnr_db") is not None and r.get("output_sqnr_db_rounding") is not None]
+        summary["gptq_mean_output_gain_db"] = sum(gain) / len(gain) if gain else None
+    state.add_pass_report(pass_name, summary, rows)
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _hessians_by_block(state, targets):
+    """name -> H for the targets, computed one block at a time (the current block's only, so memory holds
+    one block's Hessians); None for linears outside the adapter's blocks."""
+    from ..calib.hessian import block_hessians
+    blocks = [b.name for b in state.adapter.blocks(state.model)]
+    owner = {name: next((b for b in blocks if name.startswith(b + ".")), None) for name, _ in targets}
+    cache: dict = {"block": None, "h": {}}
+    store = state.calibration
+
+    def hessian(name):
+        block = owner[name]
+        if block is None:
+            return None
+        if cache["block"] != block:
+            mods = {n: m for n, m in targets if owner[n] == block}
+            cache.update(block=block, h=block_hessians(state.model, state.adapter, store, block, mods))
+        return cache["h"][name]
+    return hessian
 
 
 class WeightQuantPass(Pass):
     """Base of weight quantizers: one order rule, since a quantized linear cannot be quantized again."""
+
+    def __init__(self, config=None, **kwargs):
+        super().__init__(config, **kwargs)
+        # GPTQ reads each block's captured inputs; plain rounding needs no data
+        self.needs_calibration = self.needs_block_inputs = self.config.gptq
+
+    def apply(self, state) -> None:
+        if self.config.gptq:
+            store = self.calibration(state)
+            if not store.has_block_inputs:
+                from ..errors import CalibrationError
+                raise CalibrationError(f"{self.name} with gptq: true needs the calibration's block inputs, "
+                                       "but this store holds statistics only",
+                                       hint="set `calibration.block_inputs: auto` (or true) and capture again")
+        self.quantize(state)
+
+    def quantize(self, state) -> None:
+        raise NotImplementedError
 
     def check(self, previous: list[Pass]) -> list[tuple[str, str]]:
         mine = (self.config.include, self.config.keep)

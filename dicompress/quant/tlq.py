@@ -102,12 +102,32 @@ def tlq_dequantize(codes: torch.Tensor, buffers: dict[str, torch.Tensor], bits: 
 
 def tlq_assign(u: torch.Tensor, grid16: torch.Tensor, eta: torch.Tensor, bits: int) -> torch.Tensor:
     """Nearest-level codes for normalised weights u [out, in] under the stored grid [out, 4]."""
-    lev = tlq_levels(grid16, eta, bits)                                       # [out, 2, M]
+    return _assign(u, tlq_levels(grid16, eta, bits), bits)
+
+
+def _assign(u: torch.Tensor, lev: torch.Tensor, bits: int) -> torch.Tensor:
+    """Nearest-level codes for u [out, k] under magnitudes lev [out, 2, M]."""
     mids = (lev[..., 1:] + lev[..., :-1]) / 2                                 # non-decreasing (D >= 0)
     a, neg = u.abs(), u < 0
     m_pos = torch.searchsorted(mids[:, 0].contiguous(), a, right=True)
     m_neg = torch.searchsorted(mids[:, 1].contiguous(), a, right=True)
     return torch.where(neg, m_neg + (1 << (bits - 1)), m_pos)
+
+
+def tlq_column_quantizer(buffers: dict[str, torch.Tensor], bits: int, group_size: int | None):
+    """For GPTQ (gptq.py): a function (column values [out], column index) -> (codes, decoded values) that
+    rounds one column to the nearest level of the fixed grid and scales in `buffers`."""
+    eta = buffers["eta"].float().reshape(())
+    lev = tlq_levels(buffers["grid"], eta, bits)                             # [out, 2, M]
+    signed = torch.cat([lev[:, 0], -lev[:, 1]], 1)                          # code -> signed magnitude
+    scales = buffers["scales"].float()
+
+    def quantize_column(col: torch.Tensor, i: int):
+        s = scales[:, i // group_size if group_size else 0]
+        u = torch.where(s > 0, col / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(col))
+        c = _assign(u[:, None], lev, bits)[:, 0]
+        return c, signed.gather(1, c[:, None])[:, 0] * s
+    return quantize_column
 
 
 # -- the search -----------------------------------------------------------------------------------------

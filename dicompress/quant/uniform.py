@@ -38,6 +38,20 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int | None = None):
                             **weight_error(w, rtn_dequantize(codes, buffers, bits, group_size))}
 
 
+def rtn_column_quantizer(buffers: dict[str, torch.Tensor], bits: int, group_size: int | None):
+    """For GPTQ (gptq.py): round one column [out] (index i) onto the fixed scales and zeros -> (codes, values)."""
+    qmax = (1 << bits) - 1
+    scales, zeros = buffers["scales"].float(), buffers["zeros"].float()
+
+    def quantize_column(col: torch.Tensor, i: int):
+        g = i // group_size if group_size else 0
+        s, z = scales[:, g], zeros[:, g]
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        c = (col / safe + z).round().clamp(0, qmax).long()
+        return c, (c.float() - z) * s
+    return quantize_column
+
+
 def _fp16_ceil(x: torch.Tensor) -> torch.Tensor:
     """The smallest fp16 value >= x (x >= 0)."""
     h = x.to(torch.float16)

@@ -1,0 +1,72 @@
+"""GPTQ error feedback over any fixed per-row weight grid (Frantar et al., 2022), as pure functions.
+
+The grid (TLQ's log grids and scales, or RTN's scales and zeros) is chosen first from the weight, as
+without GPTQ; GPTQ then only changes which level each weight takes. Columns are quantized one at a
+time, and each column's rounding error is pushed onto the columns not yet quantized through the
+inverse Hessian of the layer's calibration inputs, H = XᵀX / n, so that the layer's *output*
+error ||(W - Ŵ)Xᵀ||² is what is minimised, not the weight error. Same storage, same decoder: only the
+codes differ.
+
+Column order: by decreasing diag(H) ("act order": channels that carry the most input energy are
+quantized first, while there is still freedom left to compensate them). The grid is fixed per row and
+group before the search, so the order needs no bookkeeping of group boundaries.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+# (column values [out], column index in the original order) -> (codes [out], decoded values [out])
+ColumnQuantizer = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + damp·mean(diag H)·I)⁻¹, float64; U[i, i:] carries column i's
+    error onto the later columns. Raises ValueError when H is not positive definite even after damping."""
+    h = h.double().clone()
+    d = torch.arange(h.shape[0], device=h.device)
+    h[d, d] += damp * float(h.diagonal().mean().clamp(min=1e-12))
+    L, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        raise ValueError("the calibration Hessian is not positive definite after damping; raise gptq_damp")
+    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+
+
+def gptq_codes(w: torch.Tensor, hessian: torch.Tensor, quant_col: ColumnQuantizer, *, damp: float = 0.01,
+               block_size: int = 128, act_order: bool = True) -> torch.Tensor:
+    """Codes int64 [out, in] for w [out, in] given H [in, in] (the layer's input second moment) and a
+    column quantizer on a fixed grid."""
+    out, n = w.shape
+    if hessian.shape != (n, n):
+        raise ValueError(f"Hessian {tuple(hessian.shape)} does not match in_features {n}")
+    W = w.detach().double().clone()
+    H = hessian.detach().double().clone()
+    dead = H.diagonal() == 0                       # inputs that were always zero: any level is exact there
+    H[dead, dead] = 1.0
+    perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(n, device=w.device)
+    W, H = W[:, perm], H[perm][:, perm]
+    U = inverse_hessian_factor(H, damp)
+    codes = torch.empty(out, n, dtype=torch.long, device=w.device)
+    for b0 in range(0, n, block_size):
+        b1 = min(n, b0 + block_size)
+        Wb, Ub = W[:, b0:b1].clone(), U[b0:b1, b0:b1]
+        err = torch.empty_like(Wb)
+        for j in range(b1 - b0):
+            col = Wb[:, j]
+            c, q = quant_col(col.float(), int(perm[b0 + j]))
+            codes[:, perm[b0 + j]] = c
+            e = (col - q.double()) / Ub[j, j]
+            Wb[:, j + 1:] -= e[:, None] * Ub[j, j + 1:][None, :]
+            err[:, j] = e
+        W[:, b1:] -= err @ U[b0:b1, b1:]
+    return codes
+
+
+def output_sqnr_db(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
+    """SQNR of the layer's output on the calibration inputs: tr(W H Wᵀ) / tr(E H Eᵀ), E = W - Ŵ, in dB."""
+    H, W, E = hessian.double(), w.double(), (w - w_hat).double()
+    signal = float(((W @ H) * W).sum())
+    noise = float(((E @ H) * E).sum())
+    return float("inf") if noise <= 0 else 10 * math.log10(max(signal, 1e-300) / noise)
