@@ -23,7 +23,7 @@ def save(state, out_dir, report: dict | None = None, overwrite: bool = False, fi
     rep = dict(report or state.report)
     return write_artifact(state.model, out_dir, manifest=state.manifest, report=rep,
                           source={"model": getattr(getattr(state.model, "config", None), "_name_or_path", None)},
-                          files=files, overwrite=overwrite)
+                          files={**state.files, **(files or {})}, overwrite=overwrite)
 
 
 __all__ = ["compress", "run", "load", "save", "verify_artifact", "Recipe", "load_recipe", "Pass", "PassConfig",

@@ -82,7 +82,7 @@ def write_run_artifact(state, recipe, info, report, progress=True) -> Path:
     from .eval import dir_bytes, save_sample_grid
     from .io import write_artifact
 
-    files: dict[str, bytes] = {}
+    files: dict[str, bytes] = dict(state.files)     # what passes produced (e.g. depth_analysis.png)
     images = report.pop("_images", None)
     if images is not None and recipe.eval.grid:
         buf = io.BytesIO()

@@ -73,6 +73,11 @@ class ArchAdapter:
         block's outputs under the input names they replace (e.g. hidden_states, encoder_hidden_states)."""
         raise NotImplementedError
 
+    def output_head(self, model: nn.Module, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """The model's output layers after the last block (image stream -> prediction); `temb` as the
+        last block received it (its captured input). Depth analysis compares predictions through this."""
+        raise NotImplementedError
+
     def synthetic_inputs(self, model: nn.Module, batch: int, generator: torch.Generator) -> dict:
         """Random model-forward kwargs of the right shapes (plumbing-grade calibration)."""
         raise NotImplementedError

@@ -44,6 +44,9 @@ class FluxAdapter(ArchAdapter):
                          temb=inputs["temb"], image_rotary_emb=inputs.get("image_rotary_emb"))
         return {"hidden_states": hid, "encoder_hidden_states": enc}
 
+    def output_head(self, model, hidden_states, temb):
+        return model.proj_out(model.norm_out(hidden_states, temb))
+
     def synthetic_inputs(self, model, batch, generator):
         cfg = model.config
         grid, txt = 8, 8                               # an 8x8 token grid, 8 text tokens

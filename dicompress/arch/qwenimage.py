@@ -39,6 +39,12 @@ class QwenImageAdapter(ArchAdapter):
                          temb=inputs["temb"], image_rotary_emb=inputs.get("image_rotary_emb"))
         return {"hidden_states": hid, "encoder_hidden_states": enc}
 
+    def output_head(self, model, hidden_states, temb):
+        # zero_cond_t models feed blocks a doubled temb (two halves stacked on dim 0); the head uses the first
+        if temb.shape[0] == 2 * hidden_states.shape[0]:
+            temb = temb.chunk(2, dim=0)[0]
+        return model.proj_out(model.norm_out(hidden_states, temb))
+
     def synthetic_inputs(self, model, batch, generator):
         cfg = model.config
         grid, txt = 8, 8

@@ -128,8 +128,9 @@ def _sqnr_key(r: dict) -> float:
 
 
 # the per-layer columns the summary prints, when present (report.json keeps every key)
-LAYER_COLUMNS = ("module", "method", "shape", "bits", "group_size", "eta", "percentile", "sqnr_db", "J", "transform",
-                 "smoothing", "act_bits", "act_absmax", "act_rms")
+LAYER_COLUMNS = ("module", "method", "shape", "bits", "group_size", "eta", "percentile", "sqnr_db", "output_sqnr_db",
+                 "J", "transform", "smoothing", "act_bits", "act_absmax", "act_rms", "importance", "importance_rank",
+                 "cka_image", "cka_text")
 
 
 def _layers(layers: list[dict]) -> list[str]:
