@@ -8,7 +8,7 @@
 __version__ = "0.1.0"
 
 from .arch import register_arch  # noqa: E402
-from .errors import ArtifactError, CalibrationError, DicompressError, ModelError, RecipeError  # noqa: E402
+from .errors import ArtifactError, CalibrationError, DicompressError, DistillError, ModelError, RecipeError  # noqa: E402
 from .io import load, register_manifest_op, register_with_diffusers, verify_artifact  # noqa: E402
 from .passes import ARS, RTN, TLQ, ActQuant, Pass, PassConfig, Smooth, register_pass  # noqa: E402
 from .pipeline import compress, run  # noqa: E402
@@ -28,4 +28,4 @@ def save(state, out_dir, report: dict | None = None, overwrite: bool = False, fi
 
 __all__ = ["compress", "run", "load", "save", "verify_artifact", "Recipe", "load_recipe", "Pass", "PassConfig",
            "TLQ", "RTN", "Smooth", "ARS", "ActQuant", "register_pass", "register_arch", "register_manifest_op", "DicompressError",
-           "RecipeError", "ModelError", "ArtifactError", "CalibrationError"]
+           "RecipeError", "ModelError", "ArtifactError", "CalibrationError", "DistillError"]

@@ -44,7 +44,8 @@ def run(recipe, model, output, overwrite, quiet):
     from .eval import format_summary
     from .pipeline import run as run_recipe
     report = run_recipe(recipe, progress=not quiet, model=model, output=output, overwrite=overwrite)
-    click.echo(format_summary(report))
+    if report.get("rank", 0) == 0:   # under torchrun, rank 0 alone reports
+        click.echo(format_summary(report))
 
 
 @main.command("eval")

@@ -43,3 +43,9 @@ class CalibrationError(DicompressError):
     """Calibration data is missing or does not match the model."""
 
     exit_code = 2
+
+
+class DistillError(DicompressError):
+    """Distillation cannot start or continue (e.g. a checkpoint left by another recipe or pass)."""
+
+    exit_code = 2

@@ -1,9 +1,11 @@
 """Runs passes in order over one CompressionState; `run(recipe)` is the whole job end to end."""
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Iterable
@@ -20,12 +22,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def compress(model, passes: Iterable[Pass | dict], calibration=None, teacher=None, progress: bool = True,
-             device: str | torch.device | None = None) -> CompressionState:
+             device: str | torch.device | None = None, work_dir: str | Path | None = None) -> CompressionState:
     """Apply `passes` to `model` in place and return the state (model, manifest, report).
 
     `passes`: Pass objects (e.g. `TLQ(bits=4)`) or recipe-style dicts (`{"tlq": {"bits": 4}}`).
     `calibration`: a CalibrationStore, needed by passes that declare `needs_calibration`.
     `teacher`: the uncompressed model (or a zero-argument factory), for passes that need one.
+    `work_dir`: where training passes checkpoint (a rerun with the same passes resumes); None = no checkpoints.
     """
     passes = build_passes(list(passes))
     for i, p in enumerate(passes):
@@ -35,14 +38,33 @@ def compress(model, passes: Iterable[Pass | dict], calibration=None, teacher=Non
         (lambda: teacher) if teacher is not None else None)
     state = CompressionState(model=model, adapter=adapter_for(model), calibration=calibration,
                              teacher_factory=factory, progress=progress,
-                             device=torch.device(device) if device else next(model.parameters()).device)
+                             device=torch.device(device) if device else next(model.parameters()).device,
+                             work_dir=Path(work_dir) if work_dir is not None else None,
+                             recipe_hash=_digest([{p.name: p.config.model_dump(mode="json")} for p in passes]))
     run_passes(state, passes)
     return state
 
 
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """What a checkpoint must match to be resumed: the recipe's model, calibration and passes."""
+    cal = recipe.calibration.model_dump(mode="json") if recipe.calibration is not None else None
+    return _digest({"model": recipe.model, "calibration": cal, "passes": recipe.passes})
+
+
+def work_dir_for(output: str | Path) -> Path:
+    """`<output>.work/`: checkpoints of the run writing `output`; removed once the artifact is written."""
+    out = Path(output)
+    return out.with_name(out.name + ".work")
+
+
 def run_passes(state: CompressionState, passes: list[Pass]) -> None:
     bar = tqdm(passes, desc="passes", unit="pass", disable=not state.progress or len(passes) < 2)
-    for p in bar:
+    for i, p in enumerate(bar):
+        state.pass_index = i
         bar.set_postfix_str(p.name)
         t0 = time.perf_counter()
         n_before = len(state.report["passes"])
@@ -79,17 +101,45 @@ def cache_root(recipe: Recipe) -> Path:
 def _calib_key(info, recipe: Recipe, block_inputs: bool, dtype) -> str:
     weights = sorted(info.path.glob("*.safetensors"))
     stamp = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in weights]
+    # block inputs now come with the model's own inputs: stores captured before that are not reused
+    what = "block+model_inputs" if block_inputs else False
     blob = json.dumps([str(info.path.resolve()), stamp, recipe.calibration.model_dump(mode="json"),
-                       block_inputs, str(dtype)], sort_keys=True)
+                       what, str(dtype)], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ranks wait for rank 0 at barriers while it captures calibration or evaluates: allow hours, not gloo's 30 min
+DIST_TIMEOUT = datetime.timedelta(hours=6)
+
+
+def init_distributed(device: torch.device) -> tuple[torch.device, bool]:
+    """Under `torchrun --nproc_per_node=N` (WORLD_SIZE > 1) join the process group: nccl on CUDA (one GPU
+    per local rank), gloo on CPU. Returns (this rank's device, whether this call initialised the group)."""
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device, False
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
+    return device, True
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def run(recipe: Recipe | str | Path, progress: bool = True, echo=print, **overrides) -> dict:
     """Run a recipe end to end: resolve the model, capture calibration, apply the passes, evaluate,
-    write the artifact. Returns the report."""
-    from .calib import CalibrationStore, capture
-    from .errors import CalibrationError
-    from .models import load_transformer, resolve_model
+    write the artifact. Returns the report.
+
+    Under torchrun (WORLD_SIZE > 1) every rank runs the passes (distillation shards its batches across
+    them); rank 0 alone captures calibration (the others wait, then read the store), prints, evaluates and
+    writes the artifact. Training passes checkpoint into `<output>.work/`, which is removed once the
+    artifact is written and kept when the run fails, so a rerun of the same recipe resumes."""
+    from .models import resolve_model
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, **overrides)
@@ -102,7 +152,25 @@ def run(recipe: Recipe | str | Path, progress: bool = True, echo=print, **overri
         from .errors import ArtifactError
         raise ArtifactError(f"output {out} already exists", hint="choose another --output, delete it, "
                             "or set `overwrite: true` in the recipe")
-    device = resolve_device(recipe.device)
+    device, owns_group = init_distributed(resolve_device(recipe.device))
+    try:
+        return _run(recipe, passes, info, out, device, progress, echo)
+    finally:
+        if owns_group:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def _run(recipe: Recipe, passes: list[Pass], info, out: Path, device: torch.device, progress: bool, echo) -> dict:
+    from .calib import CalibrationStore, capture
+    from .distill import rank_world
+    from .errors import CalibrationError
+    from .models import load_transformer
+
+    rank, _ = rank_world()
+    lead = rank == 0
+    progress = progress and lead
+    echo = echo if lead else (lambda *a, **k: None)
     dtype = resolve_dtype(recipe.dtype, device)
     torch.manual_seed(recipe.seed)
     timings: dict[str, float] = {}
@@ -122,24 +190,35 @@ def run(recipe: Recipe | str | Path, progress: bool = True, echo=print, **overri
         need = any(p.needs_block_inputs for p in passes)
         block_inputs = need if cfg.block_inputs == "auto" else bool(cfg.block_inputs)
         root = cache_root(recipe) / _calib_key(info, recipe, block_inputs, dtype)
-        if (root / "meta.json").exists():
+        if not lead:
+            _barrier()                                 # rank 0 captures (or finds) the store
+            store = CalibrationStore(root)
+        elif (root / "meta.json").exists():
             store = CalibrationStore(root)
             echo(f"calibration: reusing {root}")
+            _barrier()
         else:
             store = capture(model, adapter, cfg, {"name": info.name, "path": info.path,
                                                   "pipeline_root": info.pipeline_root},
                             root, block_inputs=block_inputs, progress=progress)
+            _barrier()
         timings["calibration"] = time.perf_counter() - t1
 
     teacher_factory = lambda: load_transformer(info, dtype, device)  # noqa: E731
+    work_dir = work_dir_for(out)
     state = CompressionState(model=model, adapter=adapter, calibration=store, teacher_factory=teacher_factory,
-                             device=device, progress=progress)
+                             device=device, progress=progress, work_dir=work_dir, recipe_hash=recipe_hash(recipe))
     t2 = time.perf_counter()
     run_passes(state, passes)
     timings["passes"] = time.perf_counter() - t2
+    if not lead:                                      # rank 0 evaluates and writes; wait until it is done
+        _barrier()
+        return {"rank": rank, "passes": state.report["passes"]}
 
     from .report import build_report, write_run_artifact
     report = build_report(state, recipe, info, passes, progress=progress, timings=timings)
     write_run_artifact(state, recipe, info, report, progress=progress)
+    shutil.rmtree(work_dir, ignore_errors=True)      # the artifact is complete: checkpoints are no longer needed
     report["seconds"]["total"] = round(time.perf_counter() - t0, 2)
+    _barrier()
     return report

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -18,7 +19,15 @@ class CompressionState:
     report: dict[str, Any] = field(default_factory=lambda: {"passes": [], "layers": []})
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress: bool = True
+    files: dict[str, bytes] = field(default_factory=dict)    # extra artifact files passes produce (plots ...)
+    work_dir: Path | None = None                  # where passes checkpoint (run: <output>.work/, kept on failure)
+    recipe_hash: str | None = None                # hash of the recipe's model, calibration and passes
+    pass_index: int = 0                           # position of the running pass (set by run_passes)
     _teacher: nn.Module | None = None
+
+    def checkpoint_key(self, what: str) -> str:
+        """`<recipe hash>:<pass index>:<what>`: a checkpoint written under another recipe is refused on resume."""
+        return f"{self.recipe_hash or 'api'}:{self.pass_index}:{what}"
 
     @property
     def teacher(self) -> nn.Module:

@@ -1,9 +1,14 @@
 """Shared fixtures: small random models in the layouts dicompress reads (built in code, never downloaded)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from safetensors.torch import save_file
+
+if not torch.cuda.is_available():   # before triton is imported: kernel tests run in Triton's CPU interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TINY_FLUX = dict(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16,
                  num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=64, axes_dims_rope=(4, 6, 6))
@@ -13,7 +18,7 @@ TINY_QWEN = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, att
 
 @pytest.fixture(autouse=True)
 def _threads_and_cache(tmp_path_factory, monkeypatch):
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)   # 2 threads on a loaded 2-core machine can be 100x slower (oversubscription)
     monkeypatch.setenv("DICOMPRESS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 

@@ -57,9 +57,13 @@ class ArchAdapter:
     # block forward kwargs that carry one row per sample (captured per sample); the rest are shared
     per_sample_inputs: ClassVar[tuple[str, ...]]
     shared_inputs: ClassVar[tuple[str, ...]]
+    # model forward kwargs without a batch dimension (e.g. FLUX's img_ids / txt_ids), for model-input capture
+    model_shared_inputs: ClassVar[tuple[str, ...]] = ()
     # stream kind -> the block's InputGroups (data for `smooth` and `ars`); linears in no group are
     # smoothed online, on their own
     input_groups: ClassVar[dict[str, tuple[InputGroup, ...]]] = {}
+    # ModuleList attribute -> the config key holding its length (depth pruning rewrites both)
+    block_count_keys: ClassVar[dict[str, str]] = {}
 
     def blocks(self, model: nn.Module) -> list[BlockRef]:
         refs = []
@@ -77,6 +81,11 @@ class ArchAdapter:
         """The model's output layers after the last block (image stream -> prediction); `temb` as the
         last block received it (its captured input). Depth analysis compares predictions through this."""
         raise NotImplementedError
+
+    def single_from_double(self, model: nn.Module, block: nn.Module) -> nn.Module:
+        """A single-stream block initialised from a dual-stream block's image branch (hybrid-stream
+        conversion); families without a single-stream block class cannot."""
+        raise NotImplementedError(f"{self.name} has no single-stream block to convert dual-stream blocks into")
 
     def synthetic_inputs(self, model: nn.Module, batch: int, generator: torch.Generator) -> dict:
         """Random model-forward kwargs of the right shapes (plumbing-grade calibration)."""

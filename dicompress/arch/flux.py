@@ -19,8 +19,10 @@ class FluxAdapter(ArchAdapter):
     # single blocks fuse attention-out and MLP-down into proj_out; proj_mlp is the MLP up-projection
     ffn_linears = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
                    "proj_mlp", "proj_out")
+    block_count_keys = {"transformer_blocks": "num_layers", "single_transformer_blocks": "num_single_layers"}
     per_sample_inputs = ("hidden_states", "encoder_hidden_states", "temb")
     shared_inputs = ("image_rotary_emb",)
+    model_shared_inputs = ("img_ids", "txt_ids")     # forward kwargs without a batch dim (model-level capture)
     # AdaLayerNormZero: linear -> (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp); the
     # single block's AdaLayerNormZeroSingle -> (shift, scale, gate). Not folded, kept online: ff.net.2 /
     # ff_context.net.2 (after a GELU) and the single block's proj_out, whose input [attn | GELU(mlp)] is
@@ -46,6 +48,30 @@ class FluxAdapter(ArchAdapter):
 
     def output_head(self, model, hidden_states, temb):
         return model.proj_out(model.norm_out(hidden_states, temb))
+
+    def single_from_double(self, model, block):
+        """A FluxSingleTransformerBlock from a FluxTransformerBlock's image branch (Amber-Image's hybrid stream):
+        the image modulation's (shift, scale, gate) of attention, q/k/v and qk-norms, the MLP up-projection as
+        proj_mlp, and proj_out = [to_out.0 | ff.net.2] side by side (biases summed). Text tokens then go through
+        the image weights; text-branch weights are dropped. Not exact: the single block runs attention and MLP
+        in parallel on one normalised input under one gate, where the double block runs the MLP after the
+        attention residual under its own modulation, so the converted block is an initialisation to distil."""
+        from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
+        cfg = model.config
+        dim = cfg.num_attention_heads * cfg.attention_head_dim
+        p = next(block.parameters())
+        single = FluxSingleTransformerBlock(dim, cfg.num_attention_heads, cfg.attention_head_dim).to(p.device, p.dtype)
+        with torch.no_grad():
+            lin = block.norm1.linear                       # rows: shift, scale, gate (msa) | shift, scale, gate (mlp)
+            single.norm.linear.weight.copy_(lin.weight[: 3 * dim])
+            single.norm.linear.bias.copy_(lin.bias[: 3 * dim])
+            for name in ("to_q", "to_k", "to_v", "norm_q", "norm_k"):
+                single.attn.get_submodule(name).load_state_dict(block.attn.get_submodule(name).state_dict())
+            single.proj_mlp.load_state_dict(block.ff.net[0].proj.state_dict())
+            out, down = block.attn.to_out[0], block.ff.net[2]
+            single.proj_out.weight.copy_(torch.cat([out.weight, down.weight], dim=1))
+            single.proj_out.bias.copy_(out.bias + down.bias)
+        return single
 
     def synthetic_inputs(self, model, batch, generator):
         cfg = model.config

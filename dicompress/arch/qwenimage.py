@@ -17,8 +17,10 @@ class QwenImageAdapter(ArchAdapter):
     attention_linears = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                          "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
     ffn_linears = ("img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2")
+    block_count_keys = {"transformer_blocks": "num_layers"}
     per_sample_inputs = ("hidden_states", "encoder_hidden_states", "temb", "encoder_hidden_states_mask")
     shared_inputs = ("image_rotary_emb",)
+    model_shared_inputs = ()
     # img_mod.1 / txt_mod.1 -> (shift1, scale1, gate1, shift2, scale2, gate2), applied as
     # norm(x)·(1 + scale) + shift (also with zero_cond_t: both halves are rows of the same linear).
     # Kept online: img_mlp.net.2 / txt_mlp.net.2 (after a GELU).

@@ -4,10 +4,22 @@ Forward hooks on named blocks are enough for DiTs (blocks are regular); no traci
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
-from .store import StoreWriter, flatten
+from ..errors import CalibrationError
+from .store import (
+    StoreWriter,
+    encode_value,
+    flatten,
+    shared_input_names,
+    split_model_input,
+)
+
+# model kwargs that are not inputs (how to return) and never stored
+_NOT_INPUTS = ("return_dict",)
 
 
 class LinearStats:
@@ -40,9 +52,16 @@ class Capture:
     """
 
     def __init__(self, model: nn.Module, adapter, writer: StoreWriter, block_inputs: bool = True,
-                 linear_stats: bool = True):
+                 linear_stats: bool = True, model_inputs: bool | None = None):
         self.model, self.adapter, self.writer = model, adapter, writer
         self.block_inputs, self.want_stats = block_inputs, linear_stats
+        # the model's own kwargs: wanted by the same (distillation / pruning) passes as the block inputs
+        self.model_inputs = block_inputs if model_inputs is None else model_inputs
+        self._mi_buf: dict[str, list[torch.Tensor]] = {}
+        self._mi_kind: dict[str, str] = {}                    # kwarg -> per_sample | shared (first call decides)
+        self._mi_shared: dict[str, torch.Tensor] = {}         # flat shared tensors
+        self._mi_values: dict[str, dict] = {"shared": {}, "per_sample": {}}
+        self._signature = None
         self.blocks = adapter.blocks(model)
         self.stats: dict[str, LinearStats] = {}
         self._buf: dict[str, dict[str, list[torch.Tensor]]] = {}
@@ -55,6 +74,56 @@ class Capture:
     def _on_model(self, module, args, kwargs):
         t = kwargs.get("timestep")
         self._timestep = None if t is None else t.detach().float().reshape(-1).cpu()
+        if self.model_inputs:
+            if args:   # bind positional arguments to their names
+                self._signature = self._signature or inspect.signature(module.forward)
+                kwargs = self._signature.bind_partial(*args, **kwargs).arguments
+            self._record_model_inputs(kwargs)
+
+    def _record_model_inputs(self, kwargs: dict) -> None:
+        hs = kwargs.get("hidden_states")
+        if not torch.is_tensor(hs):
+            raise CalibrationError("the transformer was called without a `hidden_states` tensor; model inputs "
+                                   "cannot be split per sample")
+        batch = hs.shape[0]
+        shared_names = shared_input_names(self.adapter)
+        for name, v in kwargs.items():
+            if v is None or name in _NOT_INPUTS:
+                continue
+            kind = split_model_input(name, v, batch, shared_names)
+            if self._mi_kind.setdefault(name, kind) != kind:
+                raise CalibrationError(f"model input {name!r} is {self._mi_kind[name]} at the first call but "
+                                       f"{kind} now (batch {batch}); it cannot be stored consistently",
+                                       hint="use a calibration batch_size that differs from the token counts")
+            if torch.is_tensor(v):
+                v = v.detach().cpu()
+                v = v.float() if v.is_floating_point() else v
+                if kind == "per_sample":
+                    self._mi_buf.setdefault(name, []).append(v.expand(batch).clone() if v.ndim == 0 else v)
+                else:
+                    self._keep_shared(name, v)
+            else:
+                self._keep_value(name, v, kind)
+
+    def _keep_shared(self, name: str, v: torch.Tensor) -> None:
+        old = self._mi_shared.setdefault(name, v)
+        if old is not v and not (old.shape == v.shape and torch.equal(old, v)):
+            raise CalibrationError(f"model input {name!r} has no batch dimension but changes between calls; "
+                                   "it cannot be stored once for all samples",
+                                   hint="capture calibration at one resolution / sequence length per recipe")
+
+    def _keep_value(self, name: str, v, kind: str) -> None:
+        try:
+            encode_value(v)
+        except TypeError as e:
+            raise CalibrationError(f"model input {name!r} cannot be stored ({e})",
+                                   hint="this pipeline passes a kwarg calibration cannot record; capture without "
+                                        "block inputs or report the kwarg") from None
+        if kind == "per_sample":
+            self._mi_values["per_sample"].setdefault(name, []).extend(v)
+        elif self._mi_values["shared"].setdefault(name, v) != v:
+            raise CalibrationError(f"model input {name!r} changes between calls: {self._mi_values['shared'][name]!r} "
+                                   f"then {v!r}", hint="capture with one setting of it per recipe")
 
     def _on_block(self, name):
         def hook(module, args, kwargs):
@@ -112,7 +181,12 @@ class Capture:
             self.writer.write_block_chunk(name, {k: torch.cat(v) for k, v in per.items()})
         if self._final:
             self.writer.write_chunk("final", {k: torch.cat(v) for k, v in self._final.items()})
-        self._buf, self._final = {}, {}
+        if self._mi_buf:
+            flat: dict = {}
+            for k, v in self._mi_buf.items():
+                flatten(k, torch.cat(v), flat)
+            self.writer.write_chunk("model_inputs", flat)
+        self._buf, self._final, self._mi_buf = {}, {}, {}
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
@@ -122,3 +196,8 @@ class Capture:
             self.flush()
             if self.want_stats:
                 self.writer.write_linear_stats({n: s.tensors() for n, s in self.stats.items()})
+            if self.model_inputs and self._mi_kind:
+                flat: dict = {}
+                for k, v in self._mi_shared.items():
+                    flatten(k, v, flat)
+                self.writer.write_model_inputs_shared(flat, self._mi_values)

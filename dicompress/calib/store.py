@@ -5,9 +5,22 @@ Layout (one directory per capture):
     blocks/<block>/chunk_00000.safetensors per-sample block inputs (+ "timestep"), one chunk per flush
     shared/<block>.safetensors             inputs shared by all samples (e.g. rotary embeddings)
     final/chunk_00000.safetensors          outputs of the last block (targets for distillation)
+    model_inputs/chunk_00000.safetensors   the transformer's own forward kwargs, per sample (see below)
+    model_inputs/shared.safetensors        ... its tensor kwargs without a batch dimension, stored once
+    model_inputs/values.json               ... its non-tensor kwargs (e.g. Qwen-Image's img_shapes)
     linear_stats.safetensors               <linear>.absmax / .sumsq [in_features], <linear>.count [1]
 
 Blocks are read one at a time, so memory does not grow with depth.
+
+Model inputs (captured with the block inputs, for end-to-end distillation) are every forward kwarg of the
+transformer at every call: one row per (sample, sampling step), in the same row order as the block
+inputs. Per kwarg, per call, by the batch dimension (`split_model_input`): a tensor whose first dim is
+the batch of `hidden_states` is per sample (rows concatenated over calls), a 0-d tensor (a scalar
+timestep) is broadcast to the batch and per sample, any other tensor (FLUX's img_ids / txt_ids) is
+shared and must be the same at every call; a list of batch length is per sample, other JSON-able values
+are shared. Names the adapter lists in `model_shared_inputs` are always shared (a batch that happens to
+equal the token count would otherwise make img_ids look per sample). Stores written before model inputs
+existed simply lack `model_inputs/`.
 """
 from __future__ import annotations
 
@@ -51,6 +64,65 @@ def unflatten(flat: dict[str, torch.Tensor]) -> dict:
     for base, parts in tuples.items():
         out[base] = tuple(parts[i] for i in sorted(parts))
     return out
+
+
+def shared_input_names(adapter) -> tuple[str, ...]:
+    return tuple(adapter.model_shared_inputs)
+
+
+def split_model_input(name: str, value, batch: int, shared_names=()) -> str:
+    """'per_sample' or 'shared' for one model forward kwarg (the rule in this module's docstring)."""
+    if name in shared_names:
+        return "shared"
+    if torch.is_tensor(value):
+        return "per_sample" if value.ndim == 0 or value.shape[0] == batch else "shared"
+    if isinstance(value, list) and len(value) == batch:
+        return "per_sample"
+    return "shared"
+
+
+def encode_value(v):
+    """JSON-able form of a non-tensor kwarg that keeps tuples apart from lists (diffusers tells them apart)."""
+    if isinstance(v, tuple):
+        return {"__tuple__": [encode_value(x) for x in v]}
+    if isinstance(v, list):
+        return [encode_value(x) for x in v]
+    if isinstance(v, dict):
+        return {"__dict__": {str(k): encode_value(x) for k, x in v.items()}}
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    raise TypeError(f"cannot store a {type(v).__name__}")
+
+
+def decode_value(v):
+    if isinstance(v, list):
+        return [decode_value(x) for x in v]
+    if isinstance(v, dict):
+        if "__tuple__" in v:
+            return tuple(decode_value(x) for x in v["__tuple__"])
+        return {k: decode_value(x) for k, x in v["__dict__"].items()}
+    return v
+
+
+class ModelInputs(dict):
+    """The transformer's captured forward kwargs: per-sample entries hold `rows` rows, the rest are shared."""
+
+    def __init__(self, data: dict, per_sample):
+        super().__init__(data)
+        self.per_sample = frozenset(per_sample)
+        self.rows = len(next(iter(data[k] for k in self.per_sample))) if self.per_sample else 0
+
+    def select(self, idx: torch.Tensor) -> dict:
+        """The kwargs of rows `idx` (shared entries as they are)."""
+        out = {}
+        for k, v in self.items():
+            if k not in self.per_sample:
+                out[k] = v
+            elif torch.is_tensor(v):
+                out[k] = v[idx]
+            else:
+                out[k] = [v[i] for i in idx.tolist()]
+        return out
 
 
 def _safe(name: str) -> str:
@@ -106,6 +178,24 @@ class CalibrationStore:
             raise CalibrationError(f"no captured final outputs in {self.root}")
         return out
 
+    def model_inputs(self) -> ModelInputs:
+        """The transformer's forward kwargs at every captured call (see the module docstring)."""
+        d = self.root / "model_inputs"
+        if not d.is_dir():
+            raise CalibrationError(f"the calibration store {self.root} holds no model-level inputs (it was captured "
+                                   "without block inputs, or before dicompress recorded model inputs)",
+                                   hint=f"delete {self.root} and run again with a pass that needs block inputs in the "
+                                        "recipe (or `calibration: {block_inputs: true}`): the capture reruns")
+        per = unflatten(self._read_chunks("model_inputs"))
+        shared: dict = {}
+        if (d / "shared.safetensors").exists():
+            with safe_open(str(d / "shared.safetensors"), "pt") as f:
+                shared = unflatten({k: f.get_tensor(k) for k in f.keys()})
+        values = json.loads((d / "values.json").read_text()) if (d / "values.json").exists() else {}
+        per_values = {k: decode_value(v) for k, v in values.get("per_sample", {}).items()}
+        shared_values = {k: decode_value(v) for k, v in values.get("shared", {}).items()}
+        return ModelInputs({**shared, **shared_values, **per, **per_values}, per_sample=set(per) | set(per_values))
+
     def linear_stats(self) -> dict[str, dict[str, torch.Tensor]]:
         """name -> {"absmax": [in], "rms": [in], "count": int} (per input channel)."""
         path = self.root / "linear_stats.safetensors"
@@ -151,6 +241,15 @@ class StoreWriter:
         d = self.root / "shared"
         d.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(d / f"{_safe(block)}.safetensors"))
+
+    def write_model_inputs_shared(self, tensors: dict[str, torch.Tensor], values: dict) -> None:
+        """The model kwargs stored once: tensors, and {"shared": ..., "per_sample": ...} non-tensor values."""
+        d = self.root / "model_inputs"
+        d.mkdir(parents=True, exist_ok=True)
+        if tensors:
+            save_file(tensors, str(d / "shared.safetensors"))
+        (d / "values.json").write_text(json.dumps(
+            {kind: {k: encode_value(v) for k, v in vals.items()} for kind, vals in values.items()}) + "\n")
 
     def write_linear_stats(self, stats: dict[str, dict[str, torch.Tensor]]) -> None:
         flat = {f"{n}.{k}": v.contiguous() for n, s in stats.items() for k, v in s.items()}

@@ -86,7 +86,8 @@ def _passes(passes: list[dict]) -> list[str]:
     for p in passes:
         secs = fmt_value(p.get("seconds"), "seconds")
         facts = ", ".join(f"{LABELS.get(k, k)} {fmt_value(v, k)}" for k, v in p.items()
-                          if k not in ("pass", "seconds", "config"))
+                          if k not in ("pass", "seconds", "config")
+                          and not (isinstance(v, (list, dict)) and len(str(v)) > 80))   # curves stay in report.json
         lines.append(f"  {str(p.get('pass', '?')).ljust(width)}  {secs:>6} s  {facts}".rstrip())
     return lines
 
