@@ -305,11 +305,13 @@ def _check_against_manifest(root: Path, config: dict, tensors: dict[str, tuple[s
 # load
 # ------------------------------------------------------------------------------------------------
 def load(artifact_dir: str | os.PathLike, device: str | torch.device = "cpu",
-         torch_dtype: torch.dtype | None = None) -> nn.Module:
+         torch_dtype: torch.dtype | None = None, plug=None) -> nn.Module:
     """Verify, then load through diffusers' own `from_pretrained`; returns the model in eval mode.
 
     `torch_dtype` applies to the uncompressed parameters only; codec tensors keep their stored dtypes.
     With the default (None) those parameters are fp32, which is what CPU inference wants.
+    `plug`: for `ppcl_depth` artifacts, the interval numbers to keep plugged in (None = all); the others get
+    their teacher blocks back.
     """
     import diffusers
 
@@ -319,4 +321,7 @@ def load(artifact_dir: str | os.PathLike, device: str | torch.device = "cpu",
     register_with_diffusers()
     cls = getattr(diffusers, summary["class_name"])
     model = cls.from_pretrained(artifact_dir, torch_dtype=torch_dtype)
+    if plug is not None:
+        from .pluggable import plug_intervals
+        plug_intervals(model, artifact_dir, read_config(Path(artifact_dir)), plug)
     return model.to(device).eval()

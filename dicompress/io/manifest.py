@@ -111,3 +111,16 @@ def _rebuild_affine_norm(model: nn.Module, entry: dict, device) -> None:
         raise ValueError(f"{name} is {type(old).__name__} of shape {getattr(old, 'normalized_shape', None)}, "
                          f"the manifest says {entry['normalized_shape']}")
     set_module(model, name, affine_layernorm(old, device=device))
+
+
+# Depth changes: the saved config's block counts already describe the pruned model, which diffusers builds
+# unaided; these entries record what was done (and let `plug` undo PPCL intervals), and check the module.
+@register_manifest_op("ppcl_interval")
+@register_manifest_op("hybrid_stream")
+def _check_block(model: nn.Module, entry: dict, device) -> None:
+    model.get_submodule(entry["module"])   # AttributeError: the config's depth disagrees with the manifest
+
+
+@register_manifest_op("remove_block")
+def _record_only(model: nn.Module, entry: dict, device) -> None:
+    """Names a block of the *original* model; nothing to rebuild."""

@@ -48,3 +48,13 @@ def affine_layernorm(norm: nn.LayerNorm, device=None, dtype=None) -> nn.LayerNor
 def affine_norm_entry(name: str, norm: nn.LayerNorm) -> dict:
     """The manifest entry that replays `affine_layernorm` on module `name`."""
     return {"op": "affine_norm", "module": name, "normalized_shape": list(norm.normalized_shape), "eps": norm.eps}
+
+
+def set_block_list(model: nn.Module, adapter, attr: str, blocks: list[nn.Module]) -> None:
+    """Replace the block list `attr` (e.g. "transformer_blocks") by `blocks` and write its new length into the
+    model's config, so the saved config.json describes the pruned depth and diffusers builds exactly it."""
+    key = adapter.block_count_keys.get(attr)
+    if key is None:
+        raise ValueError(f"{adapter.name}: no config key is known for the block list {attr!r}")
+    setattr(model, attr, nn.ModuleList(blocks))
+    model.register_to_config(**{key: len(blocks)})
