@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..quant.activation import check_act_bits, quantize_per_token
+from ..kernels import act_forward
+from ..quant.activation import check_act_bits
 from ..quant.hadamard import apply_hadamard, hadamard_plan
 
 ROTATIONS = ("hadamard", "dense")
@@ -108,12 +109,8 @@ class ActTransform(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.has_smooth:
-            x = x / self.smooth.to(x.dtype)
-        x = self.rotate(x)
-        if self.act_bits is not None:
-            x = quantize_per_token(x, self.act_bits)
-        return x
+        # smooth -> rotate -> quantize through the kernel ops (one fused Triton kernel on CUDA)
+        return act_forward(self, x)
 
     @property
     def storage_bytes(self) -> int:

@@ -7,14 +7,15 @@ Storage (all persistent buffers, so they round-trip through safetensors / diffus
   act.*    optional ActTransform (nn/act.py): smoothing / rotation / activation quantization of the input,
            which the stored weight was transformed to match
 
-The pure-torch path decodes the weight on every call (no fp32 copy is kept, so memory stays packed).
+forward runs the kernel ops (kernels/): on CUDA a fused Triton GEMM decodes the packed codes tile by tile;
+on CPU the pure-torch reference decodes the weight on every call (no fp32 copy is kept, so memory stays packed).
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import quant_linear_forward
 from ..quant.codecs import get_codec
 from ..quant.packing import pack_codes, packed_bytes, unpack_codes
 from .act import ActTransform
@@ -87,10 +88,8 @@ class QuantLinear(nn.Module):
         return get_codec(self.codec).dequantize(self.codes(), self.codec_buffers(), self.bits, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act is not None:
-            x = self.act(x)
-        w = self.dequantize().to(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        # the kernel ops: fused Triton on CUDA, the exact pure-torch reference on CPU (dicompress/kernels)
+        return quant_linear_forward(self, x)
 
     @property
     def weight_bytes(self) -> int:

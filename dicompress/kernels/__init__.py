@@ -1,0 +1,16 @@
+"""Kernels for quantized linears: torch.library ops with a pure-torch reference (CPU, test oracle) and Triton
+implementations for CUDA, picked per call from the tensors' device (see dispatch.py for the switches).
+
+    quant_linear_forward(module, x)   what QuantLinear.forward runs
+    act_forward(act, x)               what ActTransform.forward runs
+    gemm_mode("int8")                 context manager: int8-mapped weights (path (b)) inside the block
+    int8_mapped_weight(...)           the fp32 weight path (b) computes with, to measure its cost
+Triton is optional: without it every op runs its reference.
+"""
+from .dispatch import current_mode, force_reference, gemm_mode, has_triton
+from .linear import act_forward, quant_linear_forward
+from .ops import qlinear, quantize_act
+from .tables import int8_grid, int8_mapped_weight, signed_levels
+
+__all__ = ["act_forward", "current_mode", "force_reference", "gemm_mode", "has_triton", "int8_grid",
+           "int8_mapped_weight", "qlinear", "quant_linear_forward", "quantize_act", "signed_levels"]

@@ -1,0 +1,63 @@
+"""Which implementation a kernel op runs, and which weight path the quantized GEMM takes.
+
+    DICOMPRESS_KERNELS   auto (default): Triton on CUDA tensors, the pure-torch reference elsewhere
+                         reference: the reference everywhere (debugging, bit-exact comparisons)
+    DICOMPRESS_GEMM_MODE decode (default): the stored levels exactly (fp16 tensor cores on CUDA)
+                         int8: levels mapped per row onto an int8 grid, int8 tensor cores with int32
+                         accumulation on CUDA (slightly lossy, see tables.int8_grid)
+
+Both are read at call time, so they can be changed without re-importing; `gemm_mode(...)` overrides the
+mode for a block of code.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from contextvars import ContextVar
+from functools import lru_cache
+
+BACKENDS = ("auto", "reference")
+MODES = ("decode", "int8")
+_mode_override: ContextVar[str | None] = ContextVar("dicompress_gemm_mode", default=None)
+
+
+def _choice(var: str, allowed: tuple[str, ...]) -> str:
+    value = os.environ.get(var, allowed[0]).strip().lower() or allowed[0]
+    if value not in allowed:
+        raise ValueError(f"{var}={value!r} is not one of {allowed}; unset it or pick one of those")
+    return value
+
+
+def force_reference() -> bool:
+    return _choice("DICOMPRESS_KERNELS", BACKENDS) == "reference"
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"GEMM mode {mode!r} is not one of {MODES}")
+    return mode
+
+
+def current_mode() -> str:
+    override = _mode_override.get()
+    return override if override is not None else _choice("DICOMPRESS_GEMM_MODE", MODES)
+
+
+@contextmanager
+def gemm_mode(mode: str):
+    """Run the quantized linears inside the block with `mode` ("decode" or "int8")."""
+    token = _mode_override.set(check_mode(mode))
+    try:
+        yield
+    finally:
+        _mode_override.reset(token)
+
+
+@lru_cache(maxsize=1)
+def has_triton() -> bool:
+    """Triton is optional: without it every op runs its reference implementation."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,59 @@
+"""The kernel ops as torch.library custom ops: one schema each, the pure-torch reference as the default
+implementation (CPU and any device without a kernel), Triton for CUDA (the reference there too when Triton
+is not installed or DICOMPRESS_KERNELS=reference), and fake implementations (shapes and dtypes only) so
+torch.compile traces through them.
+
+    dicompress::quantize_act(x [..., K], smooth?, signs?, rotation?, bits) -> (codes int8 [..., K], steps fp32 [...])
+    dicompress::qlinear(x, x_scale?, qweight, scales, aux, eta?, bias?, codec, bits, group_size, mode, out_dtype)
+        -> y [..., N]:  x int8 codes with x_scale [...] (A8), or float x with x_scale None (A16);
+        aux = the tlq grid or the uniform zero points; group_size 0 = per output channel.
+No autograd formula is registered: they are inference kernels (nn/ callers fall back to the differentiable
+torch composition when a gradient is needed).
+"""
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .dispatch import check_mode, force_reference, has_triton
+
+
+@torch.library.custom_op("dicompress::quantize_act", mutates_args=())
+def quantize_act(x: Tensor, smooth: Tensor | None, signs: Tensor | None, rotation: Tensor | None,
+                 bits: int) -> tuple[Tensor, Tensor]:
+    return reference.quantize_act(x, smooth, signs, rotation, bits)
+
+
+@quantize_act.register_fake
+def _(x, smooth, signs, rotation, bits):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("dicompress::qlinear", mutates_args=())
+def qlinear(x: Tensor, x_scale: Tensor | None, qweight: Tensor, scales: Tensor, aux: Tensor,
+            eta: Tensor | None, bias: Tensor | None, codec: str, bits: int, group_size: int, mode: str,
+            out_dtype: torch.dtype) -> Tensor:
+    return reference.qlinear(x, x_scale, qweight, scales, aux, eta, bias, codec, bits, group_size,
+                             check_mode(mode), out_dtype)
+
+
+@qlinear.register_fake
+def _(x, x_scale, qweight, scales, aux, eta, bias, codec, bits, group_size, mode, out_dtype):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]), dtype=out_dtype)
+
+
+@quantize_act.register_kernel("cuda")
+def quantize_act_cuda(x, smooth, signs, rotation, bits):
+    if force_reference() or not has_triton():
+        return reference.quantize_act(x, smooth, signs, rotation, bits)
+    from .triton_act import quantize_act_triton
+    return quantize_act_triton(x, smooth, signs, rotation, bits)
+
+
+@qlinear.register_kernel("cuda")
+def qlinear_cuda(x, x_scale, qweight, scales, aux, eta, bias, codec, bits, group_size, mode, out_dtype):
+    args = (x, x_scale, qweight, scales, aux, eta, bias, codec, bits, group_size, check_mode(mode), out_dtype)
+    if force_reference() or not has_triton():
+        return reference.qlinear(*args)
+    from .triton_gemm import qlinear_triton
+    return qlinear_triton(*args)

@@ -1,0 +1,60 @@
+"""The small per-row tables the quantized GEMM decodes codes through, as pure functions.
+
+A weight is w[r, c] = level[r, g', code[r, c]] · scale[r, group(c)]:
+  tlq      level = ±(2^(B + m·D) - eta) of the row's grid (g' = 0: one table per row, 2^bits entries)
+  uniform  level = code - zero[r, g]          (g' = the scale group: the zero point is per group)
+`signed_levels` builds that table in fp32 (exactly the values the codecs' dequantize uses), and
+`int8_grid` maps it onto an int8 grid per row, level ≈ t[r] · q (path (b) of the GEMM: int8 tensor cores).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..quant.tlq import expand_groups, tlq_levels
+
+INT8_MAX = 127
+
+
+def signed_levels(codec: str, scales: torch.Tensor, aux: torch.Tensor, eta: torch.Tensor | None,
+                  bits: int) -> torch.Tensor:
+    """Level of every code: fp32 [out, G', 2^bits] (G' = 1 for tlq, the number of scale groups for uniform).
+    `aux` is the tlq grid [out, 4] or the uniform zero points [out, G]."""
+    if codec == "tlq":
+        lev = tlq_levels(aux, eta.float().reshape(()), bits)                 # [out, 2, M] magnitudes
+        return torch.cat([lev[:, 0], -lev[:, 1]], 1)[:, None]               # code = sign·M + m
+    if codec == "uniform":
+        q = torch.arange(1 << bits, device=aux.device, dtype=torch.float32)
+        return q - aux.float()[..., None]
+    raise ValueError(f"no kernel table for weight codec {codec!r} (known: tlq, uniform)")
+
+
+def int8_grid(levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """levels fp32 [out, G', L] -> (q int8 [out, G', L], t fp32 [out]) with level ≈ t · q per row.
+
+    Exact where the grid allows: a row whose levels are all integers in [-127, 127] (uniform codes minus
+    their zero point, up to 7 bits) keeps t = 1. Otherwise t = max|level| / 127 and q is the nearest
+    integer, an error of at most t/2 per level (TLQ's log-spaced levels are never on one integer grid)."""
+    flat = levels.flatten(1)
+    amax = flat.abs().amax(1)
+    exact = (flat == flat.round()).all(1) & (amax <= INT8_MAX)
+    t = torch.where(exact, torch.ones_like(amax), amax / INT8_MAX)
+    t = torch.where(t > 0, t, torch.ones_like(t))                           # an all-zero row stays zero
+    q = (levels / t[:, None, None]).round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, t
+
+
+def gather_levels(table: torch.Tensor, codes: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """table [out, G', L] and codes int64 [out, in] -> the level of every weight, [out, in] (table dtype)."""
+    out, n = codes.shape
+    if table.shape[1] == 1:
+        return table[:, 0].gather(1, codes)
+    g = expand_groups(torch.arange(table.shape[1], device=codes.device)[None], n, group_size).expand(out, n)
+    return table.flatten(1).gather(1, g * table.shape[2] + codes)
+
+
+def int8_mapped_weight(codes: torch.Tensor, codec: str, scales: torch.Tensor, aux: torch.Tensor,
+                       eta: torch.Tensor | None, bits: int, group_size: int | None) -> torch.Tensor:
+    """The fp32 weight [out, in] path (b) computes with: t[r] · q[code] · scale[r, group]."""
+    q, t = int8_grid(signed_levels(codec, scales, aux, eta, bits))
+    w8 = gather_levels(q, codes, group_size).float()
+    return w8 * t[:, None] * expand_groups(scales.float(), codes.shape[1], group_size)
