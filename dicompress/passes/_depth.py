@@ -32,6 +32,7 @@ class DepthPass(Pass):
 
     needs_calibration = True
     needs_block_inputs = True
+    changes_depth = True
 
     def __init__(self, config=None, **kwargs):
         super().__init__(config, **kwargs)

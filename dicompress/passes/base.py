@@ -23,6 +23,8 @@ class Pass:
     needs_calibration: ClassVar[bool] = False   # needs the calibration store (per-linear input statistics)
     needs_block_inputs: ClassVar[bool] = False  # ... and the captured per-block inputs (distillation, pruning)
     needs_teacher: ClassVar[bool] = False       # needs the uncompressed model alongside
+    changes_depth: ClassVar[bool] = False       # removes / converts blocks (the calibration names the old ones)
+    reads_block_data: ClassVar[bool] = True     # its calibration data is per block / per linear of the captured model
 
     def __init__(self, config: PassConfig | dict | None = None, **kwargs: Any):
         if config is None:

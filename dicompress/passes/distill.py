@@ -52,6 +52,7 @@ class Distill(Pass):
     needs_calibration = True
     needs_block_inputs = True   # the model inputs are captured together with the block inputs
     needs_teacher = True
+    reads_block_data = False    # model-level inputs only: valid after the depth changed
 
     def apply(self, state) -> None:
         cfg = self.config
