@@ -89,7 +89,9 @@ def run(args) -> dict:
                "frechet": round(m["frechet"], 4), "frechet_teacher": round(base["frechet_teacher"], 4),
                "psnr_db": round(m["psnr_db"], 3), "latency_ratio": round(latency_ratio(student, teacher, cond), 4),
                "distill_seconds": round(secs, 1), **extra,
-               **{k: rep[k] for k in ("intervals", "removed", "converted") if k in rep}}
+               **{k: rep[k] for k in ("intervals", "removed", "converted", "end_to_end") if k in rep},
+               "layerwise_loss": [[r["loss_first"], r["loss_last"]] for r in state.report["layers"]
+                                  if "loss_first" in r]}
         rows.append(row)
         Path(args.out).with_suffix(".partial.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
         print(f"{method:13s} -{removed:<2d} params {row['param_fraction']:.3f}  acc {row['class_acc']:.3f} "
@@ -144,8 +146,8 @@ def main():
     ap.add_argument("--convert", type=int, nargs="+", default=[2])
     ap.add_argument("--steps", type=int, default=300, help="layer-wise steps per rebuilt block")
     ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--e2e-steps", type=int, default=300, help="end-to-end steps (0 = none)")
-    ap.add_argument("--e2e-lr", type=float, default=1e-4)
+    ap.add_argument("--e2e-steps", type=int, default=600, help="end-to-end steps (0 = none)")
+    ap.add_argument("--e2e-lr", type=float, default=2e-4)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--samples-per-class", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0, help="seed of the random intervals")
