@@ -2,7 +2,7 @@
 
     python tools/bench_quant.py --out bench/quant.json      # also writes bench/quant.md
 
-Rows: one per method and setting, with sample PSNR vs the teacher (same noise and class), class
+Rows: one per method and setting (GPTQ rows use the calibration's block inputs), with sample PSNR vs the teacher (same noise and class), class
 accuracy, Frechet distance of classifier features, and bytes. Model bytes count every tensor that is
 not quantized at bf16 (the deployment dtype) and quantized linears at their packed size.
 A second section reports TLQ's weight SQNR on synthetic Gaussian / Laplacian matrices beside the
@@ -38,18 +38,25 @@ def capture_calibration(info, teacher):
     cfg = CalibrationConfig(**yaml.safe_load((ROOT / "calibration/digits_10x2.yaml").read_text()))
     root = Path(tempfile.mkdtemp(prefix="dicompress-bench-calib-"))
     return capture(teacher, adapter_for(teacher), cfg, {"name": info.name, "path": info.path}, root,
-                   block_inputs=False, progress=False)
+                   block_inputs=True, progress=False)   # block inputs: GPTQ's Hessians
 
 # weight-only: (method, w_bits, group)
 WEIGHT_ONLY = [("tlq", 4, None), ("tlq", 4, 64), ("tlq", 3, None), ("tlq", 3, 64),
                ("rtn", 4, None), ("rtn", 4, 64), ("rtn", 3, None), ("rtn", 3, 64)]
-# weights + activations (per-channel weights): method -> the passes before the weight quantizer
-W_A_METHODS = {"lrq": [{"smooth": {"alpha": 0.5}}, {"ars": {"threshold": 1.0}}],
-               "tlq": [],
-               "tlq+smooth": [{"smooth": {"alpha": 0.5}}],
-               "tlq+hadamard": [{"ars": {"transform": "hadamard"}}]}
-W_A = [("lrq", 4, 8), ("lrq", 3, 8), ("lrq", 4, 4), ("lrq", 3, 4), ("tlq", 4, 8), ("tlq", 4, 4),
-       ("tlq+smooth", 4, 8), ("tlq+smooth", 4, 4), ("tlq+hadamard", 4, 8), ("tlq+hadamard", 4, 4)]
+# weight-only with GPTQ error feedback (calibrated): method -> (weight pass, w_bits); `gptq` is the classic
+# GPTQ (uniform grid), `tlq+gptq` the same feedback on TLQ's log grids
+WEIGHT_GPTQ = [("tlq+gptq", "tlq", 4), ("tlq+gptq", "tlq", 3), ("gptq", "rtn", 4), ("gptq", "rtn", 3)]
+# weights + activations (per-channel weights): method -> (passes before the weight quantizer, GPTQ on).
+# Every row but `lrq-rounding` uses the same weight quantizer (TLQ + GPTQ), so `tlq`, `tlq+smooth` and
+# `tlq+hadamard` isolate what smoothing and rotation add; `lrq-rounding` isolates what GPTQ adds.
+W_A_METHODS = {"lrq": ([{"smooth": {"alpha": 0.5}}, {"ars": {"threshold": 1.0}}], True),
+               "lrq-rounding": ([{"smooth": {"alpha": 0.5}}, {"ars": {"threshold": 1.0}}], False),
+               "tlq": ([], True),
+               "tlq+smooth": ([{"smooth": {"alpha": 0.5}}], True),
+               "tlq+hadamard": ([{"ars": {"transform": "hadamard"}}], True)}
+W_A = [("lrq", 4, 8), ("lrq", 3, 8), ("lrq", 4, 4), ("lrq", 3, 4), ("lrq-rounding", 4, 8), ("lrq-rounding", 4, 4),
+       ("lrq-rounding", 3, 4), ("tlq", 4, 8), ("tlq", 4, 4), ("tlq+smooth", 4, 8), ("tlq+smooth", 4, 4),
+       ("tlq+hadamard", 4, 8), ("tlq+hadamard", 4, 4)]
 
 
 def _bytes(student, teacher_bf16: int, q_bytes: int, q_bf16: int) -> int:
@@ -100,15 +107,27 @@ def run(args) -> dict:
 
     # the same calibration set the recipes use: every class x seeds 0, 1 x all 16 sampling steps
     store = capture_calibration(info, teacher)
+    for method, weight_pass, bits in WEIGHT_GPTQ:
+        student = load_transformer(info)
+        t = time.perf_counter()
+        state = dicompress.compress(student, [{weight_pass: {"bits": bits, "gptq": True}}], calibration=store,
+                                    progress=False)
+        secs = time.perf_counter() - t
+        q_bytes, q_bf16, _ = quantized_linear_bytes(student)
+        summary = next(p for p in state.report["passes"] if p["pass"] == weight_pass)
+        add(method, bits, "channel", student, q_bytes, q_bf16, secs,
+            {"gptq_mean_output_gain_db": round(summary["gptq_mean_output_gain_db"], 3)})
+
     for method, w_bits, a_bits in W_A:
         student = load_transformer(info)
-        passes = [*W_A_METHODS[method], {"tlq": {"bits": w_bits}}, {"act_quant": {"bits": a_bits}}]
+        before, gptq = W_A_METHODS[method]
+        passes = [*before, {"tlq": {"bits": w_bits, "gptq": gptq}}, {"act_quant": {"bits": a_bits}}]
         t = time.perf_counter()
         state = dicompress.compress(student, passes, calibration=store, progress=False)
         secs = time.perf_counter() - t
         q_bytes, q_bf16, _ = quantized_linear_bytes(student)
         rot = [r.get("transform") for r in state.report["layers"] if r.get("method") == "ars"]
-        extra = {"passes": [next(iter(p)) for p in passes]}
+        extra = {"passes": [next(iter(p)) for p in passes], "gptq": gptq}
         if rot:
             extra["rotations"] = {k: rot.count(k) for k in sorted(set(rot))}
         add(method, w_bits, "channel", student, q_bytes, q_bf16, secs, extra, a_bits=a_bits)
