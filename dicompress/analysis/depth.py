@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..calib.store import to_module
 from ..errors import CalibrationError
 from .intervals import candidate_intervals, interval_score, select_intervals
 from .plot import plot_depth
@@ -131,11 +132,7 @@ class _Ablation:
         return {k: (_take_rows(v, rows) if k in self.per_sample else v) for k, v in self.contexts[j].items()}
 
     def _to(self, d: dict) -> dict:
-        def move(v):
-            if isinstance(v, Tensor):
-                return v.to(self.device, self.dtype if v.is_floating_point() else v.dtype)
-            return tuple(move(x) for x in v)
-        return {k: move(v) for k, v in d.items()}
+        return to_module(d, self.device, self.dtype)
 
     def _head(self, hidden: Tensor, rows: Tensor) -> Tensor:
         temb = self._ctx(len(self.names) - 1, rows)["temb"]

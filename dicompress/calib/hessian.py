@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .store import to_module
+
 
 def weight_basis(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x as the stored weight sees it: smoothed and rotated when the linear carries an input transform,
@@ -50,7 +52,7 @@ def block_hessians(model: nn.Module, adapter, store, block: str, linears: dict[s
         p = next(module.parameters())
         for r0 in range(0, n, batch_rows):
             batch = slice_rows(inputs, adapter.per_sample_inputs, slice(r0, r0 + batch_rows))
-            adapter.run_block(module, _to(batch, p.device, p.dtype))
+            adapter.run_block(module, to_module(batch, p.device, p.dtype))
     finally:
         for h in handles:
             h.remove()
@@ -59,13 +61,3 @@ def block_hessians(model: nn.Module, adapter, store, block: str, linears: dict[s
         raise RuntimeError(f"block {block} never called {missing} on its calibration inputs")
     return {k: acc[k] / count[k] for k in linears}
 
-
-def _to(value, device, dtype):
-    """Captured inputs (stored in fp32) on the block's device, floating tensors in its dtype."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device, dtype if value.is_floating_point() else value.dtype)
-    if isinstance(value, tuple):
-        return tuple(_to(v, device, dtype) for v in value)
-    if isinstance(value, dict):
-        return {k: _to(v, device, dtype) for k, v in value.items()}
-    return value

@@ -66,6 +66,20 @@ def unflatten(flat: dict[str, torch.Tensor]) -> dict:
     return out
 
 
+def to_module(value, device: torch.device, dtype: torch.dtype, cast: bool = True):
+    """Captured tensors (and tuples / dicts of them) on a module's device; float tensors take its dtype when
+    `cast` (captures are stored in fp32), integer tensors (masks, ids) keep theirs."""
+    if isinstance(value, tuple):
+        return tuple(to_module(v, device, dtype, cast) for v in value)
+    if isinstance(value, dict):
+        return {k: to_module(v, device, dtype, cast) for k, v in value.items()}
+    if not torch.is_tensor(value):
+        return value
+    if cast and value.is_floating_point():
+        return value.to(device=device, dtype=dtype)
+    return value.to(device)
+
+
 def shared_input_names(adapter) -> tuple[str, ...]:
     return tuple(adapter.model_shared_inputs)
 

@@ -15,7 +15,8 @@ from ..calib.store import shared_input_names, split_model_input
 from .config import DistillConfig
 from .engine import train
 from .losses import get_loss
-from .params import module_device_dtype, select_trainable, to_module, trainable_only
+from ..calib.store import to_module
+from .params import module_device_dtype, select_trainable, trainable_only
 
 
 def per_sample_names(model_inputs: dict, model: nn.Module) -> frozenset[str]:

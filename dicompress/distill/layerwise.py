@@ -11,7 +11,8 @@ from torch import nn
 from .config import DistillConfig
 from .engine import train
 from .losses import get_loss
-from .params import module_device_dtype, select_trainable, to_module, trainable_only
+from ..calib.store import to_module
+from .params import module_device_dtype, select_trainable, trainable_only
 
 
 def block_chain(student: nn.Module) -> list[nn.Module]:

@@ -36,15 +36,3 @@ def module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
         if p.is_floating_point():
             return p.device, p.dtype
     return torch.device("cpu"), torch.float32
-
-
-def to_module(value, device: torch.device, dtype: torch.dtype, cast: bool = True):
-    """Move captured tensors (and tuples of them) to the module; float tensors take its dtype when `cast`
-    (captures are stored in fp32), integer tensors (masks, ids) keep theirs."""
-    if isinstance(value, tuple):
-        return tuple(to_module(v, device, dtype, cast) for v in value)
-    if not torch.is_tensor(value):
-        return value
-    if cast and value.is_floating_point():
-        return value.to(device=device, dtype=dtype)
-    return value.to(device)

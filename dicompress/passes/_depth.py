@@ -4,6 +4,7 @@ distillation, and rebuilding the block lists."""
 from __future__ import annotations
 
 import time
+from typing import Literal
 
 from pydantic import Field
 from torch import nn
@@ -21,7 +22,8 @@ class DepthConfig(PassConfig):
     distill: DistillConfig = Field(default_factory=lambda: DistillConfig(steps=300, lr=1e-4, batch_size=16),
                                    description="layer-wise distillation of each rebuilt block: the teacher's input "
                                                "of its group -> the teacher's output of its group")
-    loss: str = Field("normalized_l2", description="layer-wise loss per stream: normalized_l2 (PPCL) | mse")
+    loss: Literal["normalized_l2", "mse"] = Field("normalized_l2", description="layer-wise loss per stream: "
+                                                                          "normalized_l2 (PPCL) | mse")
     end_to_end: DistillConfig | None = Field(None, description="then end-to-end distillation of the whole model "
                                                                "against the teacher's predictions; null = none")
 
