@@ -6,7 +6,7 @@ from diffusers import FluxTransformer2DModel
 import dicompress
 from dicompress.arch import adapter_for
 from dicompress.calib import capture
-from dicompress.calib.hessian import block_hessians, weight_basis
+from dicompress.calib.hessian import block_hessians, hessian_phases, weight_basis
 from dicompress.errors import CalibrationError, RecipeError
 from dicompress.quant.gptq import gptq_codes, output_sqnr_db
 from dicompress.quant.tlq import tlq_column_quantizer, tlq_dequantize, tlq_quantize
@@ -104,11 +104,23 @@ def test_block_hessians_match_direct_computation(tiny_with_inputs):
     lin = model.get_submodule("transformer_blocks.0.attn.to_q")
     seen = []
     h = lin.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, m.in_features)))
-    got = block_hessians(model, adapter_for(model), store, "transformer_blocks.0",
-                         {"transformer_blocks.0.attn.to_q": lin}, batch_rows=3)["transformer_blocks.0.attn.to_q"]
+    got = block_hessians(model.get_submodule("transformer_blocks.0"), adapter_for(model),
+                         store.iter_block_inputs("transformer_blocks.0"),
+                         {"transformer_blocks.0.attn.to_q": lin})["transformer_blocks.0.attn.to_q"]
     h.remove()
     x = torch.cat(seen)
-    torch.testing.assert_close(got, (x.T.double() @ x.double()) / x.shape[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got.double(), (x.T.double() @ x.double()) / x.shape[0], rtol=1e-5, atol=1e-6)
+
+
+def test_hessian_phases_keep_wide_layers_apart_and_cover_all():
+    class L:
+        def __init__(self, n):
+            self.in_features = n
+    lins = {"a": L(3072), "b": L(12288), "c": L(3072), "d": L(12288), "e": L(3072)}
+    phases = hessian_phases(lins, budget=512 << 20)
+    assert sorted(n for p in phases for n in p) == sorted(lins)
+    assert ["b"] in phases and ["d"] in phases and ["a", "c", "e"] in phases
+    assert hessian_phases(lins, budget=10 << 30) == [["a", "b", "c", "d", "e"]]
 
 
 def test_tlq_gptq_pass_reports_output_gain(tiny_with_inputs):

@@ -2,15 +2,22 @@
 
 GPTQ needs H of each linear's input *in the basis its weight is stored in*: a linear that `smooth` /
 `ars` transformed reads x' = (x / s)·Q, so H is accumulated on x'. The block is run on the teacher's
-captured inputs (not on the outputs of already-quantized blocks), batch by batch, so memory holds one
-batch of activations plus one [in, in] matrix per linear of the block.
+captured inputs (not on the outputs of already-quantized blocks), one captured model call at a time, so
+memory holds one call's activations plus the [in, in] matrices being accumulated. `hessian_phases` splits a
+block's linears so that those matrices stay under a byte budget (FLUX's 12288- and 15360-wide inputs take
+0.6 and 0.9 GB each in float32): one block forward per phase.
 """
 from __future__ import annotations
+
+from typing import Iterable
 
 import torch
 from torch import nn
 
 from .store import to_module
+
+# bytes of Hessians accumulated at once (a linear wider than this gets a phase of its own)
+PHASE_BYTES = 512 << 20
 
 
 def weight_basis(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -24,40 +31,50 @@ def weight_basis(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return act.rotate(x)
 
 
-def slice_rows(inputs: dict, per_sample: tuple[str, ...], rows: slice) -> dict:
-    """The calibration rows `rows` of a block's captured inputs (shared inputs kept whole)."""
-    return {k: (v[rows] if k in per_sample else v) for k, v in inputs.items() if k != "timestep"}
+def hessian_bytes(linear: nn.Module) -> int:
+    return linear.in_features ** 2 * 4
+
+
+def hessian_phases(linears: dict[str, nn.Module], budget: int = PHASE_BYTES) -> list[list[str]]:
+    """Groups of linear names whose float32 Hessians together fit `budget` (first fit, widest first; a linear
+    over budget alone). Each phase's names keep the block's order."""
+    order = {n: i for i, n in enumerate(linears)}
+    bins: list[tuple[int, list[str]]] = []
+    for name in sorted(linears, key=lambda n: -hessian_bytes(linears[n])):
+        size = hessian_bytes(linears[name])
+        for i, (used, names) in enumerate(bins):
+            if used + size <= budget:
+                bins[i] = (used + size, names + [name])
+                break
+        else:
+            bins.append((size, [name]))
+    return sorted((sorted(names, key=order.get) for _, names in bins), key=lambda p: order[p[0]])
 
 
 @torch.no_grad()
-def block_hessians(model: nn.Module, adapter, store, block: str, linears: dict[str, nn.Module],
-                   batch_rows: int = 32) -> dict[str, torch.Tensor]:
-    """{linear name: H [in, in] float64} for `linears` (full names, all inside `block`), averaged over
-    every token of every captured row."""
-    module = model.get_submodule(block)
-    inputs = store.block_inputs(block)
-    n = next(v.shape[0] for k, v in inputs.items() if k in adapter.per_sample_inputs)
-    acc = {name: torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64) for name, lin in linears.items()}
+def block_hessians(module: nn.Module, adapter, batches: Iterable[dict],
+                   linears: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """{linear name: H [in, in] float32} for `linears` (submodules of the block `module`), averaged over every
+    token of every batch of captured block inputs in `batches` (one dict per captured model call)."""
+    acc = {name: torch.zeros(lin.in_features, lin.in_features) for name, lin in linears.items()}
     count = dict.fromkeys(linears, 0)
 
     def hook(name):
         def pre(mod, args):
             x = weight_basis(mod, args[0]).reshape(-1, mod.in_features).float()
-            acc[name] += (x.T @ x).double().cpu()
+            acc[name] += (x.T @ x).cpu()
             count[name] += x.shape[0]
         return pre
 
     handles = [lin.register_forward_pre_hook(hook(name)) for name, lin in linears.items()]
     try:
         p = next(module.parameters())
-        for r0 in range(0, n, batch_rows):
-            batch = slice_rows(inputs, adapter.per_sample_inputs, slice(r0, r0 + batch_rows))
+        for batch in batches:
             adapter.run_block(module, to_module(batch, p.device, p.dtype))
     finally:
         for h in handles:
             h.remove()
     missing = [k for k, c in count.items() if c == 0]
     if missing:
-        raise RuntimeError(f"block {block} never called {missing} on its calibration inputs")
-    return {k: acc[k] / count[k] for k in linears}
-
+        raise RuntimeError(f"the block never called {missing} on its calibration inputs")
+    return {k: acc[k].div_(count[k]) for k in linears}

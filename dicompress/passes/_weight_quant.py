@@ -93,14 +93,18 @@ def quantize_linears(state, pass_name: str, config: WeightQuantConfig, codec: st
                      "eta": info["eta"], "percentile": info["percentile"],
                      "sqnr_db": _finite(info["sqnr_db"]), **row,   # None = exact
                      "shape": [q.out_features, q.in_features]})
+    state.add_pass_report(pass_name, summarize_weight_quant(rows, config.gptq), rows)
+
+
+def summarize_weight_quant(rows: list[dict], gptq: bool) -> dict:
     sqnr = [r["sqnr_db"] for r in rows if r["sqnr_db"] is not None]
     summary = {"layers_quantized": len(rows), "mean_sqnr_db": sum(sqnr) / len(sqnr) if sqnr else None,
                "min_sqnr_db": min(sqnr) if sqnr else None}
-    if config.gptq:
+    if gptq:
         gain = [r["output_sqnr_db"] - r["output_sqnr_db_rounding"] for r in rows
                 if r.get("output_sqnr_db") is not None and r.get("output_sqnr_db_rounding") is not None]
         summary["gptq_mean_output_gain_db"] = sum(gain) / len(gain) if gain else None
-    state.add_pass_report(pass_name, summary, rows)
+    return summary
 
 
 def _finite(x: float) -> float | None:
@@ -108,12 +112,16 @@ def _finite(x: float) -> float | None:
 
 
 def _hessians_by_block(state, targets):
-    """name -> H for the targets, computed one block at a time (the current block's only, so memory holds
-    one block's Hessians); None for linears outside the adapter's blocks."""
-    from ..calib.hessian import block_hessians
+    """name -> H for the targets, computed one block at a time and, within a block, one phase at a time
+    (`hessian_phases`: the Hessians held at once stay under a byte budget); each H is handed out once and
+    dropped. The block always runs with its float linears (those quantized already are swapped back for the
+    forward), so every H sees the inputs the float block gives. None for linears outside the adapter's blocks."""
+    from ..calib.hessian import block_hessians, hessian_phases
+    from ..nn.surgery import swapped
     blocks = [b.name for b in state.adapter.blocks(state.model)]
     owner = {name: next((b for b in blocks if name.startswith(b + ".")), None) for name, _ in targets}
-    cache: dict = {"block": None, "h": {}}
+    floats = dict(targets)
+    cache: dict = {"block": None, "phases": [], "h": {}}
     store = state.calibration
 
     def hessian(name):
@@ -122,13 +130,21 @@ def _hessians_by_block(state, targets):
             return None
         if cache["block"] != block:
             mods = {n: m for n, m in targets if owner[n] == block}
-            cache.update(block=block, h=block_hessians(state.model, state.adapter, store, block, mods))
-        return cache["h"][name]
+            cache.update(block=block, phases=hessian_phases(mods), h={})
+        if name not in cache["h"]:
+            phase = next(p for p in cache["phases"] if name in p)
+            mine = {n: floats[n] for n, _ in targets if owner[n] == block}
+            with swapped(state.model, mine):
+                cache["h"] = block_hessians(state.model.get_submodule(block), state.adapter,
+                                            store.iter_block_inputs(block), {n: floats[n] for n in phase})
+        return cache["h"].pop(name)
     return hessian
 
 
 class WeightQuantPass(Pass):
     """Base of weight quantizers: one order rule, since a quantized linear cannot be quantized again."""
+
+    streamable = True
 
     def __init__(self, config=None, **kwargs):
         super().__init__(config, **kwargs)
@@ -147,6 +163,9 @@ class WeightQuantPass(Pass):
 
     def quantize(self, state) -> None:
         raise NotImplementedError
+
+    def summarize(self, rows: list[dict]) -> dict:
+        return summarize_weight_quant(rows, self.config.gptq)
 
     def check(self, previous: list[Pass]) -> list[tuple[str, str]]:
         mine = (self.config.include, self.config.keep)

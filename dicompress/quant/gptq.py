@@ -22,31 +22,45 @@ import torch
 ColumnQuantizer = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
+# float64 costs 8·n² bytes per [n, n] matrix: 1.9 GB at the 15360 inputs of FLUX's single-block proj_out. Wider
+# layers than this run in float32, as reference GPTQ does throughout (damping keeps the factorisation stable).
+FLOAT64_MAX_IN = 4096
+
+
+def gptq_dtype(n: int) -> torch.dtype:
+    return torch.float64 if n <= FLOAT64_MAX_IN else torch.float32
+
+
 def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + damp·mean(diag H)·I)⁻¹, float64; U[i, i:] carries column i's
-    error onto the later columns. Raises ValueError when H is not positive definite even after damping."""
-    h = h.double().clone()
+    """Upper Cholesky factor U of (H + damp·mean(diag H)·I)⁻¹, in `h`'s dtype, computed in place in `h` (one
+    [n, n] matrix alive, not four); U[i, i:] carries column i's error onto the later columns. Raises
+    ValueError when H is not positive definite even after damping."""
     d = torch.arange(h.shape[0], device=h.device)
     h[d, d] += damp * float(h.diagonal().mean().clamp(min=1e-12))
-    L, info = torch.linalg.cholesky_ex(h)
+    info = torch.empty((), dtype=torch.int32, device=h.device)
+    torch.linalg.cholesky_ex(h, out=(h, info))
     if int(info) != 0:
         raise ValueError("the calibration Hessian is not positive definite after damping; raise gptq_damp")
-    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    torch.cholesky_inverse(h, out=h)
+    return torch.linalg.cholesky(h, upper=True, out=h)
 
 
 def gptq_codes(w: torch.Tensor, hessian: torch.Tensor, quant_col: ColumnQuantizer, *, damp: float = 0.01,
                block_size: int = 128, act_order: bool = True) -> torch.Tensor:
     """Codes int64 [out, in] for w [out, in] given H [in, in] (the layer's input second moment) and a
-    column quantizer on a fixed grid."""
+    column quantizer on a fixed grid. Math in float64 up to FLOAT64_MAX_IN inputs, float32 above."""
     out, n = w.shape
     if hessian.shape != (n, n):
         raise ValueError(f"Hessian {tuple(hessian.shape)} does not match in_features {n}")
-    W = w.detach().double().clone()
-    H = hessian.detach().double().clone()
-    dead = H.diagonal() == 0                       # inputs that were always zero: any level is exact there
+    dtype = gptq_dtype(n)
+    diag = hessian.diagonal().to(dtype)
+    dead = diag == 0                               # inputs that were always zero: any level is exact there
+    perm = torch.argsort(torch.where(dead, 1.0, diag), descending=True) if act_order \
+        else torch.arange(n, device=w.device)
+    W = w.detach().to(dtype)[:, perm]
+    H = hessian.detach().index_select(0, perm).index_select(1, perm).to(dtype)   # the one [n, n] working copy
+    dead = dead[perm]
     H[dead, dead] = 1.0
-    perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(n, device=w.device)
-    W, H = W[:, perm], H[perm][:, perm]
     U = inverse_hessian_factor(H, damp)
     codes = torch.empty(out, n, dtype=torch.long, device=w.device)
     for b0 in range(0, n, block_size):
@@ -57,7 +71,7 @@ def gptq_codes(w: torch.Tensor, hessian: torch.Tensor, quant_col: ColumnQuantize
             col = Wb[:, j]
             c, q = quant_col(col.float(), int(perm[b0 + j]))
             codes[:, perm[b0 + j]] = c
-            e = (col - q.double()) / Ub[j, j]
+            e = (col - q.to(dtype)) / Ub[j, j]
             Wb[:, j + 1:] -= e[:, None] * Ub[j, j + 1:][None, :]
             err[:, j] = e
         W[:, b1:] -= err @ U[b0:b1, b1:]
@@ -66,7 +80,8 @@ def gptq_codes(w: torch.Tensor, hessian: torch.Tensor, quant_col: ColumnQuantize
 
 def output_sqnr_db(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
     """SQNR of the layer's output on the calibration inputs: tr(W H Wᵀ) / tr(E H Eᵀ), E = W - Ŵ, in dB."""
-    H, W, E = hessian.double(), w.double(), (w - w_hat).double()
-    signal = float(((W @ H) * W).sum())
-    noise = float(((E @ H) * E).sum())
+    dtype = gptq_dtype(w.shape[1])
+    H = hessian.to(dtype)
+    signal = float(((w.to(dtype) @ H) * w.to(dtype)).sum(dtype=torch.float64))
+    noise = float((((w - w_hat).to(dtype) @ H) * (w - w_hat).to(dtype)).sum(dtype=torch.float64))
     return float("inf") if noise <= 0 else 10 * math.log10(max(signal, 1e-300) / noise)
