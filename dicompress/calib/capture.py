@@ -44,15 +44,24 @@ class LinearStats:
         return {"absmax": self.absmax, "sumsq": self.sumsq, "count": torch.tensor([float(self.count)])}
 
 
+class StopForward(Exception):
+    """Raised inside the model's forward once the wanted block inputs are recorded (data-free calibration,
+    whose model outputs nothing uses): the rest of the forward is not run."""
+
+
 class Capture:
     """Context manager: while active, model forwards are recorded into a StoreWriter.
 
-    `flush()` writes what was buffered since the last flush as one chunk per block (call it after
-    each sampling batch so memory holds one batch x its timesteps at most).
+    Every model call is flushed when it returns: one chunk per block per call, so memory holds one call's
+    activations, and block-by-block work later reads the rows in the same batches the model ran them in.
+    `only_blocks`: capture the inputs of these blocks alone (the streaming pipeline captures the first
+    block's and computes the rest block by block); final outputs are then not captured. `stop_early`: raise
+    StopForward once the last of `only_blocks` has its inputs (the caller catches it and calls `flush`).
     """
 
     def __init__(self, model: nn.Module, adapter, writer: StoreWriter, block_inputs: bool = True,
-                 linear_stats: bool = True, model_inputs: bool | None = None):
+                 linear_stats: bool = True, model_inputs: bool | None = None, only_blocks: list[str] | None = None,
+                 stop_early: bool = False):
         self.model, self.adapter, self.writer = model, adapter, writer
         self.block_inputs, self.want_stats = block_inputs, linear_stats
         # the model's own kwargs: wanted by the same (distillation / pruning) passes as the block inputs
@@ -63,6 +72,8 @@ class Capture:
         self._mi_values: dict[str, dict] = {"shared": {}, "per_sample": {}}
         self._signature = None
         self.blocks = adapter.blocks(model)
+        self.only_blocks = None if only_blocks is None else set(only_blocks)
+        self.stop_at = only_blocks[-1] if stop_early and only_blocks else None
         self.stats: dict[str, LinearStats] = {}
         self._buf: dict[str, dict[str, list[torch.Tensor]]] = {}
         self._final: dict[str, list[torch.Tensor]] = {}
@@ -147,6 +158,8 @@ class Capture:
                     flatten(key, kwargs.get(key), shared)
                 self.writer.write_shared(name, {k: t.detach().float().cpu() for k, t in shared.items()})
                 self._shared_done.add(name)
+            if name == self.stop_at:
+                raise StopForward
         return hook
 
     def _on_last_block(self, module, args, kwargs, output):
@@ -163,15 +176,16 @@ class Capture:
     def __enter__(self) -> "Capture":
         h = self._handles
         h.append(self.model.register_forward_pre_hook(self._on_model, with_kwargs=True))
+        h.append(self.model.register_forward_hook(lambda *a: self.flush()))
         for ref in self.blocks:
             block = self.model.get_submodule(ref.name)
-            if self.block_inputs:
+            if self.block_inputs and (self.only_blocks is None or ref.name in self.only_blocks):
                 h.append(block.register_forward_pre_hook(self._on_block(ref.name), with_kwargs=True))
             if self.want_stats:
                 for sub, mod in block.named_modules():
                     if isinstance(mod, nn.Linear):
                         h.append(mod.register_forward_pre_hook(self._on_linear(f"{ref.name}.{sub}")))
-        if self.block_inputs and self.blocks:
+        if self.block_inputs and self.blocks and self.only_blocks is None:
             last = self.model.get_submodule(self.blocks[-1].name)
             h.append(last.register_forward_hook(self._on_last_block, with_kwargs=True))
         return self

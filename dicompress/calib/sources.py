@@ -16,19 +16,27 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..errors import CalibrationError
-from .capture import Capture
+from .capture import Capture, StopForward
 from .store import CalibrationStore, StoreWriter
 
 
 def capture(model, adapter, cfg, model_info: dict, out_dir: str | Path, block_inputs: bool,
-            progress: bool = True) -> CalibrationStore:
-    """Run `cfg.source` over `model` with hooks; returns the finished store at `out_dir`."""
+            progress: bool = True, first_block_only: bool = False) -> CalibrationStore:
+    """Run `cfg.source` over `model` with hooks; returns the finished store at `out_dir`.
+
+    `first_block_only` (the streaming pipeline): the model inputs and the first block's inputs, no linear
+    statistics; the later blocks' inputs and statistics are computed block by block from these."""
+    blocks = [b.name for b in adapter.blocks(model)]
     meta = {"source": cfg.source, "model": model_info.get("name"), "seeds": list(cfg.seeds), "steps": cfg.steps,
-            "blocks": [b.name for b in adapter.blocks(model)], "block_inputs": block_inputs}
+            "blocks": blocks, "block_inputs": block_inputs or first_block_only, "first_block_only": first_block_only}
     writer = StoreWriter(out_dir, meta)
     run = {"classes": _run_table, "embeddings": _run_table, "prompts": _run_prompts,
            "synthetic": _run_synthetic}[cfg.source]
-    with torch.no_grad(), Capture(model, adapter, writer, block_inputs=block_inputs) as cap:
+    only = blocks[:1] if first_block_only else None
+    # data-free inputs are not a trajectory: nothing needs the model's outputs, so the forward stops there
+    stop = first_block_only and cfg.source == "synthetic"
+    with torch.no_grad(), Capture(model, adapter, writer, block_inputs=block_inputs or first_block_only,
+                                  linear_stats=not first_block_only, only_blocks=only, stop_early=stop) as cap:
         extra = run(model, adapter, cfg, model_info, cap, progress)
     return writer.finish(**extra)
 
@@ -53,7 +61,6 @@ def _run_table(model, adapter, cfg, model_info, cap, progress):
         chunk = pairs[i:i + cfg.batch_size]
         sample(model, table, [c for c, _ in chunk], [s for _, s in chunk], steps=cfg.steps, pipeline=pipe,
                batch_size=len(chunk))
-        cap.flush()
         bar.update(len(chunk))
     bar.close()
     return {"classes": rows, "samples": len(pairs), "rows": len(pairs) * cfg.steps}
@@ -77,7 +84,6 @@ def _run_prompts(model, adapter, cfg, model_info, cap, progress):
             gen = torch.Generator("cpu").manual_seed(seed)
             pipe(prompt=chunk, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
                  height=cfg.height, width=cfg.width, generator=gen, output_type="latent")
-            cap.flush()
             bar.update(len(chunk))
     bar.close()
     return {"prompts": len(prompts), "samples": len(prompts) * len(cfg.seeds)}
@@ -95,8 +101,10 @@ def _run_synthetic(model, adapter, cfg, model_info, cap, progress):
                   (v.to(device) if torch.is_tensor(v) else v) for k, v in kwargs.items()}
         for s in sigmas:
             kwargs["timestep"] = torch.full((cfg.batch_size,), float(s), device=device, dtype=dtype)
-            model(**kwargs, return_dict=False)
+            try:
+                model(**kwargs, return_dict=False)
+            except StopForward:
+                cap.flush()
             bar.update(1)
-        cap.flush()
     bar.close()
     return {"samples": len(cfg.seeds) * cfg.batch_size, "rows": len(cfg.seeds) * cfg.batch_size * cfg.steps}

@@ -2,7 +2,7 @@
 
 Layout (one directory per capture):
     meta.json                              what was captured (source, classes/prompts, seeds, steps ...)
-    blocks/<block>/chunk_00000.safetensors per-sample block inputs (+ "timestep"), one chunk per flush
+    blocks/<block>/chunk_00000.safetensors per-sample block inputs (+ "timestep"), one chunk per model call
     shared/<block>.safetensors             inputs shared by all samples (e.g. rotary embeddings)
     final/chunk_00000.safetensors          outputs of the last block (targets for distillation)
     model_inputs/chunk_00000.safetensors   the transformer's own forward kwargs, per sample (see below)
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import safe_open
@@ -143,6 +144,32 @@ def _safe(name: str) -> str:
     return name.replace("/", "_")
 
 
+def stats_from_sums(absmax: torch.Tensor, sumsq: torch.Tensor, count) -> dict:
+    """{"absmax", "rms", "count"} of one linear's inputs from its running absmax, sum of squares and count."""
+    n = float(count.item()) if torch.is_tensor(count) else float(count)
+    return {"absmax": absmax, "rms": (sumsq / max(n, 1.0)).sqrt(), "count": int(n)}
+
+
+def chunk_files(d: Path) -> list[Path]:
+    return sorted(d.glob("chunk_*.safetensors"))
+
+
+def read_file(path: Path, want=lambda key: True) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys() if want(k)}
+
+
+def keys_filter(keys: list[str] | None):
+    return lambda k: keys is None or k.split(".")[0] in keys or k == "timestep"
+
+
+def iter_inputs(files: list[Path], shared: Path | None, keys: list[str] | None = None) -> Iterator[dict]:
+    """Block inputs chunk by chunk (per-sample tensors of the chunk + the block's shared tensors)."""
+    common = read_file(shared) if shared is not None and shared.exists() else {}
+    for path in files:
+        yield unflatten({**read_file(path, keys_filter(keys)), **common})
+
+
 class CalibrationStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -164,27 +191,35 @@ class CalibrationStore:
     def _read_chunks(self, sub: str, want=lambda key: True) -> dict[str, torch.Tensor]:
         """Concatenate (on dim 0) every chunk file under `sub`, keeping the keys `want` accepts."""
         parts: dict[str, list[torch.Tensor]] = {}
-        for path in sorted((self.root / sub).glob("chunk_*.safetensors")):
-            with safe_open(str(path), "pt") as f:
-                for k in f.keys():
-                    if want(k):
-                        parts.setdefault(k, []).append(f.get_tensor(k))
+        for path in chunk_files(self.root / sub):
+            for k, t in read_file(path, want).items():
+                parts.setdefault(k, []).append(t)
         return {k: torch.cat(v) for k, v in parts.items()}
 
-    def block_inputs(self, block: str, keys: list[str] | None = None) -> dict:
-        """All captured inputs of one block: per-sample tensors concatenated on dim 0, plus shared ones."""
+    def block_files(self, block: str) -> tuple[list[Path], Path]:
+        """(chunk files, shared file) of one block's captured inputs."""
         if not self.has_block_inputs:
             raise CalibrationError("this calibration store holds statistics only, not block inputs",
                                    hint="a pass that needs block inputs must be in the recipe when capturing")
-        flat = self._read_chunks(f"blocks/{_safe(block)}",
-                                 lambda k: keys is None or k.split(".")[0] in keys or k == "timestep")
-        if not flat:
+        files = chunk_files(self.root / "blocks" / _safe(block))
+        if not files:
             raise CalibrationError(f"no captured inputs for block {block!r} in {self.root}")
+        return files, self.root / "shared" / f"{_safe(block)}.safetensors"
+
+    def block_inputs(self, block: str, keys: list[str] | None = None) -> dict:
+        """All captured inputs of one block: per-sample tensors concatenated on dim 0, plus shared ones."""
+        self.block_files(block)
+        flat = self._read_chunks(f"blocks/{_safe(block)}", keys_filter(keys))
         shared = self.root / "shared" / f"{_safe(block)}.safetensors"
         if shared.exists():
-            with safe_open(str(shared), "pt") as f:
-                flat.update({k: f.get_tensor(k) for k in f.keys()})
+            flat.update(read_file(shared))
         return unflatten(flat)
+
+    def iter_block_inputs(self, block: str, keys: list[str] | None = None) -> Iterator[dict]:
+        """The captured inputs of one block, one dict per chunk (one captured model call), shared inputs in each:
+        what block-by-block work iterates, so memory holds one call's rows."""
+        files, shared = self.block_files(block)
+        return iter_inputs(files, shared, keys)
 
     def final_outputs(self) -> dict:
         out = self._read_chunks("final")
@@ -220,11 +255,7 @@ class CalibrationStore:
             for k in f.keys():
                 name, _, field = k.rpartition(".")
                 out.setdefault(name, {})[field] = f.get_tensor(k)
-        for s in out.values():
-            count = float(s.pop("count").item())
-            s["count"] = int(count)
-            s["rms"] = (s.pop("sumsq") / max(count, 1.0)).sqrt()
-        return out
+        return {name: stats_from_sums(s["absmax"], s["sumsq"], s["count"]) for name, s in out.items()}
 
 
 class StoreWriter:
