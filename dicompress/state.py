@@ -23,7 +23,14 @@ class CompressionState:
     work_dir: Path | None = None                  # where passes checkpoint (run: <output>.work/, kept on failure)
     recipe_hash: str | None = None                # hash of the recipe's model, calibration and passes
     pass_index: int = 0                           # position of the running pass (set by run_passes)
+    # blocks the passes may touch; None = the whole model. The streaming sweep sets it to the one block whose
+    # weights are in memory (the others are on the meta device)
+    scope: tuple[str, ...] | None = None
     _teacher: nn.Module | None = None
+
+    def in_scope(self, name: str) -> bool:
+        """Whether module `name` lies in a block the passes may touch now."""
+        return self.scope is None or any(name == b or name.startswith(b + ".") for b in self.scope)
 
     def checkpoint_key(self, what: str) -> str:
         """`<recipe hash>:<pass index>:<what>`: a checkpoint written under another recipe is refused on resume."""

@@ -38,6 +38,7 @@ def act_targets(model: nn.Module, include, keep) -> list[tuple[str, nn.Module]]:
 class ActQuant(Pass):
     name = "act_quant"
     Config = ActQuantConfig
+    streamable = True
 
     def check(self, previous: list[Pass]) -> list[tuple[str, str]]:
         for i, p in enumerate(previous):
@@ -61,5 +62,8 @@ class ActQuant(Pass):
             state.record(act_entry(name, mod))
             rows.append({"module": name, "method": self.name, "act_bits": c.bits, "granularity": c.granularity,
                          "input_transform": mod.act.describe()})
-        state.add_pass_report(self.name, {"layers_act_quantized": len(rows), "act_bits": c.bits,
-                                          "granularity": c.granularity}, rows)
+        state.add_pass_report(self.name, self.summarize(rows), rows)
+
+    def summarize(self, rows: list[dict]) -> dict:
+        return {"layers_act_quantized": len(rows), "act_bits": self.config.bits,
+                "granularity": self.config.granularity}

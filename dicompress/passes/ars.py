@@ -129,6 +129,7 @@ class ARS(Pass):
     name = "ars"
     Config = ARSConfig
     needs_calibration = True
+    streamable = True
 
     def check(self, previous: list[Pass]) -> list[tuple[str, str]]:
         for i, p in enumerate(previous):
@@ -152,9 +153,12 @@ class ARS(Pass):
             state.record(act_entry(ch.module, lin))
             rows.append({"module": ch.module, "method": self.name, "J": round(ch.J, 5), "transform": ch.transform,
                          "in_features": ch.width, "group": ch.group, "seed": ch.seed, **extra})
-        js = [ch.J for ch in choices]
-        state.add_pass_report(self.name, {
-            "layers_rotated": len(rows), "hadamard": sum(ch.transform == "hadamard" for ch in choices),
-            "outlier_aware": sum(ch.transform == "outlier_aware" for ch in choices),
-            "threshold": c.threshold if c.transform == "auto" else None,
-            "J_min": round(min(js), 5), "J_median": round(statistics.median(js), 5), "J_max": round(max(js), 5)}, rows)
+        state.add_pass_report(self.name, self.summarize(rows), rows)
+
+    def summarize(self, rows: list[dict]) -> dict:
+        c, js = self.config, [r["J"] for r in rows]
+        return {"layers_rotated": len(rows), "hadamard": sum(r["transform"] == "hadamard" for r in rows),
+                "outlier_aware": sum(r["transform"] == "outlier_aware" for r in rows),
+                "threshold": c.threshold if c.transform == "auto" else None,
+                "J_min": min(js, default=None), "J_median": round(statistics.median(js), 5) if js else None,
+                "J_max": max(js, default=None)}

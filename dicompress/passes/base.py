@@ -25,6 +25,9 @@ class Pass:
     needs_teacher: ClassVar[bool] = False       # needs the uncompressed model alongside
     changes_depth: ClassVar[bool] = False       # removes / converts blocks (the calibration names the old ones)
     reads_block_data: ClassVar[bool] = True     # its calibration data is per block / per linear of the captured model
+    # works block by block on `state.scope` (touches nothing outside it and reads only that block's calibration):
+    # the streaming pipeline may run it one block at a time; such a pass implements `summarize`
+    streamable: ClassVar[bool] = False
 
     def __init__(self, config: PassConfig | dict | None = None, **kwargs: Any):
         if config is None:
@@ -39,6 +42,11 @@ class Pass:
 
     def apply(self, state) -> None:  # state: pipeline.CompressionState
         raise NotImplementedError
+
+    def summarize(self, rows: list[dict]) -> dict:
+        """The pass's report summary from its per-layer rows (streamable passes: the streaming pipeline merges
+        the rows of every block, then summarises once, as the in-memory run does)."""
+        raise NotImplementedError(f"{self.name} does not summarise per-layer rows")
 
     def calibration(self, state):
         """The calibration store, or a CalibrationError naming this pass (for direct `apply` calls;
@@ -61,8 +69,8 @@ def select_layers(state, pass_name: str, include, keep, finder=None) -> list:
     from ..nn.surgery import iter_linears
     include = include if include is not None else state.adapter.quant_include
     keep = keep if keep is not None else state.adapter.quant_keep
-    targets = list((finder or iter_linears)(state.model, include, keep))
-    if not targets:
+    targets = [(n, m) for n, m in (finder or iter_linears)(state.model, include, keep) if state.in_scope(n)]
+    if not targets and state.scope is None:
         raise RecipeError(f"no linear matches include {list(include)} minus keep {list(keep)}",
                           key=f"{pass_name}.include",
                           hint=f"check the `include` / `keep` patterns of `{pass_name}` (fnmatch over full dotted "

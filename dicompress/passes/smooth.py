@@ -94,8 +94,17 @@ def plan_groups(model: nn.Module, adapter, selected: list[str], fold: bool) -> l
                 if chosen.intersection(members):
                     groups.append(Group(members, g.fold, ref.name))
                     claimed.update(members)
-    groups += [Group([n], None, "") for n in selected if n not in claimed]
+    blocks = [ref.name for ref in adapter.blocks(model)]
+    owner = {n: next((b for b in blocks if n.startswith(b + ".")), "") for n in selected}
+    groups += [Group([n], None, owner[n]) for n in selected if n not in claimed]
     return groups
+
+
+def block_order(groups: list[Group]) -> list[Group]:
+    """Block by block, each block's groups in `fold_order` (folds never cross blocks), so a whole-model run and
+    a block-by-block (streaming) run change the model, and record the manifest, in the same order."""
+    blocks = dict.fromkeys(g.block for g in groups)
+    return [g for b in blocks for g in fold_order([g for g in groups if g.block == b])]
 
 
 def fold_order(groups: list[Group]) -> list[Group]:
@@ -209,6 +218,7 @@ class Smooth(Pass):
     name = "smooth"
     Config = SmoothConfig
     needs_calibration = True
+    streamable = True
 
     def check(self, previous: list[Pass]) -> list[tuple[str, str]]:
         for i, p in enumerate(previous):
@@ -224,13 +234,16 @@ class Smooth(Pass):
         groups = plan_groups(model, state.adapter, selected, c.fold)
         validate(model, groups, stats)
         scales, rows = {}, []
-        for g in tqdm(fold_order(groups), desc=self.name, unit="group", disable=not state.progress):
+        for g in tqdm(block_order(groups), desc=self.name, unit="group", disable=not state.progress):
             s, r = smooth_group(model, g, stats, c.alpha, state)
             scales.update({m: s for m in g.members})
             rows += r
         position = {n: i for i, (n, _) in enumerate(model.named_modules())}
         rows.sort(key=lambda r: position[r["module"]])
         state.calibration = SmoothedStats(state.calibration, scales)
+        state.add_pass_report(self.name, self.summarize(rows), rows)
+
+    def summarize(self, rows: list[dict]) -> dict:
         folded = sum(r["smoothing"] != "online" for r in rows)
-        state.add_pass_report(self.name, {"layers_smoothed": len(rows), "folded": folded, "online": len(rows) - folded,
-                                          "alpha": c.alpha}, rows)
+        return {"layers_smoothed": len(rows), "folded": folded, "online": len(rows) - folded,
+                "alpha": self.config.alpha}
