@@ -98,11 +98,11 @@ def cache_root(recipe: Recipe) -> Path:
     return Path(base) / "calib"
 
 
-def _calib_key(info, recipe: Recipe, block_inputs: bool, dtype) -> str:
+def _calib_key(info, recipe: Recipe, block_inputs, dtype) -> str:
     weights = sorted(info.path.glob("*.safetensors"))
     stamp = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in weights]
-    # block inputs now come with the model's own inputs: stores captured before that are not reused
-    what = "block+model_inputs" if block_inputs else False
+    # block inputs come with the model's own inputs (and one chunk per model call): older stores are not reused
+    what = block_inputs if isinstance(block_inputs, str) else ("block+model_inputs:per_call" if block_inputs else False)
     blob = json.dumps([str(info.path.resolve()), stamp, recipe.calibration.model_dump(mode="json"),
                        what, str(dtype)], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -152,6 +152,9 @@ def run(recipe: Recipe | str | Path, progress: bool = True, echo=print, **overri
         from .errors import ArtifactError
         raise ArtifactError(f"output {out} already exists", hint="choose another --output, delete it, "
                             "or set `overwrite: true` in the recipe")
+    from .stream import check_streamable
+    if check_streamable(passes, recipe.streaming.enabled):
+        return _run_streaming(recipe, passes, info, out, resolve_device(recipe.device), progress, echo)
     device, owns_group = init_distributed(resolve_device(recipe.device))
     try:
         return _run(recipe, passes, info, out, device, progress, echo)
@@ -161,10 +164,96 @@ def run(recipe: Recipe | str | Path, progress: bool = True, echo=print, **overri
             dist.destroy_process_group()
 
 
-def _run(recipe: Recipe, passes: list[Pass], info, out: Path, device: torch.device, progress: bool, echo) -> dict:
+def _capture_calibration(recipe: Recipe, passes: list[Pass], info, model, adapter, dtype, progress, echo,
+                         lead: bool = True, first_block_only: bool = False):
+    """The recipe's calibration store: reused from the cache when the same capture exists, else captured (by
+    rank 0; the other ranks wait for it). None when the recipe has no calibration."""
     from .calib import CalibrationStore, capture
-    from .distill import rank_world
     from .errors import CalibrationError
+    cfg = recipe.calibration
+    if cfg is None:
+        return None
+    if cfg.source == "classes" and not info.is_zoo:
+        raise CalibrationError(f"calibration source 'classes' needs a model with a class-conditioning table "
+                               f"(zoo models); {info.name} has none",
+                               hint="use source: prompts, embeddings or synthetic")
+    need = any(p.needs_block_inputs for p in passes)
+    block_inputs = need if cfg.block_inputs == "auto" else bool(cfg.block_inputs)
+    what = "first_block+model_inputs" if first_block_only else block_inputs
+    root = cache_root(recipe) / _calib_key(info, recipe, what, dtype)
+    if not lead:
+        _barrier()                                 # rank 0 captures (or finds) the store
+        return CalibrationStore(root)
+    if (root / "meta.json").exists():
+        store = CalibrationStore(root)
+        echo(f"calibration: reusing {root}")
+    else:
+        store = capture(model, adapter, cfg, {"name": info.name, "path": info.path,
+                                              "pipeline_root": info.pipeline_root},
+                        root, block_inputs=block_inputs, progress=progress, first_block_only=first_block_only)
+    _barrier()
+    return store
+
+
+def _run_streaming(recipe: Recipe, passes: list[Pass], info, out: Path, device: torch.device, progress: bool,
+                   echo) -> dict:
+    """The block-by-block path (stream/sweep.py): the same passes, report and artifact as `_run`, with one
+    block's weights in memory at a time."""
+    from .eval import dir_bytes
+    from .io import load, write_artifact_from_shards
+    from .models import load_transformer
+    from .report import artifact_files, build_report
+    from .stream import Sweep, merge_records
+
+    dtype = resolve_dtype(recipe.dtype, device)
+    torch.manual_seed(recipe.seed)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    work_dir = work_dir_for(out)
+    key = f"{recipe_hash(recipe)}:{recipe.streaming.propagate}:{dtype}"
+    sweep = Sweep(info, passes, dtype=dtype, device=device, work_dir=work_dir, key=key,
+                  propagate=recipe.streaming.propagate, progress=progress, echo=echo)
+    timings["load"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    with sweep.capture_model() as model:
+        store = _capture_calibration(recipe, passes, info, model, sweep.adapter, dtype, progress, echo,
+                                     first_block_only=True)
+    timings["calibration"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    records = sweep.run(store)
+    timings["passes"] = time.perf_counter() - t2
+    manifest, merged = merge_records(passes, records)
+    state = sweep.state
+    state.scope, state.calibration, state.manifest, state.report = None, None, manifest, merged
+    state.teacher_factory = lambda: load_transformer(info, dtype, device)  # noqa: E731  (evaluation only)
+    state.progress = progress
+
+    written: dict = {}
+
+    def finish(tmp: Path):
+        if recipe.eval.enabled and info.is_zoo:       # evaluate the artifact as written (it fits: a zoo model)
+            state.model = load(tmp, device=device, torch_dtype=dtype)
+        report = build_report(state, recipe, info, passes, progress=progress, timings=timings)
+        report["streaming"] = {**merged["streaming"], "enabled": True, "propagate": recipe.streaming.propagate}
+        if store is not None:
+            report["calibration"] = {k: store.meta.get(k) for k in ("source", "seeds", "steps", "samples", "rows")}
+        written["report"] = report
+        return report, artifact_files(state, recipe, info, report)
+
+    t3 = time.perf_counter()
+    source = {"model": info.name, "class": info.class_name, "recipe": recipe.source_file}
+    write_artifact_from_shards(sweep.model, sweep.shards(), out, manifest=manifest, source=source, finish=finish,
+                               overwrite=recipe.overwrite)
+    report = written["report"]
+    report["footprint"]["bytes_on_disk"] = dir_bytes(out)
+    report["seconds"]["write"] = round(time.perf_counter() - t3 - report["seconds"].get("eval", 0.0), 2)
+    shutil.rmtree(work_dir, ignore_errors=True)      # the artifact is complete: the finished blocks are in it
+    report["seconds"]["total"] = round(time.perf_counter() - t0, 2)
+    return report
+
+
+def _run(recipe: Recipe, passes: list[Pass], info, out: Path, device: torch.device, progress: bool, echo) -> dict:
+    from .distill import rank_world
     from .models import load_transformer
 
     rank, _ = rank_world()
@@ -179,29 +268,9 @@ def _run(recipe: Recipe, passes: list[Pass], info, out: Path, device: torch.devi
     adapter = adapter_for(model)
     timings["load"] = time.perf_counter() - t0
 
-    store = None
-    if recipe.calibration is not None:
-        t1 = time.perf_counter()
-        cfg = recipe.calibration
-        if cfg.source == "classes" and not info.is_zoo:
-            raise CalibrationError(f"calibration source 'classes' needs a model with a class-conditioning table "
-                                   f"(zoo models); {info.name} has none",
-                                   hint="use source: prompts, embeddings or synthetic")
-        need = any(p.needs_block_inputs for p in passes)
-        block_inputs = need if cfg.block_inputs == "auto" else bool(cfg.block_inputs)
-        root = cache_root(recipe) / _calib_key(info, recipe, block_inputs, dtype)
-        if not lead:
-            _barrier()                                 # rank 0 captures (or finds) the store
-            store = CalibrationStore(root)
-        elif (root / "meta.json").exists():
-            store = CalibrationStore(root)
-            echo(f"calibration: reusing {root}")
-            _barrier()
-        else:
-            store = capture(model, adapter, cfg, {"name": info.name, "path": info.path,
-                                                  "pipeline_root": info.pipeline_root},
-                            root, block_inputs=block_inputs, progress=progress)
-            _barrier()
+    t1 = time.perf_counter()
+    store = _capture_calibration(recipe, passes, info, model, adapter, dtype, progress, echo, lead=lead)
+    if store is not None:
         timings["calibration"] = time.perf_counter() - t1
 
     teacher_factory = lambda: load_transformer(info, dtype, device)  # noqa: E731

@@ -48,6 +48,16 @@ class EvalConfig(_Strict):
     grid: bool = True                       # write samples.png (teacher | compressed)
 
 
+class StreamingConfig(_Strict):
+    """Block-by-block compression: one block's weights in memory at a time, read from the checkpoint's
+    safetensors when it is that block's turn (models larger than memory)."""
+
+    enabled: Literal["auto"] | bool = "auto"      # auto: stream when every pass can (one process)
+    # the next block's calibration inputs: the original block's outputs (as a whole-model capture; the artifact
+    # equals the in-memory run's) or the compressed block's (sequential, as llm-compressor's pipeline)
+    propagate: Literal["original", "compressed"] = "original"
+
+
 class Recipe(_Strict):
     model: str                              # zoo:NAME, a local diffusers directory, or a hub id (already downloaded)
     calibration: CalibrationConfig | None = None
@@ -58,6 +68,7 @@ class Recipe(_Strict):
     seed: int = 0
     overwrite: bool = False
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    streaming: StreamingConfig = Field(default_factory=StreamingConfig)
     source_file: str | None = Field(default=None, exclude=True)
 
     def pass_objects(self) -> list[Pass]:

@@ -17,7 +17,12 @@ def _layer_activation_stats(state) -> None:
         stats = state.calibration.linear_stats()
     except CalibrationError:   # a store without statistics: nothing to add
         return
-    for row in state.report["layers"]:
+    attach_activation_stats(state.report["layers"], stats)
+
+
+def attach_activation_stats(rows: list[dict], stats: dict) -> None:
+    """Each row's layer input absmax and RMS (as the layer sees them: after smoothing) from `stats`."""
+    for row in rows:
         s = stats.get(row.get("module"))
         if s is not None:
             row["act_absmax"] = round(float(s["absmax"].max()), 4)
@@ -78,18 +83,27 @@ def build_report(state, recipe, info, passes, progress=True, timings=None) -> di
     return rep
 
 
-def write_run_artifact(state, recipe, info, report, progress=True) -> Path:
-    from .eval import dir_bytes, save_sample_grid
-    from .io import write_artifact
+def artifact_files(state, recipe, info, report) -> dict[str, bytes]:
+    """The artifact's extra files: what passes produced (e.g. depth_analysis.png), the sample grid, and for zoo
+    models the class-conditioning table, so the artifact samples on its own."""
+    from .eval import save_sample_grid
 
-    files: dict[str, bytes] = dict(state.files)     # what passes produced (e.g. depth_analysis.png)
+    files: dict[str, bytes] = dict(state.files)
     images = report.pop("_images", None)
     if images is not None and recipe.eval.grid:
         buf = io.BytesIO()
         save_sample_grid(images["teacher"], images["student"], buf, images["labels"], per_class=8)
         files["samples.png"] = buf.getvalue()
-    if info.is_zoo:   # the class-conditioning table, so the artifact samples on its own
+    if info.is_zoo:
         files["conditioning.safetensors"] = (info.path / "conditioning.safetensors").read_bytes()
+    return files
+
+
+def write_run_artifact(state, recipe, info, report, progress=True) -> Path:
+    from .eval import dir_bytes
+    from .io import write_artifact
+
+    files = artifact_files(state, recipe, info, report)
     t = time.perf_counter()
     out = Path(recipe.output)
     source = {"model": info.name, "class": info.class_name, "recipe": recipe.source_file}

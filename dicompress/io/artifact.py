@@ -51,6 +51,54 @@ def write_artifact(model: nn.Module, out_dir: str | os.PathLike, *, manifest: li
     renamed into place: a crash at any point leaves `out_dir` absent (or, when overwriting, the old
     artifact intact). Returns the artifact path.
     """
+    out = _check_out(model, out_dir, overwrite)
+    extra = _check_extra_files(files or {})
+    quant_config = _quant_config(manifest, source)
+
+    def fill(tmp: Path) -> None:
+        _write_bytes(tmp / REPORT_NAME, _json_bytes(report, "report"))
+        for name, data in extra.items():
+            _write_bytes(tmp / name, data)
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        # Last: until config.json carries the manifest, the directory is not a dicompress artifact.
+        _add_quantization_config(tmp / CONFIG_NAME, quant_config)
+
+    return _write_atomically(out, fill)
+
+
+def write_artifact_from_shards(config_model: nn.Module, shards: list[Path], out_dir: str | os.PathLike, *,
+                               manifest: list[dict], source: dict, finish, overwrite: bool = False) -> Path:
+    """Write an artifact whose weights are already safetensors files (the streaming pipeline's finished
+    blocks): they become the artifact's shards (hard-linked when on the same file system, else copied), with
+    the index, and `config_model`'s config (+ the manifest). `finish(tmp_dir) -> (report, files)` runs once
+    weights and config are in place (it may load the artifact from there, e.g. to evaluate it); then, as
+    `write_artifact`, everything is fsynced, verified and renamed into place."""
+    out = _check_out(config_model, out_dir, overwrite)
+    quant_config = _quant_config(manifest, source)
+
+    def fill(tmp: Path) -> None:
+        weight_map, total = {}, 0
+        for i, src in enumerate(shards):
+            name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            _link_or_copy(Path(src), tmp / name)
+            for key in read_safetensors_header(tmp / name):
+                if key in weight_map:
+                    raise ArtifactError(f"tensor {key} is in two shards ({weight_map[key]}, {name})")
+                weight_map[key] = name
+            total += (tmp / name).stat().st_size
+        _write_bytes(tmp / INDEX_NAME, _json_bytes({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                   "index"))
+        config_model.save_config(tmp)
+        _add_quantization_config(tmp / CONFIG_NAME, quant_config)
+        report, files = finish(tmp)
+        for name, data in _check_extra_files(files or {}).items():
+            _write_bytes(tmp / name, data)
+        _write_bytes(tmp / REPORT_NAME, _json_bytes(report, "report"))
+
+    return _write_atomically(out, fill)
+
+
+def _check_out(model: nn.Module, out_dir, overwrite: bool) -> Path:
     out = Path(out_dir)
     if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
         raise ModelError(f"cannot write {type(model).__name__}: not a diffusers model (no save_pretrained/config)")
@@ -59,19 +107,21 @@ def write_artifact(model: nn.Module, out_dir: str | os.PathLike, *, manifest: li
                             hint="choose another output directory, or pass overwrite=True (CLI: --overwrite)")
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"{out} exists and is not a directory", hint="remove it or choose another output path")
-    extra = _check_extra_files(files or {})
-    quant_config = {"quant_method": "dicompress", "format_version": FORMAT_VERSION,
-                    "dicompress_version": dicompress_version(), "manifest": list(manifest), "source": dict(source)}
+    return out
 
+
+def _quant_config(manifest: list[dict], source: dict) -> dict:
+    return {"quant_method": "dicompress", "format_version": FORMAT_VERSION,
+            "dicompress_version": dicompress_version(), "manifest": list(manifest), "source": dict(source)}
+
+
+def _write_atomically(out: Path, fill) -> Path:
+    """`fill(tmp)` writes the artifact into a hidden sibling temp directory, which is fsynced, verified and only
+    then renamed to `out`: a crash at any point leaves `out` absent (or, when overwriting, the old one intact)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _write_bytes(tmp / REPORT_NAME, _json_bytes(report, "report"))
-        for name, data in extra.items():
-            _write_bytes(tmp / name, data)
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
-        # Last: until config.json carries the manifest, the directory is not a dicompress artifact.
-        _add_quantization_config(tmp / CONFIG_NAME, quant_config)
+        fill(tmp)
         _fsync_tree(tmp)
         verify_artifact(tmp)
         _swap_into_place(tmp, out)
@@ -79,6 +129,13 @@ def write_artifact(model: nn.Module, out_dir: str | os.PathLike, *, manifest: li
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)          # the work directory sits beside the output: no copy of the weights
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def _check_extra_files(files: dict[str, bytes]) -> dict[str, bytes]:

@@ -1,0 +1,126 @@
+"""A diffusers checkpoint read block by block: the model's module tree on the meta device, and each block's
+weights read from its safetensors (memory-mapped, shard-aware) only while that block is needed."""
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..errors import ModelError
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = WEIGHTS_NAME + ".index.json"
+
+
+class Checkpoint:
+    """The safetensors weights of one diffusers transformer directory, tensor by tensor."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ModelError(f"{index} is unreadable: {e}", hint="download or save the checkpoint again") from e
+            self.files = {name: self.path / f for name, f in weight_map.items()}
+        elif (self.path / WEIGHTS_NAME).is_file():
+            with safe_open(str(self.path / WEIGHTS_NAME), "pt") as f:
+                self.files = dict.fromkeys(f.keys(), self.path / WEIGHTS_NAME)
+        else:
+            raise ModelError(f"{self.path} has no safetensors weights ({WEIGHTS_NAME} or {INDEX_NAME}); streaming "
+                             "reads safetensors only",
+                             hint="save the model with `save_pretrained(dir, safe_serialization=True)`, or set "
+                                  "`streaming: {enabled: false}` in the recipe")
+        missing = sorted({str(p) for p in self.files.values() if not p.is_file()})
+        if missing:
+            raise ModelError(f"checkpoint shard(s) listed in {INDEX_NAME} are missing: {', '.join(missing[:3])}",
+                             hint="the download is incomplete; download the model again")
+        self._open: dict[Path, object] = {}
+
+    def _handle(self, file: Path):
+        if file not in self._open:   # safe_open memory-maps the file: reading a tensor touches its bytes only
+            self._open[file] = safe_open(str(file), "pt")
+        return self._open[file]
+
+    def names(self, prefix: str = "") -> list[str]:
+        return [n for n in self.files if not prefix or n.startswith(prefix + ".")]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._handle(self.files[name]).get_tensor(name)
+
+    def state_dict(self, names, strip: str = "", dtype: torch.dtype | None = None, device="cpu") -> dict:
+        """Tensors `names` (floats cast to `dtype`), keys without the `strip` prefix."""
+        out = {}
+        for n in names:
+            t = self.tensor(n)
+            t = t.to(device=device, dtype=dtype) if dtype is not None and t.is_floating_point() else t.to(device)
+            out[n[len(strip):]] = t
+        return out
+
+    def load_module(self, model: nn.Module, name: str, dtype: torch.dtype, device) -> nn.Module:
+        """Give submodule `name` (on the meta device) its weights from the checkpoint; returns it."""
+        module = model.get_submodule(name)
+        sd = self.state_dict(self.names(name), strip=name + ".", dtype=dtype, device=device)
+        self._check(sd, module.state_dict(), f"{type(model).__name__}.{name}")
+        module.load_state_dict(sd, assign=True)
+        return module
+
+    def _check(self, got: dict, want: dict, where: str) -> None:
+        lost, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        shapes = [f"{k} {tuple(got[k].shape)} != {tuple(want[k].shape)}" for k in sorted(set(got) & set(want))
+                  if got[k].shape != want[k].shape]
+        if lost or extra or shapes:
+            raise ModelError(f"checkpoint {self.path} does not match {where}: "
+                             + "; ".join(f"{what} {items[:3]}" for what, items in
+                                         (("missing", lost), ("unexpected", extra), ("shapes", shapes)) if items),
+                             hint="the checkpoint belongs to another architecture or configuration")
+
+    def load_root(self, model: nn.Module, blocks: list[str], dtype: torch.dtype, device) -> None:
+        """Load every weight outside `blocks` (embedders, output head): small, and needed throughout."""
+        def in_block(n):
+            return any(n.startswith(b + ".") for b in blocks)
+        want = {n: t for n, t in model.state_dict().items() if not in_block(n)}
+        sd = self.state_dict([n for n in self.files if not in_block(n)], dtype=dtype, device=device)
+        self._check(sd, want, type(model).__name__)
+        model.load_state_dict(sd, strict=False, assign=True)
+
+
+def skeleton(class_name: str, path: Path) -> nn.Module:
+    """The model's module tree from its config: parameters on the meta device, buffers real (as diffusers'
+    from_pretrained builds it), so non-persistent buffers such as rotary tables are computed."""
+    import diffusers
+    from accelerate import init_empty_weights
+    cls = getattr(diffusers, class_name)
+    with init_empty_weights():
+        model = cls.from_config(cls.load_config(str(path)))
+    model.register_to_config(_name_or_path=str(path))    # as from_pretrained records it (config.json)
+    return model.eval().requires_grad_(False)
+
+
+def release(module: nn.Module) -> None:
+    """Drop a block's tensors (parameters and buffers go to the meta device; shapes and dtypes stay)."""
+    module.to("meta")
+
+
+@contextmanager
+def offloaded(model: nn.Module, blocks: list[str], checkpoint: Checkpoint, dtype: torch.dtype, device):
+    """While active, each block is read from the checkpoint when it is called and released when it returns:
+    the whole model runs with one block's weights in memory (calibration's sampling loop)."""
+    handles = []
+    for name in blocks:
+        block = model.get_submodule(name)
+        handles.append(block.register_forward_pre_hook(
+            lambda mod, args, name=name: checkpoint.load_module(model, name, dtype, device) and None))
+        handles.append(block.register_forward_hook(lambda mod, args, out: release(mod)))
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+        for name in blocks:
+            release(model.get_submodule(name))

@@ -1,0 +1,212 @@
+"""Streaming (block-by-block) compression: same artifact as the in-memory run, one block in memory, resumable."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+import dicompress
+from dicompress.errors import DicompressError, ModelError, RecipeError
+from dicompress.models import load_transformer, resolve_model
+from dicompress.passes.base import PASSES, Pass
+from dicompress.stream import Checkpoint, Sweep, offloaded, skeleton
+
+W4A8 = [{"smooth": {"alpha": 0.5}}, {"ars": {"threshold": 1.0}}, {"tlq": {"bits": 4, "gptq": True}},
+        {"act_quant": {"bits": 8}}]
+
+
+def _recipe(path: Path, model, out, passes=W4A8, calibration=None, **extra) -> Path:
+    cal = calibration or {"source": "classes", "classes": [0, 1, 2], "seeds": [0], "steps": 3, "batch_size": 3}
+    path.write_text(yaml.safe_dump({"model": str(model), "output": str(out), "passes": passes,
+                                    "calibration": {**cal, "cache_dir": str(path.parent / "cache")},
+                                    "eval": {"enabled": False}, **extra}))
+    return path
+
+
+def _tensors(artifact: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(artifact.glob("diffusion_pytorch_model*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+def _config(artifact: Path) -> dict:
+    return json.loads((artifact / "config.json").read_text())
+
+
+def assert_same_artifact(a: Path, b: Path) -> None:
+    ta, tb = _tensors(a), _tensors(b)
+    assert set(ta) == set(tb)
+    differ = [k for k in ta if ta[k].dtype != tb[k].dtype or not torch.equal(ta[k], tb[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+    ca, cb = _config(a), _config(b)
+    assert ca["quantization_config"]["manifest"] == cb["quantization_config"]["manifest"]
+    for c in (ca, cb):
+        c["quantization_config"].pop("dicompress_version")
+        c["quantization_config"]["source"].pop("recipe")      # the recipe files' paths differ
+    assert ca == cb
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_zoo_dir, tmp_path_factory):
+    """The W4A8 recipe run in memory and streamed (propagate: original)."""
+    d = tmp_path_factory.mktemp("streaming")
+    mem = dicompress.run(_recipe(d / "mem.yaml", tiny_zoo_dir, d / "mem", streaming={"enabled": False}),
+                         progress=False)
+    streamed = dicompress.run(_recipe(d / "st.yaml", tiny_zoo_dir, d / "st", streaming={"enabled": True}),
+                              progress=False)
+    return d, mem, streamed
+
+
+def test_streamed_artifact_equals_in_memory_bit_for_bit(runs):
+    d, mem, streamed = runs
+    assert "streaming" not in mem and streamed["streaming"]["enabled"] is True
+    assert streamed["streaming"]["resumed_blocks"] == 0 and len(streamed["streaming"]["blocks"]) == 4
+    assert_same_artifact(d / "mem", d / "st")
+    # the report's per-layer facts (GPTQ output SQNR, J, input statistics ...) are the same numbers too
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(mem["layers"]) == strip(streamed["layers"])
+    assert [p["pass"] for p in streamed["passes"]] == ["smooth", "ars", "tlq", "act_quant"]
+    assert [{k: v for k, v in p.items() if k != "seconds"} for p in mem["passes"]] == \
+        [{k: v for k, v in p.items() if k != "seconds"} for p in streamed["passes"]]
+    assert not (d / "st.work").exists()
+    loaded = dicompress.load(d / "st")
+    assert type(loaded.transformer_blocks[0].attn.to_q).__name__ == "QuantLinear"
+
+
+def test_killed_run_resumes_from_finished_blocks(runs, tiny_zoo_dir, tmp_path, monkeypatch):
+    d, _, _ = runs
+    recipe = _recipe(tmp_path / "r.yaml", tiny_zoo_dir, tmp_path / "out", streaming={"enabled": True})
+    real = Sweep._compress
+
+    def killed_at_third(self, b, ref, store):
+        if b == 2:
+            raise KeyboardInterrupt
+        return real(self, b, ref, store)
+
+    monkeypatch.setattr(Sweep, "_compress", killed_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        dicompress.run(recipe, progress=False)
+    assert not (tmp_path / "out").exists()                      # nothing that could load as complete
+    assert not list(tmp_path.glob(".out.tmp-*"))
+    records = sorted(p.name for p in (tmp_path / "out.work" / "stream" / "records").iterdir())
+    assert records == ["transformer_blocks.0.json", "transformer_blocks.1.json"]
+    compressed = []
+    monkeypatch.setattr(Sweep, "_compress", lambda self, b, ref, store: compressed.append(ref.name)
+                        or real(self, b, ref, store))
+    report = dicompress.run(recipe, progress=False)
+    assert compressed == ["single_transformer_blocks.0", "single_transformer_blocks.1"]
+    assert report["streaming"]["resumed_blocks"] == 2
+    assert_same_artifact(d / "st", tmp_path / "out")
+    assert not (tmp_path / "out.work").exists()
+
+
+def test_work_dir_of_another_recipe_is_refused(tiny_zoo_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(Sweep, "_compress", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        dicompress.run(_recipe(tmp_path / "a.yaml", tiny_zoo_dir, tmp_path / "out"), progress=False)
+    other = W4A8[:2] + [{"tlq": {"bits": 3, "gptq": True}}] + W4A8[3:]
+    with pytest.raises(DicompressError, match="different recipe"):
+        dicompress.run(_recipe(tmp_path / "b.yaml", tiny_zoo_dir, tmp_path / "out", passes=other), progress=False)
+
+
+def test_propagating_compressed_outputs_changes_later_blocks_only(runs, tiny_zoo_dir, tmp_path):
+    d, _, _ = runs
+    dicompress.run(_recipe(tmp_path / "r.yaml", tiny_zoo_dir, tmp_path / "seq",
+                           streaming={"enabled": True, "propagate": "compressed"}), progress=False)
+    a, b = _tensors(d / "st"), _tensors(tmp_path / "seq")
+    differ = {k.split(".")[0] + "." + k.split(".")[1] for k in a if not torch.equal(a[k], b[k])}
+    assert "transformer_blocks.0" not in differ                       # same inputs: same block
+    assert "single_transformer_blocks.1" in differ                    # inputs from the compressed blocks before
+
+
+def test_streaming_with_a_pass_that_needs_the_whole_model_is_a_recipe_error(tiny_zoo_dir, tmp_path):
+    recipe = _recipe(tmp_path / "r.yaml", tiny_zoo_dir, tmp_path / "o", streaming={"enabled": True},
+                     passes=[{"amber_depth": {"remove_blocks": 1}}])
+    with pytest.raises(RecipeError, match="streaming.enabled.*amber_depth"):
+        dicompress.run(recipe, progress=False)
+
+
+class _OneBlockProbe(Pass):
+    """Test pass: records which blocks have real weights while the passes run."""
+    name = "_one_block_probe"
+    streamable = True
+    seen: list = []
+
+    def apply(self, state):
+        real = [ref.name for ref in state.adapter.blocks(state.model)
+                if not next(state.model.get_submodule(ref.name).parameters()).is_meta]
+        type(self).seen.append((state.scope, real))
+        state.add_pass_report(self.name, {}, [{"module": state.scope[0], "method": self.name}])
+
+    def summarize(self, rows):
+        return {"blocks": len(rows)}
+
+
+@pytest.fixture
+def probe():
+    PASSES[_OneBlockProbe.name] = _OneBlockProbe
+    _OneBlockProbe.seen.clear()
+    yield _OneBlockProbe
+    PASSES.pop(_OneBlockProbe.name)
+
+
+def test_only_the_block_being_compressed_is_in_memory(tiny_zoo_dir, tmp_path, probe):
+    report = dicompress.run(_recipe(tmp_path / "r.yaml", tiny_zoo_dir, tmp_path / "o",
+                                    passes=[{"_one_block_probe": {}}, {"tlq": {"bits": 4}}]), progress=False)
+    assert report["streaming"]["enabled"] is True                    # auto: every pass can stream
+    assert [real for _, real in _OneBlockProbe.seen] == [[scope[0]] for scope, _ in _OneBlockProbe.seen]
+    assert len(_OneBlockProbe.seen) == 4 and report["passes"][0]["blocks"] == 4
+
+
+def test_offloaded_forward_equals_the_loaded_model_and_releases_blocks(tiny_zoo_dir):
+    info = resolve_model(str(tiny_zoo_dir))
+    ref = load_transformer(info)
+    ckpt = Checkpoint(info.path)
+    model = skeleton(info.class_name, info.path)
+    blocks = [f"transformer_blocks.{i}" for i in range(2)] + [f"single_transformer_blocks.{i}" for i in range(2)]
+    ckpt.load_root(model, blocks, torch.float32, "cpu")
+    from dicompress.arch import adapter_for
+    kw = adapter_for(ref).synthetic_inputs(ref, 2, torch.Generator().manual_seed(0))
+    with torch.no_grad(), offloaded(model, blocks, ckpt, torch.float32, "cpu"):
+        out = model(**kw).sample
+    assert torch.equal(out, ref(**kw).sample)
+    assert all(p.is_meta for b in blocks for p in model.get_submodule(b).parameters())
+
+
+def test_checkpoint_reads_shards_and_refuses_a_mismatch(tiny_zoo_dir, tmp_path):
+    info = resolve_model(str(tiny_zoo_dir))
+    model = load_transformer(info)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").exists()
+    ckpt = Checkpoint(tmp_path / "sharded")
+    sk = skeleton(info.class_name, tmp_path / "sharded")
+    block = ckpt.load_module(sk, "transformer_blocks.1", torch.float32, "cpu")
+    for k, v in model.transformer_blocks[1].state_dict().items():
+        assert torch.equal(block.state_dict()[k], v)
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "sharded", other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["num_attention_heads"] = 4
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="does not match"):
+        Checkpoint(other).load_module(skeleton(info.class_name, other), "transformer_blocks.0", torch.float32, "cpu")
+    (tmp_path / "sharded" / sorted((tmp_path / "sharded").glob("*-00002-*"))[0].name).unlink()
+    with pytest.raises(ModelError, match="missing"):
+        Checkpoint(tmp_path / "sharded")
+
+
+def test_synthetic_qwenimage_streams_like_in_memory(tiny_qwen_dir, tmp_path):
+    """Data-free calibration stops each forward after the first block's inputs; GPTQ sees the same data."""
+    cal = {"source": "synthetic", "seeds": [0], "steps": 2, "batch_size": 2}
+    passes = [{"tlq": {"bits": 4, "gptq": True}}]
+    for name, enabled in (("mem", False), ("st", True)):
+        dicompress.run(_recipe(tmp_path / f"{name}.yaml", tiny_qwen_dir, tmp_path / name, passes=passes,
+                               calibration=cal, streaming={"enabled": enabled}), progress=False)
+    assert_same_artifact(tmp_path / "mem", tmp_path / "st")
