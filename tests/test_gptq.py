@@ -152,3 +152,14 @@ def test_recipe_errors_name_the_key():
         parse_recipe({**base, "passes": [{"tlq": {"bits": 4, "gptq": True}}]}, "r.yaml")
     with pytest.raises(RecipeError, match="gptq_damp"):
         parse_recipe({**base, "passes": [{"tlq": {"bits": 4, "gptq_damp": 0.1}}]}, "r.yaml")
+
+
+def test_permute_symmetric_in_place_equals_indexing():
+    from dicompress.quant.gptq import permute_symmetric_
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(37, 37, generator=g)
+    h = a @ a.T
+    perm = torch.randperm(37, generator=g)
+    want = h[perm][:, perm]
+    got = permute_symmetric_(h, perm)
+    assert got.data_ptr() == h.data_ptr() and torch.equal(got, want)

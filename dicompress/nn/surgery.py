@@ -1,7 +1,6 @@
 """Module surgery in one place: find, replace and select submodules by dotted name."""
 from __future__ import annotations
 
-from contextlib import contextmanager
 from fnmatch import fnmatchcase
 from typing import Iterable, Iterator
 
@@ -21,17 +20,6 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     old = getattr(parent, child)
     setattr(parent, child, new)
     return old
-
-
-@contextmanager
-def swapped(model: nn.Module, modules: dict[str, nn.Module]):
-    """Temporarily put `modules` (name -> module) in place; whatever was there comes back on exit."""
-    before = {name: set_module(model, name, mod) for name, mod in modules.items()}
-    try:
-        yield model
-    finally:
-        for name, mod in before.items():
-            set_module(model, name, mod)
 
 
 def matches(name: str, patterns: Iterable[str]) -> bool:

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import math
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
 from typing import Callable, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..nn.qlinear import QuantLinear
@@ -69,30 +73,39 @@ def quantize_linears(state, pass_name: str, config: WeightQuantConfig, codec: st
     add the pass's report (one row per layer). With `config.gptq`, block by block: the block's input
     Hessians are collected, then its linears take GPTQ codes on the grid `quantize` chose."""
     targets = select_layers(state, pass_name, config.include, config.keep)
-    gs, rows = config.effective_group_size, []
-    hessians = _hessians_by_block(state, targets) if config.gptq else None
-    for name, linear in tqdm(targets, desc=pass_name, unit="layer", disable=not state.progress):
-        w = linear.weight.detach().float()
-        codes, buffers, info = quantize(w, config.bits, gs)
-        row = {}
-        h = hessians(name) if hessians else None
-        if h is not None:
-            plain = get_codec(codec).dequantize(codes, buffers, config.bits, gs)
-            codes = gptq_codes(w, h, column_quantizer(buffers, config.bits, gs), damp=config.gptq_damp,
-                               act_order=config.gptq_act_order)
-            w_hat = get_codec(codec).dequantize(codes, buffers, config.bits, gs)
-            info = {**info, **weight_error(w, w_hat)}
-            row = {"output_sqnr_db": _finite(output_sqnr_db(w, w_hat, h)),
-                   "output_sqnr_db_rounding": _finite(output_sqnr_db(w, plain, h))}
-        # a TransformedLinear's weight is already in its input transform's basis: the transform moves along
-        q = QuantLinear.from_linear_codes(linear, codes, buffers, codec, config.bits, gs,
-                                          act=getattr(linear, "act", None))
-        set_module(state.model, name, q)
-        state.record(q.manifest_entry(name))
-        rows.append({"module": name, "method": pass_name, "bits": config.bits, "group_size": gs,
-                     "eta": info["eta"], "percentile": info["percentile"],
-                     "sqnr_db": _finite(info["sqnr_db"]), **row,   # None = exact
-                     "shape": [q.out_features, q.in_features]})
+    gs, rows, n = config.effective_group_size, [], len(targets)
+    with BlockHessians(state, [t[0] for t in targets]) if config.gptq else nullcontext() as hessians:
+        bar = tqdm(total=n, desc=pass_name, unit="layer", disable=not state.progress)
+        targets.reverse()
+        while targets:        # popped, so a float linear is freed once its QuantLinear replaces it
+            name, linear = targets.pop()
+            w = linear.weight.detach().float()
+            codes, buffers, info = quantize(w, config.bits, gs)
+            row = {}
+            if hessians is not None and hessians.covers(name):
+                dq = get_codec(codec).dequantize
+                plain = dq(codes, buffers, config.bits, gs)
+                del codes     # GPTQ's working set for a 15360-wide layer is ~1.5 GB: hold nothing spare
+                codes = gptq_codes(w, hessians.load(name), column_quantizer(buffers, config.bits, gs),
+                                   damp=config.gptq_damp, act_order=config.gptq_act_order, overwrite=True)
+                w_hat = dq(codes, buffers, config.bits, gs)
+                info = {**info, **weight_error(w, w_hat)}
+                h = hessians.load(name)
+                row = {"output_sqnr_db": _finite(output_sqnr_db(w, w_hat, h)),
+                       "output_sqnr_db_rounding": _finite(output_sqnr_db(w, plain, h))}
+                del h, plain, w_hat
+            # a TransformedLinear's weight is already in its input transform's basis: the transform moves along
+            q = QuantLinear.from_linear_codes(linear, codes, buffers, codec, config.bits, gs,
+                                              act=getattr(linear, "act", None))
+            del codes, w, linear
+            set_module(state.model, name, q)
+            state.record(q.manifest_entry(name))
+            rows.append({"module": name, "method": pass_name, "bits": config.bits, "group_size": gs,
+                         "eta": info["eta"], "percentile": info["percentile"],
+                         "sqnr_db": _finite(info["sqnr_db"]), **row,   # None = exact
+                         "shape": [q.out_features, q.in_features]})
+            bar.update(1)
+        bar.close()
     state.add_pass_report(pass_name, summarize_weight_quant(rows, config.gptq), rows)
 
 
@@ -111,34 +124,49 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _hessians_by_block(state, targets):
-    """name -> H for the targets, computed one block at a time and, within a block, one phase at a time
-    (`hessian_phases`: the Hessians held at once stay under a byte budget); each H is handed out once and
-    dropped. The block always runs with its float linears (those quantized already are swapped back for the
-    forward), so every H sees the inputs the float block gives. None for linears outside the adapter's blocks."""
-    from ..calib.hessian import block_hessians, hessian_phases
-    from ..nn.surgery import swapped
-    blocks = [b.name for b in state.adapter.blocks(state.model)]
-    owner = {name: next((b for b in blocks if name.startswith(b + ".")), None) for name, _ in targets}
-    floats = dict(targets)
-    cache: dict = {"block": None, "phases": [], "h": {}}
-    store = state.calibration
+class BlockHessians:
+    """The targets' input Hessians, block by block, held on disk: when a block's first target is asked for (all
+    its targets are still float then: targets come in block order), every phase of that block is collected
+    (`hessian_phases`, one block forward each) and written to a temporary directory, so the block's float
+    linears can be freed one by one as they are quantized and GPTQ holds one Hessian at a time."""
 
-    def hessian(name):
-        block = owner[name]
-        if block is None:
-            return None
-        if cache["block"] != block:
-            mods = {n: m for n, m in targets if owner[n] == block}
-            cache.update(block=block, phases=hessian_phases(mods), h={})
-        if name not in cache["h"]:
-            phase = next(p for p in cache["phases"] if name in p)
-            mine = {n: floats[n] for n, _ in targets if owner[n] == block}
-            with swapped(state.model, mine):
-                cache["h"] = block_hessians(state.model.get_submodule(block), state.adapter,
-                                            store.iter_block_inputs(block), {n: floats[n] for n in phase})
-        return cache["h"].pop(name)
-    return hessian
+    def __init__(self, state, names: list[str]):
+        self.state = state
+        blocks = [b.name for b in state.adapter.blocks(state.model)]
+        self.owner = {n: next((b for b in blocks if n.startswith(b + ".")), None) for n in names}
+        self.names, self.block = names, None
+
+    def __enter__(self) -> "BlockHessians":
+        base = self.state.work_dir if self.state.work_dir is not None and self.state.work_dir.is_dir() else None
+        self._tmp = tempfile.TemporaryDirectory(prefix="dicompress-hessians-", dir=base)
+        self.dir = Path(self._tmp.name)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._tmp.cleanup()
+
+    def covers(self, name: str) -> bool:
+        """Whether `name` lies in one of the adapter's blocks (GPTQ needs that block's inputs)."""
+        return self.owner.get(name) is not None
+
+    def load(self, name: str) -> torch.Tensor:
+        block = self.owner[name]
+        if block != self.block:
+            self._collect(block)
+        return load_file(str(self.dir / f"{name}.safetensors"))["h"]
+
+    def _collect(self, block: str) -> None:
+        from ..calib.hessian import block_hessians, hessian_phases
+        for f in self.dir.glob("*.safetensors"):
+            f.unlink()
+        model, store = self.state.model, self.state.calibration
+        linears = {n: model.get_submodule(n) for n in self.names if self.owner[n] == block}
+        for phase in hessian_phases(linears):
+            hs = block_hessians(model.get_submodule(block), self.state.adapter, store.iter_block_inputs(block),
+                                {n: linears[n] for n in phase})
+            for n in phase:
+                save_file({"h": hs.pop(n)}, str(self.dir / f"{n}.safetensors"))
+        self.block = block
 
 
 class WeightQuantPass(Pass):

@@ -45,10 +45,32 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     return torch.linalg.cholesky(h, upper=True, out=h)
 
 
+def permute_symmetric_(h: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """h <- h[perm][:, perm] in place, one row / column of scratch (following the permutation's cycles), where
+    a copy would double the memory of a [15360, 15360] Hessian."""
+    p = perm.tolist()
+    for view in (h, h.T):                      # rows, then columns (rows of the transposed view)
+        seen = [False] * len(p)
+        for start in range(len(p)):
+            if seen[start] or p[start] == start:
+                seen[start] = True
+                continue
+            scratch, i = view[start].clone(), start
+            while True:                        # new[i] = old[p[i]] along the cycle through `start`
+                seen[i] = True
+                if p[i] == start:
+                    view[i].copy_(scratch)
+                    break
+                view[i].copy_(view[p[i]])
+                i = p[i]
+    return h
+
+
 def gptq_codes(w: torch.Tensor, hessian: torch.Tensor, quant_col: ColumnQuantizer, *, damp: float = 0.01,
-               block_size: int = 128, act_order: bool = True) -> torch.Tensor:
+               block_size: int = 128, act_order: bool = True, overwrite: bool = False) -> torch.Tensor:
     """Codes int64 [out, in] for w [out, in] given H [in, in] (the layer's input second moment) and a
-    column quantizer on a fixed grid. Math in float64 up to FLOAT64_MAX_IN inputs, float32 above."""
+    column quantizer on a fixed grid (codes of up to 8 bits). Math in float64 up to FLOAT64_MAX_IN inputs,
+    float32 above. `overwrite`: work in `hessian`'s memory (a float32 H of a wide layer is then not copied)."""
     out, n = w.shape
     if hessian.shape != (n, n):
         raise ValueError(f"Hessian {tuple(hessian.shape)} does not match in_features {n}")
@@ -58,11 +80,12 @@ def gptq_codes(w: torch.Tensor, hessian: torch.Tensor, quant_col: ColumnQuantize
     perm = torch.argsort(torch.where(dead, 1.0, diag), descending=True) if act_order \
         else torch.arange(n, device=w.device)
     W = w.detach().to(dtype)[:, perm]
-    H = hessian.detach().index_select(0, perm).index_select(1, perm).to(dtype)   # the one [n, n] working copy
+    H = hessian.detach() if overwrite and hessian.dtype == dtype else hessian.detach().to(dtype, copy=True)
+    permute_symmetric_(H, perm)
     dead = dead[perm]
     H[dead, dead] = 1.0
     U = inverse_hessian_factor(H, damp)
-    codes = torch.empty(out, n, dtype=torch.long, device=w.device)
+    codes = torch.empty(out, n, dtype=torch.uint8, device=w.device)   # int64 would be twice the fp32 weight
     for b0 in range(0, n, block_size):
         b1 = min(n, b0 + block_size)
         Wb, Ub = W[:, b0:b1].clone(), U[b0:b1, b0:b1]
@@ -70,12 +93,13 @@ def gptq_codes(w: torch.Tensor, hessian: torch.Tensor, quant_col: ColumnQuantize
         for j in range(b1 - b0):
             col = Wb[:, j]
             c, q = quant_col(col.float(), int(perm[b0 + j]))
-            codes[:, perm[b0 + j]] = c
+            codes[:, perm[b0 + j]] = c.to(torch.uint8)
             e = (col - q.to(dtype)) / Ub[j, j]
             Wb[:, j + 1:] -= e[:, None] * Ub[j, j + 1:][None, :]
             err[:, j] = e
         W[:, b1:] -= err @ U[b0:b1, b1:]
-    return codes
+    del W, H, U
+    return codes.long()
 
 
 def output_sqnr_db(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
