@@ -163,3 +163,20 @@ def test_permute_symmetric_in_place_equals_indexing():
     want = h[perm][:, perm]
     got = permute_symmetric_(h, perm)
     assert got.data_ptr() == h.data_ptr() and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_inverse_hessian_factor_in_place_matches_torch(dtype):
+    from dicompress.quant.gptq import inverse_hessian_factor
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 48, generator=g, dtype=torch.float64)
+    h = (x.T @ x / 200).to(dtype)
+    d = torch.arange(48)
+    damped = h.double().clone()
+    damped[d, d] += 0.01 * float(damped.diagonal().mean())
+    want = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    work = h.clone()
+    u = inverse_hessian_factor(work, 0.01)
+    assert u.data_ptr() == work.data_ptr() and u.dtype == dtype
+    torch.testing.assert_close(u.double(), want, rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=1e-5)
+    assert torch.equal(u.tril(-1), torch.zeros_like(u))      # upper triangular

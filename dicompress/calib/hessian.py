@@ -62,7 +62,10 @@ def block_hessians(module: nn.Module, adapter, batches: Iterable[dict],
     def hook(name):
         def pre(mod, args):
             x = weight_basis(mod, args[0]).reshape(-1, mod.in_features).float()
-            acc[name] += (x.T @ x).cpu()
+            if x.device == acc[name].device:
+                acc[name].addmm_(x.T, x)                  # in place: no second [in, in] matrix
+            else:                                         # GPU: multiply there, accumulate on the CPU
+                acc[name].add_((x.T @ x).cpu())
             count[name] += x.shape[0]
         return pre
 

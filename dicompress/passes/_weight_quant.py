@@ -7,15 +7,15 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Literal
 
+import numpy as np
 import torch
 from pydantic import Field, field_validator, model_validator
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..nn.qlinear import QuantLinear
 from ..nn.surgery import set_module
 from ..quant.codecs import get_codec
-from ..quant.gptq import gptq_codes, output_sqnr_db
+from ..quant.gptq import gptq_codes, hessian_quadratic_forms, sqnr_db
 from ..quant.tlq import weight_error
 from .base import Pass, PassConfig, select_layers
 
@@ -83,17 +83,19 @@ def quantize_linears(state, pass_name: str, config: WeightQuantConfig, codec: st
             codes, buffers, info = quantize(w, config.bits, gs)
             row = {}
             if hessians is not None and hessians.covers(name):
+                # a 15360-wide layer's Hessian is 0.9 GB: whole in memory only while GPTQ works in it; the output
+                # errors read it from disk in row blocks
                 dq = get_codec(codec).dequantize
-                plain = dq(codes, buffers, config.bits, gs)
-                del codes     # GPTQ's working set for a 15360-wide layer is ~1.5 GB: hold nothing spare
+                signal, noise_rounding = hessians.quadratic(name, [w, w - dq(codes, buffers, config.bits, gs)])
+                del codes
                 codes = gptq_codes(w, hessians.load(name), column_quantizer(buffers, config.bits, gs),
                                    damp=config.gptq_damp, act_order=config.gptq_act_order, overwrite=True)
                 w_hat = dq(codes, buffers, config.bits, gs)
                 info = {**info, **weight_error(w, w_hat)}
-                h = hessians.load(name)
-                row = {"output_sqnr_db": _finite(output_sqnr_db(w, w_hat, h)),
-                       "output_sqnr_db_rounding": _finite(output_sqnr_db(w, plain, h))}
-                del h, plain, w_hat
+                noise, = hessians.quadratic(name, [w - w_hat])
+                del w_hat
+                row = {"output_sqnr_db": _finite(sqnr_db(signal, noise)),
+                       "output_sqnr_db_rounding": _finite(sqnr_db(signal, noise_rounding))}
             # a TransformedLinear's weight is already in its input transform's basis: the transform moves along
             q = QuantLinear.from_linear_codes(linear, codes, buffers, codec, config.bits, gs,
                                               act=getattr(linear, "act", None))
@@ -127,14 +129,15 @@ def _finite(x: float) -> float | None:
 class BlockHessians:
     """The targets' input Hessians, block by block, held on disk: when a block's first target is asked for (all
     its targets are still float then: targets come in block order), every phase of that block is collected
-    (`hessian_phases`, one block forward each) and written to a temporary directory, so the block's float
-    linears can be freed one by one as they are quantized and GPTQ holds one Hessian at a time."""
+    (`hessian_phases`, one block forward each) and written to a temporary directory as raw float32, so the
+    block's float linears can be freed one by one as they are quantized and GPTQ holds one Hessian at a time
+    (plain reads, not memory maps: mapped pages would count as resident)."""
 
     def __init__(self, state, names: list[str]):
         self.state = state
         blocks = [b.name for b in state.adapter.blocks(state.model)]
         self.owner = {n: next((b for b in blocks if n.startswith(b + ".")), None) for n in names}
-        self.names, self.block = names, None
+        self.names, self.block, self.shapes = names, None, {}
 
     def __enter__(self) -> "BlockHessians":
         base = self.state.work_dir if self.state.work_dir is not None and self.state.work_dir.is_dir() else None
@@ -149,15 +152,29 @@ class BlockHessians:
         """Whether `name` lies in one of the adapter's blocks (GPTQ needs that block's inputs)."""
         return self.owner.get(name) is not None
 
+    def _path(self, name: str) -> Path:
+        if self.owner[name] != self.block:
+            self._collect(self.owner[name])
+        return self.dir / f"{name}.f32"
+
     def load(self, name: str) -> torch.Tensor:
-        block = self.owner[name]
-        if block != self.block:
-            self._collect(block)
-        return load_file(str(self.dir / f"{name}.safetensors"))["h"]
+        path = self._path(name)
+        n = self.shapes[name]
+        return torch.from_numpy(np.fromfile(path, dtype=np.float32)).view(n, n)
+
+    def quadratic(self, name: str, mats: list[torch.Tensor], rows: int = 256) -> list[float]:
+        """tr(M H Mᵀ) for each M, H read from disk a row block at a time."""
+        path, n = self._path(name), self.shapes[name]
+
+        def blocks():
+            for r0 in range(0, n, rows):
+                k = min(rows, n - r0)
+                yield r0, torch.from_numpy(np.fromfile(path, dtype=np.float32, count=k * n, offset=r0 * n * 4)).view(k, n)
+        return hessian_quadratic_forms(mats, blocks())
 
     def _collect(self, block: str) -> None:
         from ..calib.hessian import block_hessians, hessian_phases
-        for f in self.dir.glob("*.safetensors"):
+        for f in self.dir.iterdir():
             f.unlink()
         model, store = self.state.model, self.state.calibration
         linears = {n: model.get_submodule(n) for n in self.names if self.owner[n] == block}
@@ -165,7 +182,10 @@ class BlockHessians:
             hs = block_hessians(model.get_submodule(block), self.state.adapter, store.iter_block_inputs(block),
                                 {n: linears[n] for n in phase})
             for n in phase:
-                save_file({"h": hs.pop(n)}, str(self.dir / f"{n}.safetensors"))
+                h = hs.pop(n)
+                h.numpy().tofile(self.dir / f"{n}.f32")      # raw file reads: never memory-mapped, never re-serialised
+                self.shapes[n] = h.shape[0]
+                del h
         self.block = block
 
 

@@ -119,8 +119,10 @@ def rotate_linear(lin: TransformedLinear, ch: Choice, cfg: ARSConfig, cache: dic
         extra = {"absmax_ratio_before": round(info["ratio_before"], 3),
                  "absmax_ratio_after_est": round(info["ratio_after"], 3)}
     w = lin.weight
+    rows = max(1, (8 << 20) // w.shape[1])         # rows rotate independently: 64 MB of float64 at a time
     with torch.no_grad():
-        w.copy_(lin.act.rotate(w.double()).to(w.dtype))
+        for r0 in range(0, w.shape[0], rows):
+            w[r0:r0 + rows] = lin.act.rotate(w[r0:r0 + rows].double()).to(w.dtype)
     return extra
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 # (column values [out], column index in the original order) -> (codes [out], decoded values [out])
@@ -32,17 +33,33 @@ def gptq_dtype(n: int) -> torch.dtype:
 
 
 def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + damp·mean(diag H)·I)⁻¹, in `h`'s dtype, computed in place in `h` (one
-    [n, n] matrix alive, not four); U[i, i:] carries column i's error onto the later columns. Raises
-    ValueError when H is not positive definite even after damping."""
+    """Upper Cholesky factor U of (H + damp·mean(diag H)·I)⁻¹, in `h`'s dtype and memory (on the CPU through
+    LAPACK in place: torch's factorisations each allocate another [n, n], 0.9 GB at 15360 inputs); U[i, i:]
+    carries column i's error onto the later columns. Raises ValueError when H is not positive definite even
+    after damping."""
     d = torch.arange(h.shape[0], device=h.device)
     h[d, d] += damp * float(h.diagonal().mean().clamp(min=1e-12))
-    info = torch.empty((), dtype=torch.int32, device=h.device)
-    torch.linalg.cholesky_ex(h, out=(h, info))
-    if int(info) != 0:
-        raise ValueError("the calibration Hessian is not positive definite after damping; raise gptq_damp")
-    torch.cholesky_inverse(h, out=h)
-    return torch.linalg.cholesky(h, upper=True, out=h)
+    if h.device.type != "cpu" or not h.is_contiguous():
+        L, info = torch.linalg.cholesky_ex(h)
+        if int(info) != 0:
+            raise ValueError(_NOT_PD)
+        return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    from scipy.linalg import lapack
+    potrf, potri = (lapack.dpotrf, lapack.dpotri) if h.dtype == torch.float64 else (lapack.spotrf, lapack.spotri)
+    a = h.numpy().T                    # H is symmetric: its transpose is the same matrix, Fortran-ordered
+    c, info = potrf(a, lower=0, clean=0, overwrite_a=1)        # H = R^T R, R in a's upper triangle
+    if info != 0:
+        raise ValueError(_NOT_PD)
+    inv, info = potri(c, lower=0, overwrite_c=1)               # H^-1 (upper triangle)
+    if info != 0:
+        raise ValueError(_NOT_PD)
+    u, info = potrf(inv, lower=0, clean=1, overwrite_a=1)      # H^-1 = U^T U
+    if info != 0 or not np.shares_memory(u, a):
+        raise ValueError(_NOT_PD if info != 0 else "LAPACK did not factor the Hessian in place")
+    return h.T                         # a (Fortran order) is h's memory: U = h.T
+
+
+_NOT_PD = "the calibration Hessian is not positive definite after damping; raise gptq_damp"
 
 
 def permute_symmetric_(h: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
@@ -102,10 +119,24 @@ def gptq_codes(w: torch.Tensor, hessian: torch.Tensor, quant_col: ColumnQuantize
     return codes.long()
 
 
-def output_sqnr_db(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
-    """SQNR of the layer's output on the calibration inputs: tr(W H Wᵀ) / tr(E H Eᵀ), E = W - Ŵ, in dB."""
-    dtype = gptq_dtype(w.shape[1])
-    H = hessian.to(dtype)
-    signal = float(((w.to(dtype) @ H) * w.to(dtype)).sum(dtype=torch.float64))
-    noise = float((((w - w_hat).to(dtype) @ H) * (w - w_hat).to(dtype)).sum(dtype=torch.float64))
+def hessian_quadratic_forms(mats: list[torch.Tensor], h_rows) -> list[float]:
+    """tr(M H Mᵀ) for each M [out, in], H given as row blocks (r0, H[r0:r1]) so that it need not be in memory
+    whole: each block adds sum((H[r0:r1] Mᵀ) ⊙ M[:, r0:r1]ᵀ), an [r1 - r0, out] product."""
+    totals, cast = [0.0] * len(mats), None
+    for r0, hr in h_rows:
+        dtype = gptq_dtype(hr.shape[1])
+        cast = cast or [m.to(dtype) for m in mats]
+        hr = hr.to(dtype)
+        for i, m in enumerate(cast):
+            totals[i] += float(((hr @ m.T) * m[:, r0:r0 + hr.shape[0]].T).sum(dtype=torch.float64))
+    return totals
+
+
+def sqnr_db(signal: float, noise: float) -> float:
     return float("inf") if noise <= 0 else 10 * math.log10(max(signal, 1e-300) / noise)
+
+
+def output_sqnr_db(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor, rows: int = 256) -> float:
+    """SQNR of the layer's output on the calibration inputs: tr(W H Wᵀ) / tr(E H Eᵀ), E = W - Ŵ, in dB."""
+    blocks = ((r0, hessian[r0:r0 + rows]) for r0 in range(0, hessian.shape[0], rows))
+    return sqnr_db(*hessian_quadratic_forms([w, w - w_hat], blocks))

@@ -236,21 +236,37 @@ def tlq_quantize(w: torch.Tensor, bits: int, group_size: int | None = None,
     e = int(err.argmin())
     eta = torch.tensor([etas[e]], dtype=torch.float32, device=w.device)
     buffers = {"scales": scales, "grid": grids[e].clone(), "eta": eta}
-    codes = tlq_assign(u, buffers["grid"], eta[0], bits)
+    codes = torch.empty(w.shape, dtype=torch.long, device=w.device)
+    noise = signal = 0.0
+    rows = max(1, _CHUNK_ELEMS // max(w.shape[1], 1))   # row chunks: whole-matrix temporaries are ~1 GB at 12288x3072
+    for r0 in range(0, w.shape[0], rows):
+        part = {"scales": scales[r0:r0 + rows], "grid": buffers["grid"][r0:r0 + rows], "eta": eta}
+        codes[r0:r0 + rows] = tlq_assign(u[r0:r0 + rows], part["grid"], eta[0], bits)
+        wr = w[r0:r0 + rows].double()
+        noise += float((wr - tlq_dequantize(codes[r0:r0 + rows], part, bits, group_size).double()).pow(2).sum())
+        signal += float(wr.pow(2).sum())
     top = torch.bincount(chosen[e].flatten() % len(percentiles), minlength=len(percentiles))
     bot = torch.bincount(chosen[e].flatten() // len(percentiles), minlength=len(bottoms))
     return codes, buffers, {"eta": float(etas[e]),
                             "percentile": float(percentiles[int(top.argmax())]),   # the most chosen per row
                             "bottom_quantile": float(bottoms[int(bot.argmax())]),
-                            **weight_error(w, tlq_dequantize(codes, buffers, bits, group_size))}
+                            **_error(noise, signal, w.numel())}
 
 
 def weight_error(w: torch.Tensor, w_hat: torch.Tensor) -> dict:
     """MSE and SQNR (dB) of a reconstruction."""
-    noise = (w - w_hat).double().pow(2).sum()
-    signal = w.double().pow(2).sum()
-    sqnr = float("inf") if noise == 0 else 10 * math.log10(max(float(signal), 1e-300) / float(noise))
-    return {"mse": float(noise) / max(w.numel(), 1), "sqnr_db": sqnr}
+    noise = signal = 0.0
+    rows = max(1, _CHUNK_ELEMS // max(w.shape[-1], 1))      # row blocks: no float64 copy of a whole weight
+    for r0 in range(0, w.shape[0], rows):
+        wr = w[r0:r0 + rows].double()
+        noise += float((wr - w_hat[r0:r0 + rows].double()).pow(2).sum())
+        signal += float(wr.pow(2).sum())
+    return _error(noise, signal, w.numel())
+
+
+def _error(noise: float, signal: float, n: int) -> dict:
+    sqnr = float("inf") if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
+    return {"mse": noise / max(n, 1), "sqnr_db": sqnr}
 
 
 class TLQCodec:

@@ -40,26 +40,23 @@ class Checkpoint:
         if missing:
             raise ModelError(f"checkpoint shard(s) listed in {INDEX_NAME} are missing: {', '.join(missing[:3])}",
                              hint="the download is incomplete; download the model again")
-        self._open: dict[Path, object] = {}
-
-    def _handle(self, file: Path):
-        if file not in self._open:   # safe_open memory-maps the file: reading a tensor touches its bytes only
-            self._open[file] = safe_open(str(file), "pt")
-        return self._open[file]
-
     def names(self, prefix: str = "") -> list[str]:
         return [n for n in self.files if not prefix or n.startswith(prefix + ".")]
 
-    def tensor(self, name: str) -> torch.Tensor:
-        return self._handle(self.files[name]).get_tensor(name)
-
     def state_dict(self, names, strip: str = "", dtype: torch.dtype | None = None, device="cpu") -> dict:
-        """Tensors `names` (floats cast to `dtype`), keys without the `strip` prefix."""
-        out = {}
+        """Tensors `names` (floats cast to `dtype`), keys without the `strip` prefix. Each shard is memory-mapped
+        only while its tensors are copied out: mapped pages count as resident memory, and a shard kept open
+        would keep every block read from it resident."""
+        by_file: dict[Path, list[str]] = {}
         for n in names:
-            t = self.tensor(n)
-            t = t.to(device=device, dtype=dtype) if dtype is not None and t.is_floating_point() else t.to(device)
-            out[n[len(strip):]] = t
+            by_file.setdefault(self.files[n], []).append(n)
+        out = {}
+        for file, keys in by_file.items():
+            with safe_open(str(file), "pt") as f:
+                for n in keys:
+                    t = f.get_tensor(n)
+                    out[n[len(strip):]] = t.to(device=device, dtype=dtype) if dtype is not None and \
+                        t.is_floating_point() else t.to(device)
         return out
 
     def load_module(self, model: nn.Module, name: str, dtype: torch.dtype, device) -> nn.Module:

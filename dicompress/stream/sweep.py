@@ -15,6 +15,7 @@ finished blocks (`journal.py`).
 """
 from __future__ import annotations
 
+import ctypes
 import resource
 import time
 from pathlib import Path
@@ -64,6 +65,15 @@ def _block_tensors(model, name: str) -> dict[str, torch.Tensor]:
     return {f"{name}.{k}": v for k, v in model.get_submodule(name).state_dict().items()}
 
 
+def trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps freed small-chunk memory otherwise, and a block's
+    worth of fragments would count against the next block)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):      # not glibc: nothing to do
+        pass
+
+
 def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024     # Linux reports KiB
 
@@ -97,6 +107,7 @@ class Sweep:
         if not j.shard(ROOT).exists():
             j.write_tensors(ROOT, {k: v for k, v in self.model.state_dict().items()
                                    if not any(k.startswith(b + ".") for b in self.names)})
+        release(self.model)              # the embedders and head are in their shard; only shapes are needed now
         records: list[dict] = []
         bar = tqdm(self.blocks, desc="streaming", unit="block", disable=not self.progress)
         for b, ref in enumerate(bar):
@@ -108,6 +119,7 @@ class Sweep:
                 continue
             bar.set_postfix_str(ref.name)
             records.append(self._compress(b, ref, store))
+            trim_heap()
             bar.set_postfix_str(f"{ref.name} {records[-1]['seconds']:.1f}s peak {_peak_rss() / 2**30:.2f} GiB")
         return records
 
