@@ -212,7 +212,7 @@ def _run_streaming(recipe: Recipe, passes: list[Pass], info, out: Path, device: 
     work_dir = work_dir_for(out)
     key = f"{recipe_hash(recipe)}:{recipe.streaming.propagate}:{dtype}"
     sweep = Sweep(info, passes, dtype=dtype, device=device, work_dir=work_dir, key=key,
-                  propagate=recipe.streaming.propagate, progress=progress, echo=echo)
+                  propagate=recipe.streaming.propagate, progress=progress)
     timings["load"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     with sweep.capture_model() as model:

@@ -202,6 +202,19 @@ def test_checkpoint_reads_shards_and_refuses_a_mismatch(tiny_zoo_dir, tmp_path):
         Checkpoint(tmp_path / "sharded")
 
 
+def test_data_free_recipe_streams_without_calibration(tiny_zoo_dir, tmp_path):
+    passes = [{"rtn": {"bits": 4, "granularity": "group", "group_size": 64}}]
+    for name, enabled in (("mem", False), ("st", True)):
+        recipe = _recipe(tmp_path / f"{name}.yaml", tiny_zoo_dir, tmp_path / name, passes=passes,
+                         streaming={"enabled": enabled})
+        data = yaml.safe_load(recipe.read_text())
+        del data["calibration"]
+        recipe.write_text(yaml.safe_dump(data))
+        report = dicompress.run(recipe, progress=False)
+    assert report["streaming"]["enabled"] and "calibration" not in report
+    assert_same_artifact(tmp_path / "mem", tmp_path / "st")
+
+
 def test_synthetic_qwenimage_streams_like_in_memory(tiny_qwen_dir, tmp_path):
     """Data-free calibration stops each forward after the first block's inputs; GPTQ sees the same data."""
     cal = {"source": "synthetic", "seeds": [0], "steps": 2, "batch_size": 2}

@@ -180,7 +180,8 @@ class Capture:
         for ref in self.blocks:
             block = self.model.get_submodule(ref.name)
             if self.block_inputs and (self.only_blocks is None or ref.name in self.only_blocks):
-                h.append(block.register_forward_pre_hook(self._on_block(ref.name), with_kwargs=True))
+                # first: it only reads the inputs, and with stop_early a block read from disk on call never loads
+                h.append(block.register_forward_pre_hook(self._on_block(ref.name), with_kwargs=True, prepend=True))
             if self.want_stats:
                 for sub, mod in block.named_modules():
                     if isinstance(mod, nn.Linear):

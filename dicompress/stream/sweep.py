@@ -16,6 +16,7 @@ finished blocks (`journal.py`).
 from __future__ import annotations
 
 import ctypes
+import os
 import resource
 import time
 from pathlib import Path
@@ -27,14 +28,13 @@ from ..arch import adapter_for
 from ..errors import DicompressError, RecipeError
 from ..state import CompressionState
 from .blockdata import BlockCalibration, BlockInputs, run_over, stored_inputs
-from .checkpoint import Checkpoint, release, skeleton
+from .checkpoint import Checkpoint, offloaded, release, skeleton
 from .journal import ROOT, Journal
 
 
 def check_streamable(passes, enabled) -> bool:
     """Whether the run streams: `enabled` true / false, or "auto" = when every pass can (and the run is on one
     process). `enabled: true` with a pass that cannot stream is a recipe error naming it."""
-    import os
     blocking = [f"passes[{i}].{p.name}" for i, p in enumerate(passes) if not p.streamable]
     if enabled is True:
         if blocking:
@@ -83,9 +83,9 @@ class Sweep:
     blocks' records (per pass: manifest entries, report rows, seconds)."""
 
     def __init__(self, info, passes, *, dtype, device, work_dir: Path, key: str, propagate: str,
-                 progress: bool = True, echo=print):
+                 progress: bool = True):
         self.info, self.passes, self.dtype, self.device = info, passes, dtype, device
-        self.propagate, self.progress, self.echo = propagate, progress, echo
+        self.propagate, self.progress = propagate, progress
         self.checkpoint = Checkpoint(info.path)
         self.model = skeleton(info.class_name, info.path)
         self.adapter = adapter_for(self.model)
@@ -99,7 +99,6 @@ class Sweep:
 
     def capture_model(self):
         """The skeleton with its blocks read from the checkpoint only while each runs (calibration's loop)."""
-        from .checkpoint import offloaded
         return offloaded(self.model, self.names, self.checkpoint, self.dtype, self.device)
 
     def run(self, store) -> list[dict]:
