@@ -223,3 +223,20 @@ def test_synthetic_qwenimage_streams_like_in_memory(tiny_qwen_dir, tmp_path):
         dicompress.run(_recipe(tmp_path / f"{name}.yaml", tiny_qwen_dir, tmp_path / name, passes=passes,
                                calibration=cal, streaming={"enabled": enabled}), progress=False)
     assert_same_artifact(tmp_path / "mem", tmp_path / "st")
+
+
+def test_aligned_safetensors_round_trip_with_aligned_offsets(tmp_path):
+    from dicompress.io.artifact import read_safetensors_header, save_aligned_safetensors
+    g = torch.Generator().manual_seed(0)
+    tensors = {"w": torch.randn(48, 32, generator=g), "eta": torch.tensor([0.5]), "codes": torch.arange(77, dtype=torch.uint8),
+               "h": torch.randn(16, 16, generator=g).to(torch.bfloat16), "mask": torch.tensor([True, False, True]),
+               "empty": torch.zeros(0, 3)}
+    save_aligned_safetensors(tensors, tmp_path / "a.safetensors")
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
+        for k, v in tensors.items():
+            assert torch.equal(f.get_tensor(k), v), k
+    raw = (tmp_path / "a.safetensors").read_bytes()
+    start = 8 + int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:start])
+    assert start % 64 == 0 and set(read_safetensors_header(tmp_path / "a.safetensors")) == set(tensors)
+    assert header["w"]["data_offsets"][0] % 64 == 0 and header["h"]["data_offsets"][0] % 64 == 0

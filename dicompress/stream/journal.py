@@ -15,9 +15,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from ..errors import DicompressError
+from ..io.artifact import save_aligned_safetensors
 
 ROOT = "_root"       # shard name of the tensors outside the blocks (embedders, output head)
 
@@ -65,7 +65,7 @@ class Journal:
     def write_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> Path:
         final = self.shard(name)
         tmp = final.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        save_aligned_safetensors(tensors, tmp)
         _replace(tmp, final)
         return final
 
