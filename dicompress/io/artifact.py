@@ -296,7 +296,8 @@ def save_aligned_safetensors(tensors: dict[str, torch.Tensor], path: str | os.Pa
         t = tensors[k]
         if t.dtype not in _ST_DTYPES:
             raise TypeError(f"cannot store {k} of dtype {t.dtype} in safetensors")
-        header[k] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + _nbytes(t)]}
+        header[k] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                     "data_offsets": [offset, offset + _nbytes(t)]}
         offset += _nbytes(t)
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % ALIGN)

@@ -169,7 +169,8 @@ class BlockHessians:
         def blocks():
             for r0 in range(0, n, rows):
                 k = min(rows, n - r0)
-                yield r0, torch.from_numpy(np.fromfile(path, dtype=np.float32, count=k * n, offset=r0 * n * 4)).view(k, n)
+                rows_ = np.fromfile(path, dtype=np.float32, count=k * n, offset=r0 * n * 4)
+                yield r0, torch.from_numpy(rows_).view(k, n)
         return hessian_quadratic_forms(mats, blocks())
 
     def _collect(self, block: str) -> None:
