@@ -1,5 +1,5 @@
 """A diffusers checkpoint read block by block: the model's module tree on the meta device, and each block's
-weights read from its safetensors (memory-mapped, shard-aware) only while that block is needed."""
+weights read from its safetensors (shard-aware, plain reads) only while that block is needed."""
 from __future__ import annotations
 
 import json
@@ -41,6 +41,7 @@ class Checkpoint:
         if missing:
             raise ModelError(f"checkpoint shard(s) listed in {INDEX_NAME} are missing: {', '.join(missing[:3])}",
                              hint="the download is incomplete; download the model again")
+
     def names(self, prefix: str = "") -> list[str]:
         return [n for n in self.files if not prefix or n.startswith(prefix + ".")]
 
