@@ -173,10 +173,10 @@ def _fsync_tree(root: Path) -> None:
     for p in root.iterdir():
         with open(p, "rb") as f:
             os.fsync(f.fileno())
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -197,7 +197,7 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
             os.replace(old / out.name, out)
             shutil.rmtree(old, ignore_errors=True)
         raise
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -3,7 +3,6 @@ chunk) to collect its linears' input statistics and to write the next block's in
 calibration that passes see while that block is compressed."""
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -15,6 +14,7 @@ from torch import nn
 from ..calib.capture import LinearStats
 from ..calib.store import flatten, iter_inputs, keys_filter, read_file, stats_from_sums, to_module, unflatten
 from ..errors import CalibrationError
+from ..io.artifact import fsync_dir
 
 COMPLETE = "complete"      # marker file: every chunk of a block's inputs is written
 
@@ -63,7 +63,7 @@ def run_over(module: nn.Module, adapter, name: str, inputs: BlockInputs, next_di
         if inputs.shared is not None and inputs.shared.exists():   # rotary tables etc.: the same for every block
             shutil.copyfile(inputs.shared, next_dir / "shared.safetensors")
         (next_dir / COMPLETE).write_text("")
-        _fsync_dir(next_dir)
+        fsync_dir(next_dir)
     return {n: stats_from_sums(s.absmax, s.sumsq, s.count) for n, s in acc.items()}
 
 
@@ -72,14 +72,6 @@ def stored_inputs(d: Path) -> BlockInputs | None:
     if not (d / COMPLETE).exists():
         return None
     return BlockInputs(sorted(d.glob("chunk_*.safetensors")), d / "shared.safetensors")
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class BlockCalibration:

@@ -16,14 +16,11 @@ from pathlib import Path
 
 import torch
 
+from ..calib.store import _safe
 from ..errors import DicompressError
 from ..io.artifact import save_aligned_safetensors
 
 ROOT = "_root"       # shard name of the tensors outside the blocks (embedders, output head)
-
-
-def _safe(name: str) -> str:
-    return name.replace("/", "_")
 
 
 def _replace(tmp: Path, final: Path) -> None:
