@@ -17,13 +17,19 @@ from .recipe import Recipe, load_recipe  # noqa: E402
 register_with_diffusers()
 
 
-def save(state, out_dir, report: dict | None = None, overwrite: bool = False, files: dict | None = None):
-    """Write a compressed model (a CompressionState from `compress`) as a dicompress artifact."""
+def save(state, out_dir, report: dict | None = None, overwrite: bool = False, files: dict | None = None,
+         save_dtype=None):
+    """Write a compressed model (a CompressionState from `compress`) as a dicompress artifact. `save_dtype`
+    (e.g. torch.bfloat16): store the kept parameters in it; the model's parameters are rounded through it in
+    place, so the model in memory is the one that loads back."""
     from .io import write_artifact
+    if save_dtype is not None:
+        from .io.storage import round_parameters
+        round_parameters(state.model, save_dtype)
     rep = dict(report or state.report)
     return write_artifact(state.model, out_dir, manifest=state.manifest, report=rep,
                           source={"model": getattr(getattr(state.model, "config", None), "_name_or_path", None)},
-                          files={**state.files, **(files or {})}, overwrite=overwrite)
+                          files={**state.files, **(files or {})}, overwrite=overwrite, save_dtype=save_dtype)
 
 
 __all__ = ["compress", "run", "load", "save", "verify_artifact", "Recipe", "load_recipe", "Pass", "PassConfig",

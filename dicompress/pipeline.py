@@ -92,6 +92,11 @@ def resolve_dtype(policy: str, device: torch.device) -> torch.dtype:
     return DTYPES[policy]
 
 
+def resolve_save_dtype(policy: str, info) -> torch.dtype:
+    from .io.storage import stored_dtype
+    return stored_dtype(info.path) if policy == "auto" else getattr(torch, policy)
+
+
 def cache_root(recipe: Recipe) -> Path:
     base = (recipe.calibration and recipe.calibration.cache_dir) or os.environ.get("DICOMPRESS_CACHE") \
         or os.path.join(os.path.expanduser("~"), ".cache", "dicompress")
@@ -210,8 +215,9 @@ def _run_streaming(recipe: Recipe, passes: list[Pass], info, out: Path, device: 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     work_dir = work_dir_for(out)
-    key = f"{recipe_hash(recipe)}:{recipe.streaming.propagate}:{dtype}"
-    sweep = Sweep(info, passes, dtype=dtype, device=device, work_dir=work_dir, key=key,
+    save_dtype = resolve_save_dtype(recipe.save_dtype, info)
+    key = f"{recipe_hash(recipe)}:{recipe.streaming.propagate}:{dtype}:{save_dtype}"
+    sweep = Sweep(info, passes, dtype=dtype, save_dtype=save_dtype, device=device, work_dir=work_dir, key=key,
                   propagate=recipe.streaming.propagate, progress=progress)
     timings["load"] = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -284,9 +290,12 @@ def _run(recipe: Recipe, passes: list[Pass], info, out: Path, device: torch.devi
         _barrier()
         return {"rank": rank, "passes": state.report["passes"]}
 
+    from .io.storage import round_parameters
     from .report import build_report, write_run_artifact
+    save_dtype = resolve_save_dtype(recipe.save_dtype, info)
+    round_parameters(state.model, save_dtype)         # evaluate what the artifact will hold
     report = build_report(state, recipe, info, passes, progress=progress, timings=timings)
-    write_run_artifact(state, recipe, info, report, progress=progress)
+    write_run_artifact(state, recipe, info, report, progress=progress, save_dtype=save_dtype)
     shutil.rmtree(work_dir, ignore_errors=True)      # the artifact is complete: checkpoints are no longer needed
     report["seconds"]["total"] = round(time.perf_counter() - t0, 2)
     _barrier()

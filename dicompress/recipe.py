@@ -65,6 +65,8 @@ class Recipe(_Strict):
     output: str
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"   # auto: fp32 on CPU, bf16 on CUDA
+    # the dtype of the artifact's kept (unquantized) parameters; auto: the checkpoint's own (bf16 for hub models)
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     seed: int = 0
     overwrite: bool = False
     eval: EvalConfig = Field(default_factory=EvalConfig)

@@ -99,7 +99,7 @@ def artifact_files(state, recipe, info, report) -> dict[str, bytes]:
     return files
 
 
-def write_run_artifact(state, recipe, info, report, progress=True) -> Path:
+def write_run_artifact(state, recipe, info, report, progress=True, save_dtype=None) -> Path:
     from .eval import dir_bytes
     from .io import write_artifact
 
@@ -108,7 +108,7 @@ def write_run_artifact(state, recipe, info, report, progress=True) -> Path:
     out = Path(recipe.output)
     source = {"model": info.name, "class": info.class_name, "recipe": recipe.source_file}
     write_artifact(state.model, out, manifest=state.manifest, report=report, source=source, files=files,
-                   overwrite=recipe.overwrite)
+                   overwrite=recipe.overwrite, save_dtype=save_dtype)
     report["footprint"]["bytes_on_disk"] = dir_bytes(out)
     report["seconds"]["write"] = round(time.perf_counter() - t, 2)
     return out

@@ -44,8 +44,9 @@ _MAX_HEADER = 100 << 20
 # ------------------------------------------------------------------------------------------------
 def write_artifact(model: nn.Module, out_dir: str | os.PathLike, *, manifest: list[dict], report: dict,
                    source: dict, files: dict[str, bytes] | None = None, overwrite: bool = False,
-                   max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
-    """Write `model` (already rewritten in place) as a dicompress artifact at `out_dir`.
+                   max_shard_size: int | str = DEFAULT_SHARD_SIZE, save_dtype: torch.dtype | None = None) -> Path:
+    """Write `model` (already rewritten in place) as a dicompress artifact at `out_dir`; floating parameters
+    are stored as `save_dtype` (None: as they are; see `storage.py`).
 
     Everything goes into a hidden sibling temp directory, is fsynced and verified, and only then
     renamed into place: a crash at any point leaves `out_dir` absent (or, when overwriting, the old
@@ -59,7 +60,9 @@ def write_artifact(model: nn.Module, out_dir: str | os.PathLike, *, manifest: li
         _write_bytes(tmp / REPORT_NAME, _json_bytes(report, "report"))
         for name, data in extra.items():
             _write_bytes(tmp / name, data)
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        from .storage import parameters_stored_as
+        with parameters_stored_as(model, save_dtype):
+            model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         # Last: until config.json carries the manifest, the directory is not a dicompress artifact.
         _add_quantization_config(tmp / CONFIG_NAME, quant_config)
 
@@ -398,7 +401,7 @@ def load(artifact_dir: str | os.PathLike, device: str | torch.device = "cpu",
     """Verify, then load through diffusers' own `from_pretrained`; returns the model in eval mode.
 
     `torch_dtype` applies to the uncompressed parameters only; codec tensors keep their stored dtypes.
-    With the default (None) those parameters are fp32, which is what CPU inference wants.
+    With the default (None) those parameters are fp32, whatever dtype stores them: what CPU inference wants.
     `plug`: for `ppcl_depth` artifacts, the interval numbers to keep plugged in (None = all); the others get
     their teacher blocks back.
     """
@@ -409,7 +412,7 @@ def load(artifact_dir: str | os.PathLike, device: str | torch.device = "cpu",
     summary = verify_artifact(artifact_dir)
     register_with_diffusers()
     cls = getattr(diffusers, summary["class_name"])
-    model = cls.from_pretrained(artifact_dir, torch_dtype=torch_dtype)
+    model = cls.from_pretrained(artifact_dir, torch_dtype=torch_dtype or torch.float32)
     if plug is not None:
         from .pluggable import plug_intervals
         plug_intervals(model, artifact_dir, read_config(Path(artifact_dir)), plug)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..arch import adapter_for
 from ..errors import DicompressError, RecipeError
+from ..io.storage import round_parameters, stored_state_dict
 from ..state import CompressionState
 from .blockdata import BlockCalibration, BlockInputs, run_over, stored_inputs
 from .checkpoint import Checkpoint, offloaded, release, skeleton
@@ -61,10 +62,6 @@ def _check_selection(state, passes) -> None:
             select_layers(state, p.name, p.config.include, p.config.keep)
 
 
-def _block_tensors(model, name: str) -> dict[str, torch.Tensor]:
-    return {f"{name}.{k}": v for k, v in model.get_submodule(name).state_dict().items()}
-
-
 def trim_heap() -> None:
     """Hand freed heap memory back to the OS (glibc keeps freed small-chunk memory otherwise, and a block's
     worth of fragments would count against the next block)."""
@@ -83,8 +80,9 @@ class Sweep:
     blocks' records (per pass: manifest entries, report rows, seconds)."""
 
     def __init__(self, info, passes, *, dtype, device, work_dir: Path, key: str, propagate: str,
-                 progress: bool = True):
+                 progress: bool = True, save_dtype: torch.dtype | None = None):
         self.info, self.passes, self.dtype, self.device = info, passes, dtype, device
+        self.save_dtype = save_dtype
         self.propagate, self.progress = propagate, progress
         self.checkpoint = Checkpoint(info.path)
         self.model = skeleton(info.class_name, info.path)
@@ -104,7 +102,7 @@ class Sweep:
     def run(self, store) -> list[dict]:
         j = self.journal
         if not j.shard(ROOT).exists():
-            j.write_tensors(ROOT, {k: v for k, v in self.model.state_dict().items()
+            j.write_tensors(ROOT, {k: v for k, v in stored_state_dict(self.model, self.save_dtype).items()
                                    if not any(k.startswith(b + ".") for b in self.names)})
         release(self.model)              # the embedders and head are in their shard; only shapes are needed now
         records: list[dict] = []
@@ -152,13 +150,17 @@ class Sweep:
             p.apply(st)
             per_pass.append({"manifest": st.manifest[n_manifest:], "rows": st.report["layers"][n_rows:],
                              "seconds": time.perf_counter() - t})
+        if self.save_dtype is not None:     # the values the artifact holds (and, `compressed`, propagates)
+            round_parameters(self.model.get_submodule(name), self.save_dtype)
         if store is not None:
             attach_activation_stats(st.report["layers"], st.calibration.linear_stats())
             if self.propagate == "compressed" and nxt is not None:
                 run_over(block, self.adapter, name, inputs, next_dir=nxt, stats=False)
         record = {"block": name, "stream": ref.stream, "passes": per_pass,
                   "seconds": time.perf_counter() - t0, "peak_rss_bytes": _peak_rss()}
-        self.journal.finish_block(name, _block_tensors(self.model, name), record)
+        tensors = stored_state_dict(self.model.get_submodule(name), self.save_dtype, prefix=name + ".")
+        self.journal.finish_block(name, tensors, record)
+        del tensors
         release(block)
         st.calibration = None
         if b > 0:
