@@ -345,3 +345,42 @@ def test_recipe_run_resumes_and_refuses_a_changed_recipe(tiny_zoo_dir, tmp_path,
     rep = pipeline.run(recipe, progress=False)   # resumes: the finished distillation is not redone
     assert rep["passes"][0]["loss_curve"] == [[i, round(v, 6)] for i, v in enumerate(first)]
     assert (tmp_path / "art" / "config.json").exists() and not work.exists()
+
+
+def test_student_trajectories_add_the_students_own_rows(zoo_store, tiny_zoo_dir, tmp_path):
+    """Two rounds: each captures the (perturbed, training) student's sampling loop from the same noise: the first
+    step's latents equal the teacher's, later ones are the student's own; a rerun reuses the captures."""
+    from dicompress.calib.sources import capture_trajectories
+    info = resolve_model(str(tiny_zoo_dir))
+    model = load_transformer(info)
+    with torch.no_grad():
+        for p in model.single_transformer_blocks.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    spec = {"distill": {"steps": 6, "lr": 1e-3, "batch_size": 3, "student_trajectories": 2,
+                        "trainable": ["single_transformer_blocks.*"]}}
+    state = dicompress.compress(model, [spec], calibration=zoo_store, teacher=lambda: load_transformer(info),
+                                progress=False, work_dir=tmp_path / "work")
+    rep = state.report["passes"][0]
+    assert rep["rows_per_round"] == [6, 6, 6] and rep["steps"] == 6
+    rounds = sorted((tmp_path / "work").glob("trajectories_*/round_*"))
+    assert [r.name for r in rounds] == ["round_1", "round_2"]
+    teacher_rows = zoo_store.model_inputs()["hidden_states"]
+    for r in rounds:
+        own = CalibrationStore(r).model_inputs()["hidden_states"]
+        first = zoo_store.model_inputs()["timestep"] == zoo_store.model_inputs()["timestep"].max()
+        assert torch.equal(own[first], teacher_rows[first])           # the same initial noise
+        assert not torch.allclose(own[~first], teacher_rows[~first])  # then the student's own latents
+    import dicompress.calib.sources as sources
+
+    def no_capture(*a, **k):
+        raise AssertionError("captured again")
+    real, sources.capture = sources.capture, no_capture
+    try:                       # the rerun resumes from the final checkpoint and reads the rounds from disk
+        again = dicompress.compress(load_transformer(info), [spec], calibration=zoo_store,
+                                    teacher=lambda: load_transformer(info), progress=False, work_dir=tmp_path / "work")
+    finally:
+        sources.capture = real
+    assert again.report["passes"][0]["rows_per_round"] == [6, 6, 6]
+    with pytest.raises(CalibrationError, match="synthetic"):
+        capture_trajectories(model, adapter_for(model), {**zoo_store.meta, "config": {
+            **zoo_store.meta["config"], "source": "synthetic"}}, tmp_path / "x", progress=False)

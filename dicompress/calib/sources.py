@@ -28,7 +28,10 @@ def capture(model, adapter, cfg, model_info: dict, out_dir: str | Path, block_in
     statistics; the later blocks' inputs and statistics are computed block by block from these."""
     blocks = [b.name for b in adapter.blocks(model)]
     meta = {"source": cfg.source, "model": model_info.get("name"), "seeds": list(cfg.seeds), "steps": cfg.steps,
-            "blocks": blocks, "block_inputs": block_inputs or first_block_only, "first_block_only": first_block_only}
+            "blocks": blocks, "block_inputs": block_inputs or first_block_only, "first_block_only": first_block_only,
+            # what `capture_trajectories` needs to run the same sampling loop again on another model
+            "config": cfg.model_dump(mode="json"),
+            "model_info": {k: (str(v) if v is not None else None) for k, v in model_info.items()}}
     writer = StoreWriter(out_dir, meta)
     run = {"classes": _run_table, "embeddings": _run_table, "prompts": _run_prompts,
            "synthetic": _run_synthetic}[cfg.source]
@@ -39,6 +42,24 @@ def capture(model, adapter, cfg, model_info: dict, out_dir: str | Path, block_in
                                   linear_stats=not first_block_only, only_blocks=only, stop_early=stop) as cap:
         extra = run(model, adapter, cfg, model_info, cap, progress)
     return writer.finish(**extra)
+
+
+def capture_trajectories(model, adapter, meta: dict, out_dir: str | Path, progress: bool = True) -> CalibrationStore:
+    """The sampling loop a store was captured with (`meta`: its meta.json), run again on `model` (e.g. a pruned
+    student): its own trajectories' model inputs, nothing else. Reuses a finished capture at `out_dir`."""
+    from ..recipe import CalibrationConfig
+    if (Path(out_dir) / "meta.json").exists():
+        return CalibrationStore(out_dir)
+    if "config" not in meta:
+        raise CalibrationError("this calibration store does not record its capture settings (it was captured by an "
+                               "older dicompress), so the sampling loop cannot be run on the student",
+                               hint="delete the calibration cache entry and run again")
+    cfg = CalibrationConfig(**meta["config"])
+    if cfg.source == "synthetic":
+        raise CalibrationError("student trajectories need a sampling loop; calibration source 'synthetic' has none",
+                               hint="use source: classes, embeddings or prompts, or set student_trajectories: 0")
+    info = {k: (Path(v) if k in ("path", "pipeline_root") and v else v) for k, v in meta["model_info"].items()}
+    return capture(model, adapter, cfg, info, out_dir, block_inputs=False, progress=progress, first_block_only=True)
 
 
 def _table(cfg, model_info):

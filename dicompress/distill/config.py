@@ -32,3 +32,12 @@ class DistillConfig(PassConfig):
         if self.steps and self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds steps ({self.steps})")
         return self
+
+
+class EndToEndConfig(DistillConfig):
+    """End-to-end distillation: DistillConfig plus where the training rows come from."""
+
+    student_trajectories: int = Field(0, ge=0, description="rounds of the student's own sampling trajectories "
+                                      "(the calibration's sampling loop run on the student as it is then) added to "
+                                      "the rows at evenly spaced steps, targets still the teacher's predictions "
+                                      "(DAgger against exposure bias); 0 = the teacher's trajectories only")

@@ -4,6 +4,7 @@ their conditioning), optionally plus feature losses between named modules of the
 from __future__ import annotations
 
 import contextlib
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -11,11 +12,11 @@ import torch
 from torch import nn
 
 from ..arch import adapter_for_class
-from ..calib.store import shared_input_names, split_model_input
+from ..calib.store import ModelInputs, shared_input_names, split_model_input, to_module
 from .config import DistillConfig
-from .engine import train
+from .engine import checkpoint_path, train
 from .losses import get_loss
-from ..calib.store import to_module
+from .trajectories import GrowingRows
 from .params import module_device_dtype, select_trainable, trainable_only
 
 
@@ -81,11 +82,16 @@ def distill_end_to_end(student: nn.Module, teacher: nn.Module, model_inputs: dic
                        feature_pairs: list[tuple[str, str]] | None = None, key: str,
                        checkpoint_dir: Path | None = None, progress: bool = True,
                        trainable: Sequence[str] | None = None, feature_loss: str = "mse",
-                       desc: str = "distill") -> list[float]:
+                       desc: str = "distill", calibration_meta: dict | None = None,
+                       stats: dict | None = None) -> list[float]:
     """Train `student` so that its prediction matches the (frozen) teacher's on the rows of `model_inputs`
     (e.g. `CalibrationStore.model_inputs()`), plus `feature_weight` x the `feature_loss` between the outputs
     of each (student module, teacher module) name pair. `trainable`: fnmatch patterns of the student's
-    parameter names (default: every float parameter)."""
+    parameter names (default: every float parameter).
+
+    With `cfg.student_trajectories` (an EndToEndConfig) > 0, the student's own trajectories are captured during
+    training (trajectories.py) by the sampling loop `calibration_meta` (the store's meta) describes, into
+    `checkpoint_dir` (else a temporary directory). `stats`, if given, receives the rows per round."""
     pred_loss, feat_loss = get_loss(loss), get_loss(feature_loss)
     pairs = list(feature_pairs or []) if feature_weight else []
     if feature_weight and not pairs:
@@ -96,9 +102,20 @@ def distill_end_to_end(student: nn.Module, teacher: nn.Module, model_inputs: dic
     n = model_inputs["hidden_states"].shape[0]
     device, dtype = module_device_dtype(student)
     teacher.requires_grad_(False)
+    rounds = getattr(cfg, "student_trajectories", 0)
+    data, tmp = None, None
+    if rounds and cfg.steps:
+        if calibration_meta is None:
+            raise ValueError("student_trajectories needs the calibration store's meta (its sampling loop)")
+        if checkpoint_dir is None:
+            tmp = tempfile.TemporaryDirectory(prefix="dicompress-traj-")
+        out = Path(tmp.name) if tmp is not None else \
+            Path(checkpoint_dir) / ("trajectories_" + checkpoint_path(Path("."), key).stem)
+        data = GrowingRows(ModelInputs(dict(model_inputs), per), student, adapter_for_class(type(student).__name__),
+                           calibration_meta, cfg.steps, rounds, out, progress=progress)
 
     def loss_fn(idx: torch.Tensor) -> torch.Tensor:
-        kw = rows(model_inputs, per, idx, device, dtype)
+        kw = rows(data.inputs if data is not None else model_inputs, per, idx, device, dtype)
         with torch.no_grad(), recording(teacher, [t for _, t in pairs]) as t_feats:
             target = prediction(teacher, kw)
         with recording(student, [s for s, _ in pairs]) as s_feats:
@@ -110,5 +127,12 @@ def distill_end_to_end(student: nn.Module, teacher: nn.Module, model_inputs: dic
             total = total + feature_weight * sum(feat_loss(a, b) for a, b in zip(s_feats[s], t_feats[t]))
         return total
 
-    with trainable_only(student, select_trainable(student, trainable)):
-        return train(student, loss_fn, n, cfg, key=key, checkpoint_dir=checkpoint_dir, progress=progress, desc=desc)
+    try:
+        with trainable_only(student, select_trainable(student, trainable)):
+            return train(student, loss_fn, data.rows_at if data is not None else n, cfg, key=key,
+                         checkpoint_dir=checkpoint_dir, progress=progress, desc=desc)
+    finally:
+        if data is not None and stats is not None:
+            stats["rows_per_round"] = list(data.rows_per_round)
+        if tmp is not None:
+            tmp.cleanup()

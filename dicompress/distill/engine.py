@@ -132,10 +132,13 @@ def _step_loss(loss_fn, shard: torch.Tensor, batch: int, micro: int | None) -> f
     return total
 
 
-def train(module: nn.Module, loss_fn: Callable[[torch.Tensor], torch.Tensor], n_samples: int, cfg: DistillConfig, *,
-          key: str, checkpoint_dir: Path | None = None, progress: bool = True, desc: str = "distill") -> list[float]:
+def train(module: nn.Module, loss_fn: Callable[[torch.Tensor], torch.Tensor], n_samples: int | Callable[[int], int],
+          cfg: DistillConfig, *, key: str, checkpoint_dir: Path | None = None, progress: bool = True,
+          desc: str = "distill") -> list[float]:
     """Optimise `module`'s parameters that require grad; `loss_fn(indices)` returns the mean loss of those
     rows (0 <= index < n_samples). Returns the global mean loss of every step (resumed steps included).
+    `n_samples` may be a function of the step (a data set that grows while training): called with 0, with
+    the step the run starts at (after a resume), then before each step.
 
     Under an initialised torch.distributed every rank calls this with the same arguments; each computes its
     shard of every global batch and the update equals the single-process one. `cfg.micro_batch_size` bounds
@@ -147,7 +150,8 @@ def train(module: nn.Module, loss_fn: Callable[[torch.Tensor], torch.Tensor], n_
     if not named:
         raise DistillError(f"{desc}: nothing to train (no parameter requires grad)",
                            hint="select floating-point parameters with the pass's `trainable` patterns")
-    if n_samples < 1:
+    rows_at = n_samples if callable(n_samples) else (lambda step: n_samples)
+    if rows_at(0) < 1:
         raise DistillError(f"{desc}: no calibration rows to train on",
                            hint="capture calibration with block inputs (a pass needing them in the recipe)")
     params = [p for _, p in named]
@@ -162,11 +166,12 @@ def train(module: nn.Module, loss_fn: Callable[[torch.Tensor], torch.Tensor], n_
         _broadcast(params)
     start = min(start, cfg.steps)
     losses = losses[:start]
+    rows_at(start)            # a growing data set catches up with a resumed run (even one already finished)
     writes = path is not None and rank == 0 and cfg.checkpoint_every > 0
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, unit="step", disable=not progress or rank != 0)
     with torch.enable_grad():
         for step in range(start, cfg.steps):
-            idx = draw_batch(n_samples, cfg.batch_size, cfg.seed, step)
+            idx = draw_batch(rows_at(step), cfg.batch_size, cfg.seed, step)
             shard = idx.tensor_split(world)[rank]
             opt.zero_grad(set_to_none=True)
             local = _step_loss(loss_fn, shard, len(idx), cfg.micro_batch_size)

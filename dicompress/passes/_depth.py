@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from ..distill import DistillConfig, distill_block, distill_end_to_end
+from ..distill import DistillConfig, EndToEndConfig, distill_block, distill_end_to_end
 from ..errors import DistillError
 from ..nn.surgery import set_block_list
 from ..prune import list_of, teacher_io
@@ -24,7 +24,7 @@ class DepthConfig(PassConfig):
                                                "of its group -> the teacher's output of its group")
     loss: Literal["normalized_l2", "mse"] = Field("normalized_l2", description="layer-wise loss per stream: "
                                                                           "normalized_l2 (PPCL) | mse")
-    end_to_end: DistillConfig | None = Field(None, description="then end-to-end distillation of the whole model "
+    end_to_end: EndToEndConfig | None = Field(None, description="then end-to-end distillation of the whole model "
                                                                "against the teacher's predictions; null = none")
 
 
@@ -87,13 +87,15 @@ class DepthPass(Pass):
         cfg = self.config.end_to_end
         if cfg is None or cfg.steps == 0:
             return None
-        t = time.perf_counter()
-        losses = distill_end_to_end(state.model, state.teacher, self.calibration(state).model_inputs(), cfg,
+        t, stats = time.perf_counter(), {}
+        store = self.calibration(state)
+        losses = distill_end_to_end(state.model, state.teacher, store.model_inputs(), cfg,
                                     key=state.checkpoint_key(f"{self.name}:end_to_end"),
                                     checkpoint_dir=state.work_dir, progress=state.progress,
-                                    trainable=[f"{attr}.*" for attr, _ in state.adapter.block_lists])
+                                    trainable=[f"{attr}.*" for attr, _ in state.adapter.block_lists],
+                                    calibration_meta=store.meta, stats=stats)
         return {"steps": len(losses), "loss_first": losses[0] if losses else None,
-                "loss_last": losses[-1] if losses else None, "seconds": round(time.perf_counter() - t, 2)}
+                "loss_last": losses[-1] if losses else None, "seconds": round(time.perf_counter() - t, 2), **stats}
 
 
 def rebuild_lists(state, refs, replace: dict[int, tuple[int, nn.Module | None]]) -> dict[str, int]:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..distill import DistillConfig, distill_end_to_end
+from ..distill import EndToEndConfig, distill_end_to_end
 from ..distill.params import select_trainable
 from ..errors import DistillError
 from .base import Pass, register_pass
@@ -14,7 +14,7 @@ from .base import Pass, register_pass
 CURVE_POINTS = 50   # the report keeps this many (step, loss) points of the loss curve
 
 
-class DistillPassConfig(DistillConfig):
+class DistillPassConfig(EndToEndConfig):
     trainable: tuple[str, ...] | None = Field(
         None, description="fnmatch patterns of parameter names to train (e.g. '*.attn.*'); null = every "
                           "floating-point parameter of the blocks. Quantized linears have no float weight: only "
@@ -67,14 +67,15 @@ class Distill(Pass):
         teacher = state.teacher
         pairs = list(cfg.features or default_features(state.adapter, state.model, teacher)) \
             if cfg.feature_weight else None
-        params = dict(state.model.named_parameters())
+        params, stats = dict(state.model.named_parameters()), {}
         losses = distill_end_to_end(state.model, teacher, inputs, cfg, loss=cfg.loss,
+                                    calibration_meta=self.calibration(state).meta, stats=stats,
                                     feature_weight=cfg.feature_weight, feature_pairs=pairs,
                                     key=state.checkpoint_key("end_to_end"), checkpoint_dir=state.work_dir,
                                     progress=state.progress, trainable=patterns)
         summary = {"steps": len(losses), "rows": int(inputs["hidden_states"].shape[0]),
                    "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-                   "tensors_trained": len(names), "params_trained": sum(params[n].numel() for n in names)}
+                   "tensors_trained": len(names), "params_trained": sum(params[n].numel() for n in names), **stats}
         if pairs:
             summary["feature_pairs"] = [list(p) for p in pairs]
         state.add_pass_report(self.name, {**summary, "loss_curve": loss_curve(losses)})
