@@ -41,7 +41,7 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from statistics import mean
+from statistics import mean, median
 
 import psutil
 import yaml
@@ -215,16 +215,16 @@ def worker_build(config_json: str, out_dir: str, seed: str) -> dict:
 
 
 def worker_load(kind: str, path: str) -> dict:
-    """Time one load call (`artifact`: dicompress.load; `bf16`: the diffusers original in bf16), then one read
-    of every tensor: diffusers leaves weights of the checkpoint's dtype as lazy safetensors mmaps, so the call
-    alone can return before any weight is read."""
+    """Time one load call (`artifact`: dicompress.load; `bf16`: the diffusers original), both with bf16 kept
+    weights, then one read of every tensor: diffusers leaves weights of the checkpoint's dtype as lazy
+    safetensors mmaps, so the call alone can return before any weight is read."""
     import torch
     from diffusers import FluxTransformer2DModel   # imported before the clock starts on both paths
     if kind == "artifact":
         import dicompress
         dicompress.io.register_with_diffusers()
         t = time.perf_counter()
-        model = dicompress.load(path)
+        model = dicompress.load(path, torch_dtype=torch.bfloat16)
     else:
         t = time.perf_counter()
         model = FluxTransformer2DModel.from_pretrained(path, torch_dtype=torch.bfloat16)
@@ -294,22 +294,38 @@ def compress_row(args, model: dict, path: str, work: Path) -> dict:
 
 
 def load_rows(args, model: dict, compress_rows: list[dict], work: Path) -> list[dict]:
-    """Load the streamed artifact (else the naive one) and the bf16 original, each in a fresh subprocess."""
+    """Load the streamed artifact (else the naive one) and the bf16 original, each in a fresh subprocess,
+    `--load-repeats` times in alternating order; a row holds the medians and every sample."""
     done = {r["path"]: r for r in compress_rows if r["blocks"] == model["blocks"] and r["ok"]}
     source = next((p for p in ("streaming", "naive") if p in done), None)
     targets = [("load_bf16", model["dir"], None)]
     if source:
         targets.insert(0, ("load_artifact", Path(done[source]["artifact"]), source))
+    samples: dict[str, list[tuple[dict, dict]]] = {kind: [] for kind, _, _ in targets}
+    for rep in range(args.load_repeats):
+        for kind, target, _ in (targets if rep % 2 == 0 else targets[::-1]):
+            res = run_child(worker_cmd(kind, target), work / f"{model['name']}-{kind}-{rep}", args.threads,
+                            args.timeout)
+            samples[kind].append((res, last_json(res.pop("stdout")) if res["ok"] else {}))
     rows = []
     for kind, target, src in targets:
-        res = run_child(worker_cmd(kind, target), work / f"{model['name']}-{kind}", args.threads, args.timeout)
-        child = last_json(res.pop("stdout")) if res["ok"] else {}
-        rows.append({"path": kind, "blocks": model["blocks"], "artifact_of": src, "seconds": child.get("seconds"),
-                     "seconds_until_read": child.get("seconds_until_read"), "process_seconds": res.pop("seconds"),
-                     **res, "torch_threads": child.get("torch_threads"), "bytes_on_disk": dir_bytes(target)})
-        print(f"[{model['name']}-{kind}] {'ok' if res['ok'] else 'FAILED'}: {child.get('seconds')} s "
-              f"({child.get('seconds_until_read')} s with every tensor read), "
-              f"peak {res['peak_rss_bytes'] / GIB:.2f} GiB", flush=True)
+        ok = [(r, c) for r, c in samples[kind] if r["ok"]]
+        res = dict(ok[-1][0] if ok else samples[kind][-1][0])
+
+        def med(key, runs=ok):
+            vals = [c.get(key) for _, c in runs if c.get(key) is not None]
+            return round(median(vals), 3) if vals else None
+        rows.append({"path": kind, "blocks": model["blocks"], "artifact_of": src, "seconds": med("seconds"),
+                     "seconds_until_read": med("seconds_until_read"), "process_seconds": res.pop("seconds"),
+                     **res, "peak_rss_bytes": max((r["peak_rss_bytes"] for r, _ in ok), default=res["peak_rss_bytes"]),
+                     "ok": bool(ok), "repeats": len(samples[kind]),
+                     "samples": [{k: c.get(k) for k in ("seconds", "seconds_until_read")} for _, c in ok],
+                     "torch_threads": ok[-1][1].get("torch_threads") if ok else None,
+                     "bytes_on_disk": dir_bytes(target)})
+        r = rows[-1]
+        print(f"[{model['name']}-{kind}] {'ok' if r['ok'] else 'FAILED'}: median {r['seconds']} s "
+              f"({r['seconds_until_read']} s with every tensor read) over {len(ok)} runs, "
+              f"peak {r['peak_rss_bytes'] / GIB:.2f} GiB", flush=True)
     return rows
 
 
@@ -566,6 +582,7 @@ def parse_args(argv=None):
     ap.add_argument("--work-dir", type=Path, default=ROOT / "bench/.work_memory",
                     help="models, artifacts and logs go in a fresh run-* directory here")
     ap.add_argument("--keep", action="store_true", help="keep the run's work directory")
+    ap.add_argument("--load-repeats", type=int, default=3, help="loads of each kind (fresh process each); medians")
     ap.add_argument("--timeout", type=float, default=6 * 3600, help="seconds per child before it is killed")
     ap.add_argument("--no-streaming-key", action="store_true",
                     help="debugging: leave the recipe's `streaming` key out (every path then runs the default)")
