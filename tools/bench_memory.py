@@ -216,7 +216,7 @@ def worker_build(config_json: str, out_dir: str, seed: str) -> dict:
 
 def worker_load(kind: str, path: str) -> dict:
     """Time one load call (`artifact`: dicompress.load; `bf16`: the diffusers original), both with bf16 kept
-    weights, then one read of every tensor: diffusers leaves weights of the checkpoint's dtype as lazy
+    weights, then one read (a copy) of every tensor: diffusers leaves weights of the checkpoint's dtype as lazy
     safetensors mmaps, so the call alone can return before any weight is read."""
     import torch
     from diffusers import FluxTransformer2DModel   # imported before the clock starts on both paths
@@ -229,9 +229,9 @@ def worker_load(kind: str, path: str) -> dict:
         t = time.perf_counter()
         model = FluxTransformer2DModel.from_pretrained(path, torch_dtype=torch.bfloat16)
     call = time.perf_counter() - t
-    with torch.no_grad():
+    with torch.no_grad():     # a copy reads every byte at memory speed whatever the dtype (a uint8 sum does not)
         for tensor in (*model.parameters(), *model.buffers()):
-            tensor.sum()
+            torch.empty_like(tensor).copy_(tensor)
     return {"seconds": round(call, 3), "seconds_until_read": round(time.perf_counter() - t, 3),
             "torch_threads": torch.get_num_threads()}
 
@@ -529,7 +529,7 @@ def run(args) -> dict:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="run-", dir=args.work_dir))
     res = {"environment": environment(args), "settings": {
-        "small": args.small, "depths": args.depths, "paths": args.paths, "streaming_key": not args.no_streaming_key,
+        "small": args.small, "depths": args.depths, "paths": args.paths, "naive_depths": args.naive_depths, "streaming_key": not args.no_streaming_key,
         "passes": W4A8_PASSES, "calibration": {"source": "synthetic", "seeds": args.seeds, "steps": args.steps,
                                                 "batch_size": args.batch_size}, "model_seed": args.model_seed},
         "models": [], "rows": [], "load_rows": []}
@@ -541,6 +541,8 @@ def run(args) -> dict:
             model = build_model(args, n_double, n_single, stats, work)
             res["models"].append(model)
             for path in args.paths:
+                if path == "naive" and args.naive_depths and n_double + n_single not in args.naive_depths:
+                    continue
                 res["rows"].append(compress_row(args, model, path, work))
                 write_results(res, partial)
             res["load_rows"] += load_rows(args, model, res["rows"], work)
@@ -582,6 +584,9 @@ def parse_args(argv=None):
     ap.add_argument("--work-dir", type=Path, default=ROOT / "bench/.work_memory",
                     help="models, artifacts and logs go in a fresh run-* directory here")
     ap.add_argument("--keep", action="store_true", help="keep the run's work directory")
+    ap.add_argument("--naive-depths", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                    metavar="BLOCKS", help="run the naive (whole model) path only at these total block counts, "
+                                           "comma-separated (default: at every depth)")
     ap.add_argument("--load-repeats", type=int, default=3, help="loads of each kind (fresh process each); medians")
     ap.add_argument("--timeout", type=float, default=6 * 3600, help="seconds per child before it is killed")
     ap.add_argument("--no-streaming-key", action="store_true",
