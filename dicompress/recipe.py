@@ -196,6 +196,14 @@ def parse_recipe(data: Any, file: str | None = None) -> Recipe:
                 raise RecipeError(f"pass {p.name!r} needs calibration data but the recipe has no "
                                   "`calibration` section", file=file, key=f"passes[{i}].{p.name}",
                                   hint="add e.g. `calibration: {source: classes, seeds: [0, 1]}`")
+    elif recipe.calibration.source == "synthetic":
+        for i, p in enumerate(passes):
+            for key, cfg in (("", p.config), ("end_to_end.", getattr(p.config, "end_to_end", None))):
+                if getattr(cfg, "student_trajectories", 0):
+                    raise RecipeError("student_trajectories runs the calibration's sampling loop on the student; "
+                                      "calibration source 'synthetic' has none", file=file,
+                                      key=f"passes[{i}].{p.name}.{key}student_trajectories",
+                                      hint="use source: classes, embeddings or prompts, or set it to 0")
     return recipe
 
 

@@ -384,3 +384,14 @@ def test_student_trajectories_add_the_students_own_rows(zoo_store, tiny_zoo_dir,
     with pytest.raises(CalibrationError, match="synthetic"):
         capture_trajectories(model, adapter_for(model), {**zoo_store.meta, "config": {
             **zoo_store.meta["config"], "source": "synthetic"}}, tmp_path / "x", progress=False)
+
+
+def test_student_trajectories_with_synthetic_calibration_is_a_recipe_error(tmp_path):
+    from dicompress.errors import RecipeError
+    from dicompress.recipe import parse_recipe
+    data = {"model": "zoo:tiny-flux-digits", "output": str(tmp_path / "o"),
+            "calibration": {"source": "synthetic"},
+            "passes": [{"ppcl_depth": {"remove_blocks": 2, "end_to_end": {"steps": 5, "student_trajectories": 1}}}]}
+    with pytest.raises(RecipeError, match="synthetic") as e:
+        parse_recipe(data, "r.yaml")
+    assert "passes[0].ppcl_depth.end_to_end.student_trajectories" in str(e.value)

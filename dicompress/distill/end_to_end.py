@@ -13,6 +13,7 @@ from torch import nn
 
 from ..arch import adapter_for_class
 from ..calib.store import ModelInputs, shared_input_names, split_model_input, to_module
+from ..errors import DistillError
 from .config import DistillConfig
 from .engine import checkpoint_path, train
 from .losses import get_loss
@@ -106,7 +107,8 @@ def distill_end_to_end(student: nn.Module, teacher: nn.Module, model_inputs: dic
     data, tmp = None, None
     if rounds and cfg.steps:
         if calibration_meta is None:
-            raise ValueError("student_trajectories needs the calibration store's meta (its sampling loop)")
+            raise DistillError("student_trajectories needs the calibration store's meta (the sampling loop to run "
+                               "on the student)", hint="pass calibration_meta=store.meta, or set it to 0")
         if checkpoint_dir is None:
             tmp = tempfile.TemporaryDirectory(prefix="dicompress-traj-")
         out = Path(tmp.name) if tmp is not None else \
