@@ -64,14 +64,16 @@ def run(args) -> dict:
     common = {"samples_per_class": args.samples_per_class, "progress": False}
     t0 = time.perf_counter()
     base, images = evaluate_digits(teacher, teacher, info.path, **common)
-    cfg = CalibrationConfig(**yaml.safe_load(CALIBRATION.read_text()))
+    calibration = Path(args.calibration).resolve()
+    shown = str(calibration.relative_to(ROOT)) if calibration.is_relative_to(ROOT) else str(calibration)
+    cfg = CalibrationConfig(**yaml.safe_load(calibration.read_text()))
     root = Path(tempfile.mkdtemp(prefix="dicompress-bench-prune-"))
     store = capture(teacher, adapter_for(teacher), cfg, {"name": info.name, "path": info.path}, root,
                     block_inputs=True, progress=False)
     refs = adapter_for(teacher).blocks(teacher)
     layer = {"steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "checkpoint_every": 0}
-    e2e = {"steps": args.e2e_steps, "lr": args.e2e_lr, "batch_size": args.batch_size, "checkpoint_every": 0} \
-        if args.e2e_steps else None
+    e2e = {"steps": args.e2e_steps, "lr": args.e2e_lr, "batch_size": args.batch_size, "checkpoint_every": 0,
+           "student_trajectories": args.student_trajectories} if args.e2e_steps else None
     budget = {"distill": layer, "end_to_end": e2e}
     rows = []
 
@@ -118,7 +120,7 @@ def run(args) -> dict:
         for c in args.convert:
             add("hybrid_stream", 0, [{"hybrid_stream": {"convert": c, **budget}}])
     return {"rows": rows, "teacher": {k: base[k] for k in ("class_acc_teacher", "frechet_teacher")},
-            "settings": {"model": args.model, "calibration": str(CALIBRATION.relative_to(ROOT)),
+            "settings": {"model": args.model, "calibration": shown,
                          "calibration_rows": int(store.model_inputs()["hidden_states"].shape[0]),
                          "samples_per_class": args.samples_per_class, "layerwise": layer, "end_to_end": e2e},
             "command": "python " + " ".join(sys.argv), "seconds": round(time.perf_counter() - t0, 1),
@@ -141,6 +143,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/prune.json")
     ap.add_argument("--model", default="zoo:tiny-flux-digits")
+    ap.add_argument("--calibration", default=str(CALIBRATION), help="calibration set file (default: digits_10x8)")
     ap.add_argument("--methods", default="ppcl,naive,random,amber,hybrid_stream")
     ap.add_argument("--removals", type=int, nargs="+", default=[4, 6])
     ap.add_argument("--convert", type=int, nargs="+", default=[2])
@@ -148,6 +151,8 @@ def main():
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--e2e-steps", type=int, default=600, help="end-to-end steps (0 = none)")
     ap.add_argument("--e2e-lr", type=float, default=2e-4)
+    ap.add_argument("--student-trajectories", type=int, default=0,
+                    help="end-to-end rounds of the student's own sampling trajectories (DAgger); 0 = none")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--samples-per-class", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0, help="seed of the random intervals")
