@@ -39,7 +39,7 @@ from dicompress.recipe import CalibrationConfig
 from dicompress.zoo import load_conditioning
 
 ROOT = Path(__file__).resolve().parents[1]
-CALIBRATION = ROOT / "calibration/digits_10x8.yaml"
+CALIBRATION = ROOT / "calibration/digits_10x32.yaml"
 
 
 def n_params(model) -> int:
@@ -143,13 +143,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/prune.json")
     ap.add_argument("--model", default="zoo:tiny-flux-digits")
-    ap.add_argument("--calibration", default=str(CALIBRATION), help="calibration set file (default: digits_10x8)")
+    ap.add_argument("--calibration", default=str(CALIBRATION), help="calibration set file (default: digits_10x32)")
     ap.add_argument("--methods", default="ppcl,naive,random,amber,hybrid_stream")
     ap.add_argument("--removals", type=int, nargs="+", default=[4, 6])
     ap.add_argument("--convert", type=int, nargs="+", default=[2])
     ap.add_argument("--steps", type=int, default=300, help="layer-wise steps per rebuilt block")
     ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--e2e-steps", type=int, default=600, help="end-to-end steps (0 = none)")
+    ap.add_argument("--e2e-steps", type=int, default=1500, help="end-to-end steps (0 = none)")
     ap.add_argument("--e2e-lr", type=float, default=2e-4)
     ap.add_argument("--student-trajectories", type=int, default=0,
                     help="end-to-end rounds of the student's own sampling trajectories (DAgger); 0 = none")
