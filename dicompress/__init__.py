@@ -33,5 +33,5 @@ def save(state, out_dir, report: dict | None = None, overwrite: bool = False, fi
 
 
 __all__ = ["compress", "run", "load", "save", "verify_artifact", "Recipe", "load_recipe", "Pass", "PassConfig",
-           "TLQ", "RTN", "Smooth", "ARS", "ActQuant", "register_pass", "register_arch", "register_manifest_op", "DicompressError",
-           "RecipeError", "ModelError", "ArtifactError", "CalibrationError", "DistillError"]
+           "TLQ", "RTN", "Smooth", "ARS", "ActQuant", "register_pass", "register_arch", "register_manifest_op",
+           "DicompressError", "RecipeError", "ModelError", "ArtifactError", "CalibrationError", "DistillError"]

@@ -529,7 +529,8 @@ def run(args) -> dict:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="run-", dir=args.work_dir))
     res = {"environment": environment(args), "settings": {
-        "small": args.small, "depths": args.depths, "paths": args.paths, "naive_depths": args.naive_depths, "streaming_key": not args.no_streaming_key,
+        "small": args.small, "depths": args.depths, "paths": args.paths, "naive_depths": args.naive_depths,
+        "streaming_key": not args.no_streaming_key,
         "passes": W4A8_PASSES, "calibration": {"source": "synthetic", "seeds": args.seeds, "steps": args.steps,
                                                 "batch_size": args.batch_size}, "model_seed": args.model_seed},
         "models": [], "rows": [], "load_rows": []}
