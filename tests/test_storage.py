@@ -10,7 +10,7 @@ from torch import nn
 
 import dicompress
 from dicompress.io.artifact import read_safetensors_header
-from dicompress.io.storage import _narrower, parameters_stored_as, round_parameters, stored_dtype, stored_state_dict
+from dicompress.io.storage import parameters_stored_as, round_parameters, stored_dtype, stored_state_dict
 from test_streaming import W4A8, _recipe, _tensors, assert_same_artifact
 
 
@@ -23,12 +23,6 @@ def test_stored_dtype_is_the_dtype_of_most_bytes(tmp_path):
     save_file({"w2": torch.zeros(128, 64)},                                            # shards count together
               str(tmp_path / "diffusion_pytorch_model-00002-of-00002.safetensors"))
     assert stored_dtype(tmp_path) == torch.float32
-
-
-def test_narrower_knows_bf16_and_fp16_each_lose_bits():
-    assert _narrower(torch.bfloat16, torch.float32) and _narrower(torch.float16, torch.float32)
-    assert _narrower(torch.bfloat16, torch.float16) and _narrower(torch.float16, torch.bfloat16)
-    assert not _narrower(torch.float32, torch.bfloat16) and not _narrower(torch.float32, torch.float32)
 
 
 def test_round_parameters_rounds_params_only_and_is_exact_on_representable_values():

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..calib.store import ModelInputs
+from ..calib.store import CalibrationStore, ModelInputs
 
 
 def refresh_steps(steps: int, rounds: int) -> list[int]:
@@ -63,12 +63,13 @@ class GrowingRows:
         d = self.out_dir / f"round_{r}"
         was_training = self.student.training
         self.student.eval()
-        if rank == 0:          # one capture; the other ranks (same student weights) read it
-            capture_trajectories(self.student, self.adapter, self.meta, d, progress=self.progress)
+        # one capture (or, resumed, the one on disk); the other ranks (same student weights) read it
+        store = capture_trajectories(self.student, self.adapter, self.meta, d, progress=self.progress) \
+            if rank == 0 else None
         if world > 1:
             dist.barrier()
         self.student.train(was_training)
-        new = capture_trajectories(self.student, self.adapter, self.meta, d, progress=False).model_inputs()
+        new = (store or CalibrationStore(d)).model_inputs()
         self.inputs = concat_model_inputs(self.inputs, new)
         self.rows_per_round.append(new.rows)
         self.rounds_done = r

@@ -36,6 +36,7 @@ _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", 
 for _name, _st in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
     if hasattr(torch, _name):
         _ST_DTYPES[getattr(torch, _name)] = _st
+ST_DTYPE_BY_NAME = {v: k for k, v in _ST_DTYPES.items()}    # a safetensors header's dtype name -> torch dtype
 _MAX_HEADER = 100 << 20
 
 

@@ -15,9 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .artifact import _ST_DTYPES, read_safetensors_header
-
-_BY_NAME = {v: k for k, v in _ST_DTYPES.items()}
+from .artifact import ST_DTYPE_BY_NAME, read_safetensors_header
 
 
 def stored_dtype(model_dir: str | Path) -> torch.dtype:
@@ -26,7 +24,7 @@ def stored_dtype(model_dir: str | Path) -> torch.dtype:
     weight: Counter = Counter()
     for file in sorted(Path(model_dir).glob("diffusion_pytorch_model*.safetensors")):
         for dt, shape in read_safetensors_header(file).values():
-            t = _BY_NAME.get(dt)
+            t = ST_DTYPE_BY_NAME.get(dt)
             if t is not None and t.is_floating_point:
                 weight[t] += t.itemsize * int(torch.Size(shape).numel())
     return weight.most_common(1)[0][0] if weight else torch.float32
@@ -34,11 +32,11 @@ def stored_dtype(model_dir: str | Path) -> torch.dtype:
 
 def round_parameters(module: nn.Module, dtype: torch.dtype) -> None:
     """Round every floating parameter through `dtype` in place (the values the artifact will hold), so what is
-    evaluated in memory is what loads back. Exact, hence free, for parameters read from a `dtype` checkpoint
-    and not changed since; a no-op when `dtype` is at least as wide as the parameter's."""
+    evaluated in memory is what loads back. Exact for parameters read from a `dtype` checkpoint and not changed
+    since, and for every parameter when `dtype` is at least as wide as its own."""
     with torch.no_grad():
         for p in module.parameters():
-            if p.is_floating_point() and _narrower(dtype, p.dtype):
+            if p.is_floating_point() and p.dtype != dtype:
                 p.copy_(p.to(dtype))
 
 
@@ -65,10 +63,3 @@ def parameters_stored_as(module: nn.Module, dtype: torch.dtype | None):
         for p, was in changed:
             p.data = p.data.to(was)
 
-
-def _narrower(a: torch.dtype, b: torch.dtype) -> bool:
-    """Does storing a `b` tensor as `a` lose bits? (bf16 and fp16 are each narrower than the other.)"""
-    if a == b:
-        return False
-    fa, fb = torch.finfo(a), torch.finfo(b)
-    return fa.bits < fb.bits or fa.eps > fb.eps or fa.max < fb.max

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..errors import ModelError
+from ..io.artifact import ST_DTYPE_BY_NAME
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
@@ -85,11 +86,6 @@ class Checkpoint:
         model.load_state_dict(sd, strict=False, assign=True)
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-
-
 def read_tensors(file: Path, names: list[str]) -> dict[str, torch.Tensor]:
     """Tensors `names` of one safetensors file, read with plain reads of their byte ranges. Not through a
     memory map: mapped pages count as resident memory, and a shard read that way keeps a block's bf16 bytes
@@ -104,7 +100,7 @@ def read_tensors(file: Path, names: list[str]) -> dict[str, torch.Tensor]:
             buf = bytearray(end - begin)
             f.seek(8 + n + begin)
             f.readinto(buf)
-            dtype = _DTYPES.get(entry["dtype"])
+            dtype = ST_DTYPE_BY_NAME.get(entry["dtype"])
             if dtype is None:
                 raise ModelError(f"{file}: tensor {name} has dtype {entry['dtype']}, which dicompress cannot read",
                                  hint="convert the checkpoint to float or bfloat16 safetensors")
