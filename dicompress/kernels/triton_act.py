@@ -11,12 +11,14 @@ input dtype; codes are rounded half-to-even like torch.round.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 import triton
 import triton.language as tl
 
 from ..quant.hadamard import _base_matrix, hadamard_plan
+from .cache import derived
 
 _RNE = 12582912.0          # 1.5 · 2^23: (v + c) - c rounds fp32 v half-to-even for |v| < 2^22
 _DOT_MIN = 16              # tl.dot needs every dimension >= 16
@@ -72,6 +74,14 @@ def _rotation_layout(k: int, hadamard: bool) -> dict:
             "P": max(_DOT_MIN, plan.pow2), "BB": max(_DOT_MIN, triton.next_power_of_2(plan.base))}
 
 
+@lru_cache(maxsize=64)
+def _padded_base(base: int, bb: int, device: torch.device) -> torch.Tensor:
+    """H_base zero-padded to [bb, bb] fp32 on `device`: built and copied there once, not on every call."""
+    hp = torch.zeros(bb, bb, dtype=torch.float32)
+    hp[:base, :base] = _base_matrix(base)
+    return hp.to(device)
+
+
 def quantize_act_triton(x: torch.Tensor, smooth: torch.Tensor | None, signs: torch.Tensor | None,
                         rotation: torch.Tensor | None, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as reference.quantize_act: int8 codes [..., K] and fp32 steps [...]."""
@@ -88,15 +98,13 @@ def quantize_act_triton(x: torch.Tensor, smooth: torch.Tensor | None, signs: tor
     codes = torch.empty(m, k, dtype=torch.int8, device=x.device)
     steps = torch.empty(m, dtype=torch.float32, device=x.device)
     geo = _rotation_layout(k, signs is not None)
-    hp = x2                                                                  # unused placeholder pointer
-    if geo["BB"] > 1:
-        hp = torch.zeros(geo["BB"], geo["BB"], dtype=torch.float32)
-        hp[:geo["BASE"], :geo["BASE"]] = _base_matrix(geo["BASE"])
-        hp = hp.to(x.device)
+    hp = _padded_base(geo["BASE"], geo["BB"], x.device) if geo["BB"] > 1 else x2    # x2: an unused pointer
+    if smooth is not None:       # fp32 once per layer, not a cast kernel per call
+        smooth = derived(smooth, (smooth,), "smooth_fp32", smooth.float)
     if m:
         tile = geo["P"] * geo["BB"]
         _act_quant_kernel[(m,)](
-            x2, smooth.float() if smooth is not None else x2, signs if signs is not None else x2, hp, codes, steps,
+            x2, smooth if smooth is not None else x2, signs if signs is not None else x2, hp, codes, steps,
             x2.stride(0), codes.stride(0), geo["ROW"], geo["BASE"], 1.0 / math.sqrt(k), float((1 << (bits - 1)) - 1),
             HAS_SMOOTH=smooth is not None, HAS_SIGNS=signs is not None, STAGES=geo["STAGES"], P=geo["P"],
             BB=geo["BB"], num_warps=4 if tile <= 4096 else 8 if tile <= 8192 else 16)

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .cache import derived
 from .tables import int8_grid, signed_levels
 
 
@@ -121,20 +122,26 @@ def _blocks(m: int, group_size: int, int_dot: bool) -> dict:
 
 def qlinear_triton(x, x_scale, qweight, scales, aux, eta, bias, codec, bits, group_size, mode, out_dtype,
                    blocks: dict | None = None):
-    """Same contract as reference.qlinear. `blocks` overrides the tile (tests use small ones)."""
+    """Same contract as reference.qlinear. `blocks` overrides the tile (tests use small ones). The decode
+    tables are built once per layer and mode (kernels/cache.py), not on every call."""
     k = x.shape[-1]
     n = qweight.shape[0]
     lead = x.shape[:-1]
     a = x.reshape(-1, k)
     a = a if a.stride(-1) == 1 else a.contiguous()
     m = a.shape[0]
-    lut, rscale, gscale = weight_tables(codec, scales, aux, eta, bits, group_size, mode)
+    a16_int8 = mode == "int8" and x_scale is None        # A16: the int8-mapped levels, computed in x's dtype
+
+    def build():
+        lut, rscale, gscale = weight_tables(codec, scales, aux, eta, bits, group_size, mode)
+        return (lut.float() if a16_int8 else lut), rscale, gscale
+
+    lut, rscale, gscale = derived(scales, (scales, aux, eta), ("qgemm", codec, bits, group_size, mode, a16_int8),
+                                  build)
     int_dot = x_scale is not None and mode == "int8"
     cfg = dict(_blocks(m, group_size, int_dot), **(blocks or {}))
     if group_size and group_size % cfg["BLOCK_K"]:
         raise ValueError(f"BLOCK_K={cfg['BLOCK_K']} must divide the group size {group_size}")
-    if mode == "int8" and x_scale is None:     # A16: the int8-mapped levels, computed in x's dtype
-        lut = lut.float()
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m:
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
