@@ -7,6 +7,7 @@ from dicompress.kernels import gemm_mode, ops, reference
 from dicompress.nn.act import ActTransform
 from dicompress.nn.qlinear import QuantLinear
 
+TILE_CANDIDATES = pytest.importorskip("dicompress.kernels.triton_gemm").TILE_CANDIDATES
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 FLUX_KN = [(3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072), (15360, 3072)]
 M = 512
@@ -66,7 +67,8 @@ def test_group_scales_and_uniform_codec(codec, group, mode):
     codes, steps = ops.quantize_act(x, q.act.smooth, q.act.signs, None, 8)
     aux = q.grid if codec == "tlq" else q.zeros
     w = (q.qweight, q.scales, aux, getattr(q, "eta", None), q.bias, codec, 4, group or 0, mode)
-    assert rel_err(ops.qlinear(codes, steps, *w, torch.bfloat16), reference.qlinear(codes, steps, *w, torch.float32)) < 5e-3
+    ref = reference.qlinear(codes, steps, *w, torch.float32)
+    assert rel_err(ops.qlinear(codes, steps, *w, torch.bfloat16), ref) < 5e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -88,3 +90,17 @@ def test_torch_compile_on_cuda():
     x = torch.randn(256, 3072, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad(), gemm_mode("decode"):
         assert rel_err(torch.compile(model)(x), model(x)) < 1e-3
+
+
+@pytest.mark.parametrize("kind,i", [(kind, i) for kind, c in TILE_CANDIDATES.items() for i in range(len(c))])
+def test_tile_candidates(kind, i):
+    """Every tile tools/bench_kernels.py may pick (both operand orders) computes the same product."""
+    from dicompress.kernels.triton_gemm import _blocks, qlinear_triton
+    mode = "int8" if kind == "int8" else "decode"
+    q = random_layer(3072, 3072, seed=i)
+    x = torch.randn(M, 3072, device="cuda", dtype=torch.bfloat16)
+    codes, steps = ops.quantize_act(x, q.act.smooth, q.act.signs, None, 8)
+    w = (q.qweight, q.scales, q.grid, q.eta, q.bias, "tlq", 4, 0, mode)
+    tile = dict(_blocks(M, 0, kind == "int8"), **TILE_CANDIDATES[kind][i])
+    y = qlinear_triton(codes, steps, *w, torch.bfloat16, blocks=tile)
+    assert rel_err(y, reference.qlinear(codes, steps, *w, torch.float32)) < 5e-3

@@ -10,9 +10,11 @@ from dicompress.quant.tlq import tlq_quantize
 from dicompress.quant.uniform import rtn_quantize
 
 triton = pytest.importorskip("triton")
+TILE_CANDIDATES = pytest.importorskip("dicompress.kernels.triton_gemm").TILE_CANDIDATES
 pytestmark = pytest.mark.triton
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}   # shapes below are not multiples of these
+SWAPPED = dict(SMALL, SWAP_AB=True)                        # the transposed tile, outᵀ = W · xᵀ
 
 
 def quantized(codec, bits, group, n, k, seed=0):
@@ -73,11 +75,13 @@ GEMM_CASES = [  # (codec, bits, group, M, N, K, a8, mode, dtype, bias)
     ("uniform", 3, None, 7, 33, 100, False, "decode", torch.float32, True),
     ("uniform", 8, None, 19, 33, 100, True, "int8", torch.float32, False),
     ("uniform", 8, None, 19, 33, 100, True, "decode", torch.float16, True),
+    ("uniform", 2, None, 19, 33, 100, True, "int8", torch.float32, True),   # 2 bits: the generic unpacking
 ]
 
 
+@pytest.mark.parametrize("tile", [SMALL, SWAPPED], ids=["xw", "swap_ab"])
 @pytest.mark.parametrize("codec,bits,group,m,n,k,a8,mode,dtype,bias", GEMM_CASES)
-def test_qlinear_matches_reference(codec, bits, group, m, n, k, a8, mode, dtype, bias):
+def test_qlinear_matches_reference(codec, bits, group, m, n, k, a8, mode, dtype, bias, tile):
     from dicompress.kernels.triton_gemm import qlinear_triton
     qweight, scales, aux, eta = quantized(codec, bits, group, n, k)
     g = torch.Generator().manual_seed(m)
@@ -88,7 +92,7 @@ def test_qlinear_matches_reference(codec, bits, group, m, n, k, a8, mode, dtype,
         x, xs = reference.quantize_codes(x, 8)
     gs = group or 0
     y = qlinear_triton(x.to(DEV), None if xs is None else xs.to(DEV), qweight, scales, aux, eta, b, codec, bits, gs,
-                       mode, dtype, blocks=SMALL)
+                       mode, dtype, blocks=tile)
     cpu = [None if t is None else t.cpu() for t in (qweight, scales, aux, eta, b)]
     ref = reference.qlinear(x if a8 else x.float(), xs, *cpu[:4], cpu[4], codec, bits, gs, mode, torch.float32)
     assert y.dtype == dtype and y.shape == (m, n)
@@ -123,4 +127,19 @@ def test_fused_layer_matches_module_forward(rotation):
         y = qlinear_triton(c, s, q.qweight, q.scales, q.grid, q.eta, q.bias, "tlq", 4, 0, "decode", torch.float32,
                            blocks=SMALL)
     assert y.shape == ref.shape
+    assert (y.cpu() - ref).norm() <= 2e-3 * ref.norm()
+
+
+@pytest.mark.parametrize("kind,i", [(kind, i) for kind, c in TILE_CANDIDATES.items() for i in range(len(c))])
+def test_bench_tile_candidates(kind, i):
+    """The full-size tiles tools/bench_kernels.py sweeps on a GPU, at a shape none of them divides."""
+    from dicompress.kernels.triton_gemm import _blocks, qlinear_triton
+    mode = "int8" if kind == "int8" else "decode"
+    qweight, scales, aux, eta = quantized("tlq", 4, None, 140, 300, seed=i)
+    x, xs = reference.quantize_codes(torch.randn(70, 300, generator=torch.Generator().manual_seed(i)), 8)
+    tile = dict(_blocks(70, 0, kind == "int8"), **TILE_CANDIDATES[kind][i])
+    y = qlinear_triton(x.to(DEV), xs.to(DEV), qweight, scales, aux, eta, None, "tlq", 4, 0, mode, torch.float32,
+                       blocks=tile)
+    ref = reference.qlinear(x, xs, *(t.cpu() for t in (qweight, scales, aux, eta)), None, "tlq", 4, 0, mode,
+                            torch.float32)
     assert (y.cpu() - ref).norm() <= 2e-3 * ref.norm()

@@ -1,9 +1,10 @@
 """Triton quantized GEMM: y = x_hat · wᵀ (+ b), the weight decoded from its packed codes inside the kernel.
 
-Per K-block the kernel unpacks a [BLOCK_K, BLOCK_N] tile of b-bit codes from the dense packing
+Per K-block the kernel unpacks a [BLOCK_N, BLOCK_K] tile of b-bit codes from the dense packing
 (quant/packing.py: code i of a run of 8 at bits [i·b, (i+1)·b) of b little-endian bytes, so a code spans at
-most two bytes), looks every code up in its row's table (tables.signed_levels / int8_grid) and feeds
-tl.dot. What the dot consumes:
+most two bytes; 4-bit rows are read as K-contiguous bytes and split into interleaved nibbles, 8-bit rows
+directly), looks every code up in its row's table (tables.signed_levels / int8_grid) and feeds tl.dot,
+as x · Wᵀ or, with SWAP_AB, as (W · xᵀ)ᵀ (the decoded weight as the left operand). What the dot consumes:
   activations int8 codes, mode "decode": codes -> fp16 (exact), levels -> fp16, fp32 accumulation
   activations int8 codes, mode "int8":   int8 codes x int8 levels, int32 accumulation
   float activations (A16):               levels cast to x's dtype (fp32 dots in IEEE, no TF32)
@@ -28,11 +29,38 @@ from .tables import int8_grid, signed_levels
 
 
 @triton.jit
+def _codes_tile(qw_ptr, rn, n_ok, k0, NB, stride_qn, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The b-bit codes of output rows rn at inputs k0 .. k0 + BLOCK_K, as int32 [BLOCK_N, BLOCK_K]. Codes past
+    K are the row's zero padding or a masked 0: finite levels that meet zero activations."""
+    L: tl.constexpr = 1 << BITS
+    row = qw_ptr + rn[:, None] * stride_qn
+    if BITS == 8:                                       # one code per byte
+        kb = k0 + tl.arange(0, BLOCK_K)
+        return tl.load(row + kb[None, :], mask=n_ok[:, None] & (kb < NB)[None, :], other=0).to(tl.int32)
+    elif BITS == 4:                                     # K-contiguous bytes, low nibble first
+        kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        byte = tl.load(row + kb[None, :], mask=n_ok[:, None] & (kb < NB)[None, :], other=0).to(tl.int32)
+        return tl.interleave(byte & 15, byte >> 4)
+    else:                                               # any width: code k at bits [(k%8)·b, +b) of its run
+        k = k0 + tl.arange(0, BLOCK_K)
+        bit = (k % 8) * BITS
+        byte = (k // 8) * BITS + bit // 8
+        shift = (bit % 8)[None, :]
+        word = tl.load(row + byte[None, :], mask=n_ok[:, None] & (byte < NB)[None, :], other=0).to(tl.int32)
+        if 8 % BITS != 0:                               # 3, 5, 6, 7 bits: a code may straddle two bytes
+            hi = tl.load(row + byte[None, :] + 1, mask=n_ok[:, None] & ((byte + 1 < NB)[None, :]) &
+                         (shift + BITS > 8), other=0).to(tl.int32)
+            word = word | (hi << 8)
+        return (word >> shift) & (L - 1)
+
+
+@triton.jit
 def _qgemm_kernel(a_ptr, a_scale_ptr, qw_ptr, lut_ptr, gscale_ptr, rscale_ptr, bias_ptr, out_ptr,
-                  M, N, K, n_groups, stride_am, stride_qn, stride_om,
+                  M, N, K, NB, n_groups, stride_am, stride_qn, stride_om,
                   BITS: tl.constexpr, GROUP: tl.constexpr, LUT_GROUPED: tl.constexpr,
                   A_INT8: tl.constexpr, W_INT8: tl.constexpr, A_FP32: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                  SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  GROUP_M: tl.constexpr):
     # grouped launch order: GROUP_M row-blocks share each weight tile while it is in L2
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -50,45 +78,55 @@ def _qgemm_kernel(a_ptr, a_scale_ptr, qw_ptr, lut_ptr, gscale_ptr, rscale_ptr, b
     n_ok = rn < N
     L: tl.constexpr = 1 << BITS
     INT_DOT: tl.constexpr = A_INT8 and W_INT8
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_i = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    ACC_INT: tl.constexpr = INT_DOT and GROUP == 0
+    # SWAP_AB computes the transposed tile, outᵀ = W · xᵀ: the decoded weight is then the left operand,
+    # which Hopper's wgmma may take from registers (the right one must come from shared memory)
+    if SWAP_AB:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32 if ACC_INT else tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32 if ACC_INT else tl.float32)
+    lut_row = lut_ptr + rn[:, None] * (n_groups * L if LUT_GROUPED else L)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + rk
-        k_ok = k < K
-        a = tl.load(a_ptr + rm[:, None] * stride_am + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
-        # unpack codes [BLOCK_K, BLOCK_N]
-        bit = (k % 8) * BITS
-        byte = (k // 8) * BITS + bit // 8
-        shift = (bit % 8)[:, None]
-        w_ok = k_ok[:, None] & n_ok[None, :]
-        ptr = qw_ptr + rn[None, :] * stride_qn + byte[:, None]
-        word = tl.load(ptr, mask=w_ok, other=0).to(tl.int32)
-        if 8 % BITS != 0:                                   # 3, 5, 6, 7 bits: a code may straddle two bytes
-            hi = tl.load(ptr + 1, mask=w_ok & (shift + BITS > 8), other=0).to(tl.int32)
-            word = word | (hi << 8)
-        code = (word >> shift) & (L - 1)
-        if LUT_GROUPED:
-            code = code + (k // GROUP)[:, None] * L
-            w = tl.load(lut_ptr + rn[None, :] * (n_groups * L) + code, mask=w_ok, other=0)
-        else:
-            w = tl.load(lut_ptr + rn[None, :] * L + code, mask=w_ok, other=0)
+        a = tl.load(a_ptr + rm[:, None] * stride_am + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0)
+        code = _codes_tile(qw_ptr, rn, n_ok, k0, NB, stride_qn, BITS, BLOCK_K)
+        if LUT_GROUPED:                                 # BLOCK_K divides GROUP: one table per block
+            code = code + (k0 // GROUP) * L
+        w = tl.load(lut_row + code, mask=n_ok[:, None], other=0)         # [BLOCK_N, BLOCK_K] levels
         if INT_DOT:
-            part = tl.dot(a, w, out_dtype=tl.int32)
+            pass                                        # int8 x int8, int32 accumulation
         elif A_INT8:
-            part = tl.dot(a.to(tl.float16), w.to(tl.float16))
+            a = a.to(tl.float16)                        # codes are exact in fp16
+            w = w.to(tl.float16)
         elif A_FP32:
-            part = tl.dot(a, w.to(tl.float32), input_precision="ieee")
+            w = w.to(tl.float32)
         else:
-            part = tl.dot(a, w.to(a.dtype))
-        if GROUP > 0:                                      # BLOCK_K divides GROUP: one group per block
+            w = w.to(a.dtype)
+        if SWAP_AB:
+            if INT_DOT:
+                part = tl.dot(w, tl.trans(a), out_dtype=tl.int32)
+            elif A_FP32:
+                part = tl.dot(w, tl.trans(a), input_precision="ieee")
+            else:
+                part = tl.dot(w, tl.trans(a))
+        else:
+            if INT_DOT:
+                part = tl.dot(a, tl.trans(w), out_dtype=tl.int32)
+            elif A_FP32:
+                part = tl.dot(a, tl.trans(w), input_precision="ieee")
+            else:
+                part = tl.dot(a, tl.trans(w))
+        if GROUP > 0:                                   # this block's group scale, per output column
             gs = tl.load(gscale_ptr + rn * n_groups + k0 // GROUP, mask=n_ok, other=0.0)
-            acc += part.to(tl.float32) * gs[None, :]
-        elif INT_DOT:
-            acc_i += part
+            if SWAP_AB:
+                acc += part.to(tl.float32) * gs[:, None]
+            else:
+                acc += part.to(tl.float32) * gs[None, :]
         else:
             acc += part
-    if INT_DOT and GROUP == 0:
-        acc = acc_i.to(tl.float32)
+    acc = acc.to(tl.float32)
+    if SWAP_AB:
+        acc = tl.trans(acc)
     if A_INT8:
         acc = acc * tl.load(a_scale_ptr + rm, mask=m_ok, other=0.0)[:, None]
     acc = acc * tl.load(rscale_ptr + rn, mask=n_ok, other=0.0)[None, :]
@@ -110,14 +148,36 @@ def weight_tables(codec: str, scales: torch.Tensor, aux: torch.Tensor, eta: torc
     return lut.contiguous(), row * scales.float()[:, 0], None
 
 
+# Tile overrides per GEMM class ("int8" for int8 x int8 dots, "float" for the rest), merged over the
+# defaults below when M > 64. Empty in the library; tools/bench_kernels.py fills it with the winner of its
+# tile sweep for the rest of its run, and records the sweep so the defaults can follow the measurements.
+TILE_OVERRIDES: dict[str, dict] = {}
+# What that sweep tries (the first of each is the default); tests/test_kernels_gpu.py checks each one's
+# results, which also puts their compiled kernels in Triton's cache before the bench times them.
+TILE_CANDIDATES: dict[str, list[dict]] = {
+    "int8": [{}, {"SWAP_AB": True},
+             {"BLOCK_N": 256},
+             {"BLOCK_M": 256, "SWAP_AB": True},
+             {"BLOCK_M": 64, "num_warps": 4, "num_stages": 4, "SWAP_AB": True},
+             {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4}],
+    "float": [{}, {"SWAP_AB": True},
+              {"BLOCK_N": 256},
+              {"BLOCK_M": 256, "SWAP_AB": True},
+              {"BLOCK_M": 64, "num_warps": 4, "num_stages": 4, "SWAP_AB": True}],
+}
+
+
 def _blocks(m: int, group_size: int, int_dot: bool) -> dict:
     """A fixed tile per problem class (no autotuning: compile time counts on a lent GPU)."""
     bm = 128 if m > 64 else max(16, triton.next_power_of_2(m))
     bk = 128 if int_dot else 64
+    cfg = {"BLOCK_M": bm, "BLOCK_N": 128, "BLOCK_K": bk, "GROUP_M": 8, "SWAP_AB": False,
+           "num_warps": 8 if bm >= 128 else 4, "num_stages": 3}
+    if m > 64:
+        cfg.update(TILE_OVERRIDES.get("int8" if int_dot else "float", {}))
     if group_size:
-        bk = min(bk, group_size)
-    return {"BLOCK_M": bm, "BLOCK_N": 128, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": 8 if bm >= 128 else 4,
-            "num_stages": 3}
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], group_size)
+    return cfg
 
 
 def qlinear_triton(x, x_scale, qweight, scales, aux, eta, bias, codec, bits, group_size, mode, out_dtype,
@@ -148,7 +208,7 @@ def qlinear_triton(x, x_scale, qweight, scales, aux, eta, bias, codec, bits, gro
         _qgemm_kernel[grid](
             a, x_scale.reshape(-1) if x_scale is not None else rscale, qweight, lut,
             gscale if gscale is not None else rscale, rscale, bias if bias is not None else rscale, out,
-            m, n, k, gscale.shape[1] if gscale is not None else 1,
+            m, n, k, qweight.shape[1], gscale.shape[1] if gscale is not None else 1,
             a.stride(0), qweight.stride(0), out.stride(0),
             BITS=bits, GROUP=group_size, LUT_GROUPED=lut.shape[1] > 1, A_INT8=x_scale is not None,
             W_INT8=lut.dtype == torch.int8, A_FP32=a.dtype == torch.float32, HAS_BIAS=bias is not None, **cfg)
