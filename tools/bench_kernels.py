@@ -2,6 +2,9 @@
 
     python tools/bench_kernels.py --out bench/kernels.json      # also writes bench/kernels.md
 
+0. Tile sweep: the GEMM alone at 4096x3072x3072 with each of triton_gemm.TILE_CANDIDATES (both operand
+   orders, a few tile sizes) per GEMM class; the fastest of each class is used for the rest of the run and
+   named in the output (`tiles_chosen`, rows `sweep_*` with their `tile`). --skip-sweep keeps the defaults.
 1. Layers at FLUX shapes (M tokens x K in x N out; M = 1024 and 4096, (K, N) the FLUX.1 projections):
    a W4A8 TLQ layer (per-channel scales, smoothing + randomised Hadamard on its input, 8-bit per-token
    activations, random codes and grids: timing does not depend on values) timed as
@@ -10,11 +13,18 @@
      fused_decode     Triton act prep + GEMM, TLQ levels decoded to fp16, fp16 tensor cores   (path a)
      fused_int8       Triton act prep + GEMM, levels mapped to int8, int8 tensor cores       (path b)
      gemm_decode / gemm_int8   the GEMM kernel alone (activation codes precomputed)
-   CUDA events, warmup, median of the timed calls; TFLOPS = 2·M·K·N / time.
+   CUDA events around each call, the calls queued back to back after a warmup, median; TFLOPS = 2·M·K·N / time.
+   The fused rows include everything a call does on the host (the layer's decode tables are built once and
+   cached, kernels/cache.py): a layer-by-layer view of a model's forward, not the kernel alone.
 2. End to end: a stack of random FLUX-width blocks (diffusers FluxTransformer2DModel, hidden 3072 = 24 x 128,
    2 double + 4 single blocks) in bf16, one forward at 1024x1024 (4096 image + 512 text tokens), before and
    after the project's W4A8 passes (smooth -> ars -> tlq 4 -> act_quant 8, synthetic calibration).
 Rows carry `shape` ("MxKxN", or the model name), `ms`, `tflops` and `speedup_vs_bf16`.
+
+    python tools/bench_kernels.py --smoke --out /tmp/k.json    # no GPU: every section at toy sizes on the CPU
+
+--smoke runs the same code paths on the CPU (Triton's interpreter, fp32, toy shapes, wall-clock timing) so
+the script can be checked before a lent GPU's minutes are spent on it; its numbers mean nothing.
 """
 from __future__ import annotations
 
@@ -30,50 +40,74 @@ import traceback
 from functools import partial
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+SMOKE = "--smoke" in sys.argv
+if SMOKE:                                   # before anything imports triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import dicompress
-from dicompress.kernels import gemm_mode, reference
-from dicompress.nn.act import ActTransform
-from dicompress.nn.qlinear import QuantLinear
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import dicompress  # noqa: E402
+from dicompress.kernels import gemm_mode, reference  # noqa: E402
+from dicompress.nn.act import ActTransform  # noqa: E402
+from dicompress.nn.qlinear import QuantLinear  # noqa: E402
 
 SHAPES = [(3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072), (15360, 3072)]
 TOKENS = (1024, 4096)
 FLUX_WIDTH = {"patch_size": 1, "in_channels": 64, "num_layers": 2, "num_single_layers": 4, "attention_head_dim": 128,
               "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
               "axes_dims_rope": (16, 56, 56)}
+SWEEP_SHAPE = (4096, 3072, 3072)
+DEV, DT = "cuda", torch.bfloat16
+if SMOKE:                                   # the interpreter has no bfloat16
+    SHAPES, TOKENS, SWEEP_SHAPE, DEV, DT = [(256, 256), (256, 384)], (64,), (64, 256, 256), "cpu", torch.float32
+    FLUX_WIDTH = dict(FLUX_WIDTH, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=4,
+                      joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
 W4A8 = [{"smooth": {"alpha": 0.5}}, {"ars": {"threshold": 1.0}}, {"tlq": {"bits": 4}}, {"act_quant": {"bits": 8}}]
 
 
 def cuda_ms(fn, warmup: int = 5, iters: int = 20) -> float:
-    """Median milliseconds of fn() over `iters` timed calls (CUDA events), after `warmup` calls."""
+    """Median milliseconds of fn() over `iters` calls, each between two CUDA events, after `warmup` calls.
+    The calls are queued back to back (one synchronisation at the end), as in a model's forward: a call's
+    time is its GPU time, or its host-side launch time where that is longer."""
+    if DEV == "cpu":
+        return _wall_ms(fn, min(warmup, 1), min(iters, 2))
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def _wall_ms(fn, warmup: int, iters: int) -> float:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        t = time.perf_counter()
         fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
 
 
 def random_w4a8_layer(k: int, n: int, seed: int = 0) -> QuantLinear:
     """A TLQ 4-bit per-channel layer with smoothing, Hadamard and 8-bit activations; random contents."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    act = ActTransform(k, smooth=True, rotation="hadamard", act_bits=8, device="cuda")
-    q = QuantLinear(k, n, True, "tlq", 4, device="cuda", bias_dtype=torch.bfloat16, act=act)
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    act = ActTransform(k, smooth=True, rotation="hadamard", act_bits=8, device=DEV)
+    q = QuantLinear(k, n, True, "tlq", 4, device=DEV, bias_dtype=DT, act=act)
     with torch.no_grad():
-        q.qweight.copy_(torch.randint(0, 256, q.qweight.shape, generator=g, device="cuda", dtype=torch.int32))
-        q.scales.copy_(torch.rand(q.scales.shape, generator=g, device="cuda") * 0.05 + 0.01)
-        q.grid.copy_(torch.tensor([-6.0, 0.8, -6.0, 0.8], device="cuda").expand_as(q.grid))
+        q.qweight.copy_(torch.randint(0, 256, q.qweight.shape, generator=g, device=DEV, dtype=torch.int32))
+        q.scales.copy_(torch.rand(q.scales.shape, generator=g, device=DEV) * 0.05 + 0.01)
+        q.grid.copy_(torch.tensor([-6.0, 0.8, -6.0, 0.8], device=DEV).expand_as(q.grid))
         q.eta.fill_(0.01)
         q.bias.normal_(0, 0.01, generator=g)
         act.smooth.uniform_(0.5, 2.0, generator=g)
-        act.signs.copy_(torch.randint(0, 2, (k,), generator=g, device="cuda") * 2 - 1)
+        act.signs.copy_(torch.randint(0, 2, (k,), generator=g, device=DEV) * 2 - 1)
     return q.eval()
 
 
@@ -97,18 +131,60 @@ def _reference_ms(q: QuantLinear, x: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+def sweep_tiles(m: int, k: int, n: int) -> tuple[list[dict], dict]:
+    """Time the GEMM alone with each of triton_gemm.TILE_CANDIDATES at one shape; the fastest of each kind
+    goes into TILE_OVERRIDES for the rest of the run. Returns (rows, {kind: chosen tile})."""
+    from dicompress.kernels import triton_gemm
+    from dicompress.kernels.triton_act import quantize_act_triton
+    q = random_w4a8_layer(k, n)
+    x = torch.randn(m, k, device=DEV, dtype=DT)
+    codes, steps = quantize_act_triton(x, q.act.smooth, q.act.signs, None, 8)
+    bf16 = cuda_ms(partial(F.linear, x, q.dequantize().to(DT), q.bias))
+    shape, flops = f"{m}x{k}x{n}", 2.0 * m * k * n
+    rows, chosen = [], {}
+    for kind, candidates in triton_gemm.TILE_CANDIDATES.items():
+        mode = "int8" if kind == "int8" else "decode"
+        best = None
+        for extra in candidates:
+            tile = dict(triton_gemm._blocks(m, 0, kind == "int8"), **extra)
+            call = partial(triton_gemm.qlinear_triton, codes, steps, q.qweight, q.scales, q.grid, q.eta, q.bias,
+                           "tlq", 4, 0, mode, DT, blocks=tile)
+            try:
+                ms = cuda_ms(call)
+            except Exception as e:  # noqa: BLE001  (a tile the GPU cannot hold, say: recorded, the sweep goes on)
+                rows.append({"shape": shape, "method": f"sweep_{mode}", "tile": tile, "candidate": extra,
+                             "error": f"{type(e).__name__}: {e}"})
+                print(f"sweep {mode} {tile}: {type(e).__name__}", flush=True)
+                continue
+            rows.append(_row(shape, f"sweep_{mode}", ms, flops, bf16, tile=tile, candidate=extra))
+            print(f"sweep {mode:6s} {ms:8.4f} ms x{bf16 / ms:.2f} vs bf16  {extra or 'default'}", flush=True)
+            if best is None or ms < best[0]:
+                best = (ms, extra)
+        if best is not None:
+            chosen[kind] = best[1]
+            triton_gemm.TILE_OVERRIDES[kind] = dict(best[1])
+    return rows, chosen
+
+
+def sweep_rows(chosen: dict) -> list[dict]:
+    rows, picked = sweep_tiles(*SWEEP_SHAPE)
+    chosen.update(picked)
+    return rows
+
+
+@torch.no_grad()
 def bench_layers(tokens, shapes) -> list[dict]:
     from dicompress.kernels.triton_act import quantize_act_triton
     from dicompress.kernels.triton_gemm import qlinear_triton
     rows = []
     for k, n in shapes:
         q = random_w4a8_layer(k, n)
-        w_bf16 = q.dequantize().to(torch.bfloat16)
+        w_bf16 = q.dequantize().to(DT)
         b = q.bias
         act_args = (q.act.smooth, q.act.signs, None, 8)
         for m in tokens:
             shape, flops = f"{m}x{k}x{n}", 2.0 * m * k * n
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(m, k, device=DEV, dtype=DT)
             bf16 = cuda_ms(partial(F.linear, x, w_bf16, b))
             rows.append(_row(shape, "bf16", bf16, flops, bf16))
             rows.append(_row(shape, "dequant_matmul", _reference_ms(q, x), flops, bf16))
@@ -122,7 +198,7 @@ def bench_layers(tokens, shapes) -> list[dict]:
                 err = float((y.float() - ref).norm() / ref.norm())
                 rows.append(_row(shape, f"fused_{mode}", ms, flops, bf16, rel_err_vs_decode_reference=round(err, 5)))
                 gemm = cuda_ms(partial(qlinear_triton, codes, steps, q.qweight, q.scales, q.grid, q.eta, b, "tlq", 4, 0,
-                                       mode, torch.bfloat16))
+                                       mode, DT))
                 rows.append(_row(shape, f"gemm_{mode}", gemm, flops, bf16))
             rows.append(_row(shape, "act_prep", cuda_ms(partial(quantize_act_triton, x, *act_args)), None, bf16))
             for r in rows[-7:]:
@@ -137,12 +213,12 @@ def flux_inputs(cfg, image_tokens: int = 4096, text_tokens: int = 512) -> dict:
     ids = torch.zeros(side, side, 3)
     ids[..., 1] = torch.arange(side)[:, None]
     ids[..., 2] = torch.arange(side)[None, :]
-    kw = {"device": "cuda", "dtype": torch.bfloat16}
+    kw = {"device": DEV, "dtype": DT}
     return {"hidden_states": torch.randn(1, image_tokens, cfg.in_channels, **kw),
             "encoder_hidden_states": torch.randn(1, text_tokens, cfg.joint_attention_dim, **kw),
             "pooled_projections": torch.randn(1, cfg.pooled_projection_dim, **kw),
-            "timestep": torch.full((1,), 0.5, **kw), "img_ids": ids.view(-1, 3).cuda(),
-            "txt_ids": torch.zeros(text_tokens, 3, device="cuda"), "return_dict": False}
+            "timestep": torch.full((1,), 0.5, **kw), "img_ids": ids.view(-1, 3).to(DEV),
+            "txt_ids": torch.zeros(text_tokens, 3, device=DEV), "return_dict": False}
 
 
 @torch.no_grad()
@@ -153,9 +229,10 @@ def bench_model() -> list[dict]:
     from dicompress.calib import capture
     from dicompress.recipe import CalibrationConfig
     torch.manual_seed(0)
-    model = FluxTransformer2DModel(**FLUX_WIDTH).to("cuda", torch.bfloat16).eval()
-    inputs = flux_inputs(model.config)
-    name = "flux-width-2d4s@4608tok"
+    model = FluxTransformer2DModel(**FLUX_WIDTH).to(DEV, DT).eval()
+    inputs = flux_inputs(model.config, *((64, 16) if SMOKE else ()))
+    c, tokens = model.config, inputs["hidden_states"].shape[1] + inputs["encoder_hidden_states"].shape[1]
+    name = f"flux-width-{c.num_layers}d{c.num_single_layers}s@{tokens}tok"
     bf16 = cuda_ms(lambda: model(**inputs), warmup=2, iters=5)
     rows = [_row(name, "bf16", bf16, None, bf16)]
     t = time.perf_counter()
@@ -176,8 +253,17 @@ def bench_model() -> list[dict]:
 def markdown(res: dict) -> str:
     lines = [f"{res['device']}, torch {res['torch']}, triton {res['triton']}", "",
              "| shape (MxKxN) | method | ms | TFLOPS | speedup vs bf16 |", "|---|---|---|---|---|"]
+    if res.get("tiles_chosen"):
+        sweep = "x".join(map(str, SWEEP_SHAPE))
+        lines[1:1] = ["", f"tiles picked by the sweep at {sweep} (merged over the defaults of "
+                      f"dicompress/kernels/triton_gemm._blocks): {json.dumps(res['tiles_chosen'])}"]
     for r in res["rows"]:
-        lines.append(f"| {r['shape']} | {r['method']} | {r['ms']:.4f} | {r['tflops'] if r['tflops'] else '-'} | "
+        method = r["method"] + (f" {json.dumps(r['candidate']) if r['candidate'] else 'default'}"
+                                if "candidate" in r else "")
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {method} | failed: {r['error'][:80]} | | |")
+            continue
+        lines.append(f"| {r['shape']} | {method} | {r['ms']:.4f} | {r['tflops'] if r['tflops'] else '-'} | "
                      f"{r['speedup_vs_bf16']:.2f}x |")
     for e in res["errors"]:
         lines.append(f"\nerror in {e['section']}: {e['error']}")
@@ -188,22 +274,28 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/kernels.json")
     ap.add_argument("--skip-model", action="store_true", help="layers only, no end-to-end stack")
+    ap.add_argument("--skip-sweep", action="store_true", help="the library's default tiles, no tile sweep")
+    ap.add_argument("--smoke", action="store_true", help="check the script on the CPU at toy sizes (no GPU)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not SMOKE:
         sys.exit("bench_kernels.py measures the Triton kernels and needs a CUDA GPU; none is visible here "
                  "(torch.cuda.is_available() is False). On CPU the layers run the pure-torch reference: see "
                  "tools/bench_quant.py for CPU figures.")
     import triton
     t0 = time.perf_counter()
-    rows, errors = [], []
-    sections = [("layers", lambda: bench_layers(TOKENS, SHAPES))] + ([] if args.skip_model else [("model", bench_model)])
+    rows, errors, chosen = [], [], {}
+
+    sections = [] if args.skip_sweep else [("sweep", lambda: sweep_rows(chosen))]
+    sections += [("layers", lambda: bench_layers(TOKENS, SHAPES))]
+    sections += [] if args.skip_model else [("model", bench_model)]
     for section, fn in sections:     # one failing section still leaves the other's rows
         try:
             rows += fn()
         except Exception as e:  # noqa: BLE001  (recorded in the output, the run goes on)
             traceback.print_exc()
             errors.append({"section": section, "error": f"{type(e).__name__}: {e}"})
-    res = {"rows": rows, "errors": errors, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    device = "CPU smoke run (Triton interpreter; timings mean nothing)" if SMOKE else torch.cuda.get_device_name()
+    res = {"rows": rows, "errors": errors, "tiles_chosen": chosen, "device": device, "torch": torch.__version__,
            "triton": triton.__version__, "command": "python " + " ".join(sys.argv),
            "seconds": round(time.perf_counter() - t0, 1), "platform": platform.platform()}
     out = Path(args.out)
