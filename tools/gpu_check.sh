@@ -1,29 +1,188 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark of the kernels in one go, for a session with a lent GPU (about 6-8 minutes):
-#   bash tools/gpu_check.sh          # writes everything under bench/gpu/
-# 1. the CUDA parity tests (pytest -m gpu), 2. the Triton kernel tests compiled on the GPU (pytest -m triton,
-# without TRITON_INTERPRET), 3. tools/bench_kernels.py (layers at FLUX shapes + a FLUX-width block stack).
-# Needs no network when .venv exists; otherwise it builds one from what pip can reach (torch with CUDA).
+# Every GPU check and benchmark of the kernels in one go, for a session with a lent GPU (at most about 8 minutes):
+#   1. the CUDA parity tests (pytest -m gpu tests/test_kernels_gpu.py),
+#   2. the Triton kernel tests compiled on the GPU (pytest -m triton tests/test_kernels_triton.py, no TRITON_INTERPRET),
+#   3. tools/bench_kernels.py --out bench/gpu/kernels.json (layers at FLUX shapes + a FLUX-width block stack
+#      through dicompress.compress).
+# Everything lands in bench/gpu/; when $OUT is set (the device tool) the results are copied there as they come:
+# status.txt env.txt kernels.json kernels.md pytest_gpu.txt pytest_triton.txt bench_kernels.log + bench_gpu.tar.gz
+# (all of bench/gpu/): 8 files, the most a device call brings back.
+#
+# On the lent nvidia-h200 machine (no network; its python3 has torch 2.11 + triton 3.6 but not diffusers nor
+# pydantic). First, here, with network:   bash tools/gpu_wheels.sh      (fills .whl/, about 9 MiB)
+# then the device call, run with carry [".whl"] and timeout_s 600:
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && bash tools/gpu_check.sh
+# (Without the pip step the script installs .whl/*.whl into /tmp/site itself when an import is missing.)
+#
+# Anywhere else:   bash tools/gpu_check.sh                  (python: $PYTHON, else .venv/bin/python when its torch
+#                                                           sees CUDA, else python3; the repo root goes on PYTHONPATH)
+# Without a GPU:   GPU_CHECK_DRY=1 bash tools/gpu_check.sh  (no CUDA needed: checks that every import the GPU phases
+#   make works in this environment: dicompress, diffusers' FluxTransformer2DModel, pytest --collect-only of both
+#   test files, tools/bench_kernels.py as a module, and bench_kernels' model path (synthetic calibration capture,
+#   smooth -> ars -> tlq -> act_quant) on a tiny FLUX on the CPU; writes bench/gpu-dry/)
+# Phase time limits in seconds (defaults): GPU_CHECK_T_GPU=150 GPU_CHECK_T_TRITON=80 GPU_CHECK_T_BENCH=220.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=bench/gpu
-mkdir -p "$OUT"
-if [ ! -x .venv/bin/python ]; then
-    python3 -m venv .venv && .venv/bin/pip install -q torch -e '.[test]' || { echo "venv setup failed"; exit 2; }
-fi
-PY=.venv/bin/python
-unset TRITON_INTERPRET            # compiled kernels on the GPU, not the interpreter
+ROOT=$PWD
+DRY=${GPU_CHECK_DRY:-0}
+[ "$DRY" = 0 ] && RES=bench/gpu || RES=bench/gpu-dry
+DEST=${OUT:-}                     # the device tool's folder for files to bring back (unset elsewhere)
+mkdir -p "$RES"
+rm -f "$RES"/*.txt "$RES"/*.log "$RES"/kernels.json "$RES"/kernels.md
 export PYTHONUNBUFFERED=1
-$PY -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" \
-    2>&1 | tee "$OUT/env.txt" || exit 3
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+case ":${PYTHONPATH:-}:" in *":$ROOT:"*) ;; *) export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" ;; esac
+
+publish() {                       # copy what there is so far to $OUT (also after a phase that timed out)
+    [ -n "$DEST" ] || return 0
+    mkdir -p "$DEST"
+    for f in status.txt env.txt kernels.json kernels.md pytest_gpu.txt pytest_triton.txt bench_kernels.log; do
+        [ -f "$RES/$f" ] && cp "$RES/$f" "$DEST/$f"
+    done
+    tar -czf "$DEST/bench_gpu.tar.gz" -C "$(dirname "$RES")" "$(basename "$RES")" 2>/dev/null
+    return 0
+}
+finish() {
+    echo "gpu_check exit status: $1${2:+ ($2)}" | tee "$RES/status.txt"
+    publish
+    exit "$1"
+}
+
+# -- the interpreter ---------------------------------------------------------------------------------------
+if [ -n "${PYTHON:-}" ]; then
+    PY=$PYTHON
+elif [ -x .venv/bin/python ] && .venv/bin/python -c "import torch, sys; sys.exit(0 if '$DRY' != '0' or torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
+    PY=.venv/bin/python
+else
+    PY=python3
+fi
+if [ "$DRY" = 0 ]; then
+    unset TRITON_INTERPRET        # compiled kernels on the GPU, not the interpreter
+fi
+
+# -- phase 0: the environment and every import the phases need --------------------------------------------
+imports() {                       # prints one line per missing module; exit status 1 if any
+    "$PY" - <<'EOF'
+import importlib, sys
+need = {"torch": "the python with torch (set PYTHON=...)", "triton": "triton",
+        "diffusers": "diffusers", "pydantic": "pydantic", "pydantic_core": "pydantic-core",
+        "safetensors": "safetensors", "yaml": "pyyaml", "scipy": "scipy", "tqdm": "tqdm",
+        "accelerate": "accelerate", "pytest": "pytest", "pytest_timeout": "pytest-timeout"}
+bad = 0
+for mod, pkg in need.items():
+    try:
+        importlib.import_module(mod)
+    except Exception as e:  # noqa: BLE001
+        bad = 1
+        print(f"{mod} not importable ({type(e).__name__}: {e}): run tools/gpu_wheels.sh here and carry .whl "
+              f"(package {pkg})", flush=True)
+sys.exit(bad)
+EOF
+}
+{
+    echo "python: $PY ($("$PY" -c 'import sys; print(sys.version.split()[0], sys.executable)' 2>&1))"
+    echo "PYTHONPATH=$PYTHONPATH"
+} | tee "$RES/env.txt"
+if ! imports > "$RES/imports.txt" 2>&1; then
+    if ls .whl/*.whl >/dev/null 2>&1 && ! grep -q "^torch not importable" "$RES/imports.txt"; then
+        SITE=${GPU_CHECK_SITE:-/tmp/site}
+        echo "installing .whl/*.whl into $SITE (no index)" | tee -a "$RES/env.txt"
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+            2>&1 | tee -a "$RES/env.txt"
+        export PYTHONPATH="$SITE:$PYTHONPATH"
+    fi
+    if ! imports > "$RES/imports.txt" 2>&1; then
+        cat "$RES/imports.txt" | tee -a "$RES/env.txt"
+        finish 3 "missing packages"
+    fi
+fi
+"$PY" - <<EOF 2>&1 | tee -a "$RES/env.txt"
+import importlib.metadata as md
+import torch, triton
+print("torch", torch.__version__, "| triton", triton.__version__, "| cuda", torch.version.cuda,
+      "| device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+vers = []
+for d in ("diffusers", "pydantic", "pydantic_core", "typing_extensions", "transformers", "huggingface_hub",
+          "accelerate", "numpy", "safetensors", "scipy", "pytest"):
+    try:
+        vers.append(f"{d} {md.version(d)}")
+    except md.PackageNotFoundError:
+        vers.append(f"{d} -")
+print(", ".join(vers))
+import diffusers, dicompress
+print("diffusers from", diffusers.__file__, "| dicompress from", dicompress.__file__)
+EOF
+[ "${PIPESTATUS[0]}" = 0 ] || finish 3 "importing torch/diffusers/dicompress failed (see above)"
+
+if [ "$DRY" != 0 ]; then
+    # -- dry run: everything the GPU phases import, without a GPU ----------------------------------------------
+    status=0
+    # collection only; the kernel test files then import dicompress.kernels.* and triton as on the GPU
+    timeout -k 5 120 "$PY" -m pytest --collect-only -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py 2>&1 \
+        | tee "$RES/pytest_gpu.txt" | tail -3
+    status=$((status | PIPESTATUS[0]))
+    timeout -k 5 120 "$PY" -m pytest --collect-only -q -p no:cacheprovider -m triton tests/test_kernels_triton.py 2>&1 \
+        | tee "$RES/pytest_triton.txt" | tail -3
+    status=$((status | PIPESTATUS[0]))
+    timeout -k 5 300 "$PY" - <<'EOF' 2>&1 | tee "$RES/bench_kernels.log"
+import importlib.util, tempfile, time
+from pathlib import Path
+import torch
+spec = importlib.util.spec_from_file_location("bench_kernels", "tools/bench_kernels.py")
+bk = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bk)                    # bench_kernels' module-level imports
+import dicompress.kernels.triton_act, dicompress.kernels.triton_gemm  # bench_layers' imports (triton kernels)
+from diffusers import FluxTransformer2DModel   # bench_model's imports and its path, on a tiny FLUX on the CPU
+from dicompress.arch import adapter_for
+from dicompress.calib import capture
+from dicompress.recipe import CalibrationConfig
+t = time.perf_counter()
+torch.manual_seed(0)
+tiny = dict(bk.FLUX_WIDTH, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+            joint_attention_dim=64, pooled_projection_dim=32, in_channels=16, axes_dims_rope=(4, 6, 6))
+model = FluxTransformer2DModel(**tiny).eval()
+cal = CalibrationConfig(source="synthetic", seeds=[0], steps=2, batch_size=1)
+with torch.no_grad():
+    store = capture(model, adapter_for(model), cal, {"name": "tiny"}, Path(tempfile.mkdtemp(prefix="gpu-dry-")),
+                    block_inputs=False, progress=False)
+    bk.dicompress.compress(model, bk.W4A8, calibration=store, progress=False)
+    side, text, c = 8, 16, model.config    # bench_kernels.flux_inputs' inputs, on the CPU and smaller
+    ids = torch.zeros(side, side, 3)
+    ids[..., 1] = torch.arange(side)[:, None]
+    ids[..., 2] = torch.arange(side)[None, :]
+    inputs = {"hidden_states": torch.randn(1, side * side, c.in_channels),
+              "encoder_hidden_states": torch.randn(1, text, c.joint_attention_dim),
+              "pooled_projections": torch.randn(1, c.pooled_projection_dim), "timestep": torch.full((1,), 0.5),
+              "img_ids": ids.view(-1, 3), "txt_ids": torch.zeros(text, 3), "return_dict": False}
+    y = model(**inputs)[0]
+n_q = sum(type(m).__name__ == "QuantLinear" for m in model.modules())
+assert n_q > 0 and torch.isfinite(y).all(), (n_q, y)
+print(f"dry run: bench_kernels imports and its model path (capture + {len(bk.W4A8)} passes) ran on a tiny FLUX "
+      f"on the CPU: {n_q} QuantLinear, output {tuple(y.shape)}, {time.perf_counter() - t:.1f} s")
+EOF
+    status=$((status | PIPESTATUS[0]))
+    [ "$status" = 0 ] && echo "dry run: every import of the GPU phases works with $PY" | tee -a "$RES/env.txt"
+    finish "$status" "dry run"
+fi
+
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'" 2>&1 | tee -a "$RES/env.txt"
+[ "${PIPESTATUS[0]}" = 0 ] || finish 3 "no CUDA device (GPU_CHECK_DRY=1 checks the imports without one)"
+nvidia-smi > "$RES/nvidia-smi.txt" 2>&1
+publish
+
 status=0
-timeout 180 $PY -m pytest -q -m gpu tests/test_kernels_gpu.py 2>&1 | tee "$OUT/pytest_gpu.txt"
-status=$((status | PIPESTATUS[0]))
-timeout 90 $PY -m pytest -q -m triton tests/test_kernels_triton.py 2>&1 | tee "$OUT/pytest_triton.txt"
-status=$((status | PIPESTATUS[0]))
-timeout 240 $PY tools/bench_kernels.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/bench_kernels.log"
-status=$((status | PIPESTATUS[0]))
-[ -f "$OUT/kernels.json" ] && cp "$OUT/kernels.json" bench/kernels.json && cp "$OUT/kernels.md" bench/kernels.md
-echo "gpu_check exit status: $status" | tee "$OUT/status.txt"
-exit $status
+T_GPU=${GPU_CHECK_T_GPU:-150}; T_TRITON=${GPU_CHECK_T_TRITON:-80}; T_BENCH=${GPU_CHECK_T_BENCH:-220}
+echo "== 1. pytest -m gpu (limit ${T_GPU}s)"
+timeout -k 10 "$T_GPU" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py 2>&1 \
+    | tee "$RES/pytest_gpu.txt"
+rc=${PIPESTATUS[0]}; status=$((status | rc)); [ "$rc" -ge 124 ] && echo "(phase 1 stopped at ${T_GPU}s, rc $rc)"
+publish
+echo "== 2. pytest -m triton, compiled (limit ${T_TRITON}s)"
+timeout -k 10 "$T_TRITON" "$PY" -m pytest -q -p no:cacheprovider -m triton tests/test_kernels_triton.py 2>&1 \
+    | tee "$RES/pytest_triton.txt"
+rc=${PIPESTATUS[0]}; status=$((status | rc)); [ "$rc" -ge 124 ] && echo "(phase 2 stopped at ${T_TRITON}s, rc $rc)"
+publish
+echo "== 3. tools/bench_kernels.py (limit ${T_BENCH}s)"
+timeout -k 10 "$T_BENCH" "$PY" tools/bench_kernels.py --out "$RES/kernels.json" 2>&1 | tee "$RES/bench_kernels.log"
+rc=${PIPESTATUS[0]}; status=$((status | rc)); [ "$rc" -ge 124 ] && echo "(phase 3 stopped at ${T_BENCH}s, rc $rc)"
+[ -f "$RES/kernels.json" ] && cp "$RES/kernels.json" bench/kernels.json && cp "$RES/kernels.md" bench/kernels.md
+finish "$status" "${SECONDS}s"

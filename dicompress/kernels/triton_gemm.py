@@ -190,13 +190,16 @@ def qlinear_triton(x, x_scale, qweight, scales, aux, eta, bias, codec, bits, gro
     a = x.reshape(-1, k)
     a = a if a.stride(-1) == 1 else a.contiguous()
     m = a.shape[0]
-    a16_int8 = mode == "int8" and x_scale is None        # A16: the int8-mapped levels, computed in x's dtype
+    # the table in the dtype the dot consumes: int8 (int8 x int8), fp16 (int8 codes x decoded levels: half
+    # the gathered bytes, the rounding the dot applied anyway), fp32 (float activations: cast to x's dtype)
+    a8 = x_scale is not None
+    lut_dtype = (torch.int8 if mode == "int8" else torch.float16) if a8 else torch.float32
 
     def build():
         lut, rscale, gscale = weight_tables(codec, scales, aux, eta, bits, group_size, mode)
-        return (lut.float() if a16_int8 else lut), rscale, gscale
+        return lut.to(lut_dtype), rscale, gscale
 
-    lut, rscale, gscale = derived(scales, (scales, aux, eta), ("qgemm", codec, bits, group_size, mode, a16_int8),
+    lut, rscale, gscale = derived(scales, (scales, aux, eta), ("qgemm", codec, bits, group_size, mode, lut_dtype),
                                   build)
     int_dot = x_scale is not None and mode == "int8"
     cfg = dict(_blocks(m, group_size, int_dot), **(blocks or {}))
