@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of the kernels in one go, for a session with a lent GPU (at most about 8 minutes):
 #   1. the CUDA parity tests (pytest -m gpu tests/test_kernels_gpu.py),
-#   2. the Triton kernel tests compiled on the GPU (pytest -m triton tests/test_kernels_triton.py, no TRITON_INTERPRET),
+#   2. the Triton kernel tests compiled on the GPU (pytest -m triton tests/test_kernels_triton.py
+#      tests/test_kernel_cache.py, no TRITON_INTERPRET),
 #   3. tools/bench_kernels.py --out bench/gpu/kernels.json (layers at FLUX shapes + a FLUX-width block stack
 #      through dicompress.compress).
 # Everything lands in bench/gpu/; when $OUT is set (the device tool) the results are copied there as they come:
@@ -20,7 +21,8 @@
 #   make works in this environment: dicompress, diffusers' FluxTransformer2DModel, pytest --collect-only of both
 #   test files, tools/bench_kernels.py as a module, and bench_kernels' model path (synthetic calibration capture,
 #   smooth -> ars -> tlq -> act_quant) on a tiny FLUX on the CPU; writes bench/gpu-dry/)
-# Phase time limits in seconds (defaults): GPU_CHECK_T_GPU=150 GPU_CHECK_T_TRITON=80 GPU_CHECK_T_BENCH=220.
+# Phase time limits in seconds (defaults): GPU_CHECK_T_GPU=150 GPU_CHECK_T_TRITON=80 GPU_CHECK_T_BENCH=220; the
+# test phases use GPU_CHECK_WORKERS=8 pytest-xdist workers where xdist imports (0: one process).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -92,10 +94,10 @@ if ! imports > "$RES/imports.txt" 2>&1; then
     fi
     if ! imports > "$RES/imports.txt" 2>&1; then
         cat "$RES/imports.txt" | tee -a "$RES/env.txt"
-        finish 3 "missing packages"
+        finish 3 "missing: $(cut -d' ' -f1 "$RES/imports.txt" | tr '\n' ' ')- run tools/gpu_wheels.sh here and carry .whl"
     fi
 fi
-"$PY" - <<EOF 2>&1 | tee -a "$RES/env.txt"
+"$PY" - <<'EOF' 2>&1 | tee -a "$RES/env.txt"
 import importlib.metadata as md
 import torch, triton
 print("torch", torch.__version__, "| triton", triton.__version__, "| cuda", torch.version.cuda,
@@ -120,7 +122,7 @@ if [ "$DRY" != 0 ]; then
     timeout -k 5 120 "$PY" -m pytest --collect-only -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py 2>&1 \
         | tee "$RES/pytest_gpu.txt" | tail -3
     status=$((status | PIPESTATUS[0]))
-    timeout -k 5 120 "$PY" -m pytest --collect-only -q -p no:cacheprovider -m triton tests/test_kernels_triton.py 2>&1 \
+    timeout -k 5 120 "$PY" -m pytest --collect-only -q -p no:cacheprovider -m triton tests/test_kernels_triton.py tests/test_kernel_cache.py 2>&1 \
         | tee "$RES/pytest_triton.txt" | tail -3
     status=$((status | PIPESTATUS[0]))
     timeout -k 5 300 "$PY" - <<'EOF' 2>&1 | tee "$RES/bench_kernels.log"
@@ -171,13 +173,20 @@ publish
 
 status=0
 T_GPU=${GPU_CHECK_T_GPU:-150}; T_TRITON=${GPU_CHECK_T_TRITON:-80}; T_BENCH=${GPU_CHECK_T_BENCH:-220}
-echo "== 1. pytest -m gpu (limit ${T_GPU}s)"
-timeout -k 10 "$T_GPU" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py 2>&1 \
+# the test phases are mostly Triton compiles (CPU-bound, one per kernel variant): spread over pytest-xdist
+# workers when it is there (the nvidia-h200 image has it; 16 cores). GPU_CHECK_WORKERS=0: one process.
+XDIST=()
+WORKERS=${GPU_CHECK_WORKERS:-8}
+if [ "$WORKERS" != 0 ] && "$PY" -c "import xdist" >/dev/null 2>&1; then
+    XDIST=(-n "$WORKERS")
+fi
+echo "== 1. pytest -m gpu ${XDIST[*]} (limit ${T_GPU}s)"
+timeout -k 10 "$T_GPU" "$PY" -m pytest -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} -m gpu tests/test_kernels_gpu.py 2>&1 \
     | tee "$RES/pytest_gpu.txt"
 rc=${PIPESTATUS[0]}; status=$((status | rc)); [ "$rc" -ge 124 ] && echo "(phase 1 stopped at ${T_GPU}s, rc $rc)"
 publish
-echo "== 2. pytest -m triton, compiled (limit ${T_TRITON}s)"
-timeout -k 10 "$T_TRITON" "$PY" -m pytest -q -p no:cacheprovider -m triton tests/test_kernels_triton.py 2>&1 \
+echo "== 2. pytest -m triton, compiled ${XDIST[*]} (limit ${T_TRITON}s)"
+timeout -k 10 "$T_TRITON" "$PY" -m pytest -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} -m triton tests/test_kernels_triton.py tests/test_kernel_cache.py 2>&1 \
     | tee "$RES/pytest_triton.txt"
 rc=${PIPESTATUS[0]}; status=$((status | rc)); [ "$rc" -ge 124 ] && echo "(phase 2 stopped at ${T_TRITON}s, rc $rc)"
 publish
