@@ -1,5 +1,6 @@
 """The Triton wrappers' per-layer cache (kernels/cache.py): tables are built once, rebuilt when a source
-buffer changes in place or is replaced, and never keep a layer's tensors alive."""
+buffer changes in place or is replaced, and never keep a layer's tensors alive; and the activation codes
+sibling linears share (kernels/linear.py)."""
 import gc
 import weakref
 
@@ -97,3 +98,55 @@ def test_act_smoothing_follows_an_in_place_update():
         torch.testing.assert_close(steps.cpu(), ref_steps, rtol=1e-5, atol=0)
         assert (codes.cpu().int() - ref_codes.int()).abs().max() <= 1
         smooth.mul_(3)
+
+
+def _siblings(k=32, n=24, seed=0):
+    """Three quantized linears with equal (but separately stored) input transforms, as ARS and smoothing
+    give q/k/v, and a fourth whose smoothing differs."""
+    from dicompress.nn.act import ActTransform
+    from dicompress.nn.qlinear import QuantLinear
+    from dicompress.quant.tlq import tlq_quantize
+    g = torch.Generator().manual_seed(seed)
+    smooth = torch.rand(k, generator=g) + 0.5
+    signs = torch.randint(0, 2, (k,), generator=g) * 2 - 1
+    layers = []
+    for i in range(4):
+        lin = torch.nn.Linear(k, n)
+        codes, b, _ = tlq_quantize(lin.weight.detach(), 4, None, etas=(0.01,), percentiles=(1.0,), bottoms=(0.0,))
+        act = ActTransform(k, smooth=True, rotation="hadamard", act_bits=8)
+        act.smooth.copy_(smooth * (2 if i == 3 else 1))
+        act.signs.copy_(signs)
+        layers.append(QuantLinear.from_linear_codes(lin, codes, b, "tlq", 4, act=act).eval())
+    return layers
+
+
+def test_siblings_reading_one_tensor_quantize_it_once(monkeypatch):
+    from dicompress.kernels import ops
+    layers = _siblings()
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        expected = [q(x.clone()) for q in layers]          # a fresh input each: nothing to share
+    calls = []
+    real = ops.quantize_act
+    monkeypatch.setattr(ops, "quantize_act", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        got = [q(x) for q in layers[:3]]
+        assert len(calls) == 1                            # q, k, v: one quantization of x
+        got.append(layers[3](x))
+        assert len(calls) == 2                            # other smoothing values: its own codes
+        for y, ref in zip(got, expected):
+            assert torch.equal(y, ref)
+        x.mul_(3)                                         # changed in place: the version counter moves
+        y = layers[0](x)
+        assert len(calls) == 3 and torch.equal(y, layers[0](x.clone()))
+        layers[1].act.smooth.mul_(1.5)                    # a transform changed in place: a new digest
+        layers[0](x)
+        calls.clear()
+        layers[1](x)
+        assert len(calls) == 1
+    with torch.inference_mode():                          # no version counter: never reused
+        xi = torch.randn(5, 32)
+        calls.clear()
+        layers[0](xi)
+        layers[1](xi)
+        assert len(calls) == 2
