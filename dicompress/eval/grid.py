@@ -34,7 +34,7 @@ def save_sample_grid(teacher: torch.Tensor, student: torch.Tensor, path, classes
     if len(labels) != len(teacher):
         raise ValueError(f"{len(labels)} class labels for {len(teacher)} samples: give one label per sample")
     rows = sorted(set(labels))
-    by_class = {c: [i for i, l in enumerate(labels) if l == c][:per_class] for c in rows}
+    by_class = {c: [i for i, lab in enumerate(labels) if lab == c][:per_class] for c in rows}
     pairs = max(len(v) for v in by_class.values())
     h, w = teacher.shape[-2:]
     th, tw = h * scale, w * scale

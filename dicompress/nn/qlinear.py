@@ -100,4 +100,5 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         g = f"g{self.group_size}" if self.group_size else "channel"
-        return f"in={self.in_features}, out={self.out_features}, {self.codec} w{self.bits} {g}, bias={self.bias is not None}"
+        return (f"in={self.in_features}, out={self.out_features}, {self.codec} w{self.bits} {g}, "
+                f"bias={self.bias is not None}")

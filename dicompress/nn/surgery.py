@@ -27,7 +27,8 @@ def matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatchcase(name, p) for p in patterns)
 
 
-def iter_linears(model: nn.Module, include: Iterable[str], exclude: Iterable[str] = ()) -> Iterator[tuple[str, nn.Linear]]:
+def iter_linears(model: nn.Module, include: Iterable[str],
+                 exclude: Iterable[str] = ()) -> Iterator[tuple[str, nn.Linear]]:
     """Float linears (plain nn.Linear, or a TransformedLinear carrying an input transform) whose names match
     `include` and none of `exclude`, in model order. Subclasses of other kinds (e.g. LoRA layers) are not taken."""
     include, exclude = list(include), list(exclude)
