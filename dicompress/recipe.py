@@ -26,6 +26,11 @@ class CalibrationConfig(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0])
     steps: PositiveInt = 16                 # sampling steps (all captured)
     batch_size: PositiveInt = 20
+    # samples each block runs at once during the capture, and rows per stored chunk (what block-by-block
+    # work reads at once); null: the whole batch. A large batch_size with a small block_batch runs the
+    # sampling loop's model calls on many samples while bounding activation memory: streaming reads every
+    # block from the checkpoint once per model call, so this divides the reads by batch_size / block_batch.
+    block_batch: PositiveInt | None = None
     guidance_scale: float = 3.5             # prompts source
     height: PositiveInt = 1024              # prompts source, pixels
     width: PositiveInt = 1024

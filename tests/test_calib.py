@@ -68,3 +68,55 @@ def test_interrupted_capture_is_not_a_store(tmp_path):
     w.write_block_chunk("transformer_blocks.0", {"hidden_states": torch.zeros(2, 3)})
     with pytest.raises(CalibrationError, match="meta.json"):
         CalibrationStore(tmp_path / "s")
+
+
+def _rows_by_sample(store, name):
+    """A block's captured rows as {(class row, timestep): hidden_states row}-like sortable keys: rows in
+    order of (timestep, first values) so two captures of the same samples compare whatever their order."""
+    x = store.block_inputs(name)
+    key = torch.stack([x["timestep"], x["hidden_states"].flatten(1)[:, 0]], 1)
+    order = sorted(range(key.shape[0]), key=lambda i: tuple(key[i].tolist()))
+    return {k: (v[order] if torch.is_tensor(v) and v.shape[:1] == key.shape[:1] else v) for k, v in x.items()}
+
+
+def test_block_batch_runs_blocks_in_pieces_and_stores_the_same_rows(tiny_zoo_dir, tmp_path):
+    """batch_size 6 with block_batch 2: one pipeline call per step instead of three, every block run two
+    samples at a time, chunks of two rows; the captured rows are those of the batch-2 capture."""
+    from dicompress.calib.store import CalibrationStore as Store
+    base = dict(source="classes", classes=[0, 1, 2, 3, 4, 5], seeds=[0], steps=3)
+    _, small = _capture(tiny_zoo_dir, tmp_path / "a", CalibrationConfig(**base, batch_size=2))
+    model, big = _capture(tiny_zoo_dir, tmp_path / "b", CalibrationConfig(**base, batch_size=6, block_batch=2))
+    assert isinstance(big, Store) and big.meta["rows"] == small.meta["rows"] == 18
+    for name in big.block_names:
+        files, _ = big.block_files(name)
+        assert len(files) == 9                               # 3 model calls x 3 chunks of 2 rows
+        a, b = _rows_by_sample(small, name), _rows_by_sample(big, name)
+        for k in ("hidden_states", "encoder_hidden_states", "temb", "timestep"):
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    for name, s in small.linear_stats().items():
+        t = big.linear_stats()[name]
+        assert t["count"] == s["count"]
+        torch.testing.assert_close(t["absmax"], s["absmax"], rtol=1e-4, atol=1e-5)
+    assert big.final_outputs()["hidden_states"].shape[0] == 18
+    assert "forward" not in model.transformer_blocks[0].__dict__    # the class's forward is back
+
+
+def test_chunked_blocks_split_per_sample_inputs_only(tiny_zoo_dir):
+    from dicompress.calib.capture import chunked_blocks
+    model = load_transformer(resolve_model(str(tiny_zoo_dir)))
+    adapter = adapter_for(model)
+    kw = adapter.synthetic_inputs(model, 5, torch.Generator().manual_seed(0))
+    seen = []
+    hook = model.transformer_blocks[0].register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["hidden_states"].shape[0]), with_kwargs=True)
+    sizes = []
+    inner = model.transformer_blocks[1].attn.register_forward_pre_hook(
+        lambda m, a, k: sizes.append(k["hidden_states"].shape[0]), with_kwargs=True)
+    with torch.no_grad():
+        ref = model(**kw).sample
+        seen.clear(), sizes.clear()
+        with chunked_blocks(model, adapter, 2):
+            out = model(**kw).sample
+    hook.remove(), inner.remove()
+    assert seen == [5] and sizes == [2, 2, 1]                # hooks see the batch, the block runs pieces
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

@@ -241,3 +241,32 @@ def test_aligned_safetensors_round_trip_with_aligned_offsets(tmp_path):
     header = json.loads(raw[8:start])
     assert start % 64 == 0 and set(read_safetensors_header(tmp_path / "a.safetensors")) == set(tensors)
     assert header["w"]["data_offsets"][0] % 64 == 0 and header["h"]["data_offsets"][0] % 64 == 0
+
+
+def test_block_batch_reads_each_block_once_per_sampling_step(tiny_zoo_dir, tmp_path, monkeypatch):
+    """Streaming calibration reads every block from the checkpoint at every model call: with batch_size 6 and
+    block_batch 2 the 3-step loop makes 3 calls, not 9 (batch_size 2), and stores the same first-block rows."""
+    from dicompress.arch import adapter_for
+    from dicompress.calib import capture
+    from dicompress.recipe import CalibrationConfig
+    info = resolve_model(str(tiny_zoo_dir))
+    blocks = [f"transformer_blocks.{i}" for i in range(2)] + [f"single_transformer_blocks.{i}" for i in range(2)]
+    reads = []
+    real = Checkpoint.load_module
+    monkeypatch.setattr(Checkpoint, "load_module", lambda self, model, name, *a: reads.append(name)
+                        or real(self, model, name, *a))
+    stores = {}
+    for label, extra in {"batch2": {"batch_size": 2}, "block_batch2": {"batch_size": 6, "block_batch": 2}}.items():
+        ckpt = Checkpoint(info.path)
+        model = skeleton(info.class_name, info.path)
+        ckpt.load_root(model, blocks, torch.float32, "cpu")
+        cfg = CalibrationConfig(source="classes", classes=[0, 1, 2, 3, 4, 5], seeds=[0], steps=3, **extra)
+        reads.clear()
+        with offloaded(model, blocks, ckpt, torch.float32, "cpu"):
+            stores[label] = capture(model, adapter_for(model), cfg, {"name": info.name, "path": info.path},
+                                    tmp_path / label, block_inputs=False, progress=False, first_block_only=True)
+        assert reads.count(blocks[0]) == (9 if label == "batch2" else 3) and len(set(reads)) == 4
+    a, b = (stores[k].block_inputs(blocks[0]) for k in ("batch2", "block_batch2"))
+    for k in ("hidden_states", "temb"):
+        assert a[k].shape == b[k].shape == (18, *a[k].shape[1:])
+        torch.testing.assert_close(a[k].sum(0), b[k].sum(0), rtol=1e-4, atol=1e-4)   # same rows, other order

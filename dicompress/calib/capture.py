@@ -5,6 +5,7 @@ Forward hooks on named blocks are enough for DiTs (blocks are regular); no traci
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -52,8 +53,10 @@ class StopForward(Exception):
 class Capture:
     """Context manager: while active, model forwards are recorded into a StoreWriter.
 
-    Every model call is flushed when it returns: one chunk per block per call, so memory holds one call's
-    activations, and block-by-block work later reads the rows in the same batches the model ran them in.
+    Every model call is flushed when it returns: one chunk per block per call (or per `chunk_rows` rows of
+    it), so memory holds one call's activations, and block-by-block work later reads the rows in the same
+    batches the model ran them in; chunk i of every block, of the final outputs and of the model inputs
+    hold the same samples.
     `only_blocks`: capture the inputs of these blocks alone (the streaming pipeline captures the first
     block's and computes the rest block by block); final outputs are then not captured. `stop_early`: raise
     StopForward once the last of `only_blocks` has its inputs (the caller catches it and calls `flush`).
@@ -61,8 +64,9 @@ class Capture:
 
     def __init__(self, model: nn.Module, adapter, writer: StoreWriter, block_inputs: bool = True,
                  linear_stats: bool = True, model_inputs: bool | None = None, only_blocks: list[str] | None = None,
-                 stop_early: bool = False):
+                 stop_early: bool = False, chunk_rows: int | None = None):
         self.model, self.adapter, self.writer = model, adapter, writer
+        self.chunk_rows = chunk_rows                          # rows per stored chunk (None: one per call)
         self.block_inputs, self.want_stats = block_inputs, linear_stats
         # the model's own kwargs: wanted by the same (distillation / pruning) passes as the block inputs
         self.model_inputs = block_inputs if model_inputs is None else model_inputs
@@ -193,15 +197,26 @@ class Capture:
 
     def flush(self) -> None:
         for name, per in self._buf.items():
-            self.writer.write_block_chunk(name, {k: torch.cat(v) for k, v in per.items()})
+            for piece in self._pieces({k: torch.cat(v) for k, v in per.items()}):
+                self.writer.write_block_chunk(name, piece)
         if self._final:
-            self.writer.write_chunk("final", {k: torch.cat(v) for k, v in self._final.items()})
+            for piece in self._pieces({k: torch.cat(v) for k, v in self._final.items()}):
+                self.writer.write_chunk("final", piece)
         if self._mi_buf:
             flat: dict = {}
             for k, v in self._mi_buf.items():
                 flatten(k, torch.cat(v), flat)
-            self.writer.write_chunk("model_inputs", flat)
+            for piece in self._pieces(flat):
+                self.writer.write_chunk("model_inputs", piece)
         self._buf, self._final, self._mi_buf = {}, {}, {}
+
+    def _pieces(self, tensors: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """One call's per-sample tensors (all [batch, ...]) cut into chunks of at most chunk_rows rows."""
+        rows = next(iter(tensors.values())).shape[0] if tensors else 0
+        step = self.chunk_rows or rows
+        if rows <= step:
+            return [tensors]
+        return [{k: v[i:i + step].clone() for k, v in tensors.items()} for i in range(0, rows, step)]
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
@@ -216,3 +231,70 @@ class Capture:
                 for k, v in self._mi_shared.items():
                     flatten(k, v, flat)
                 self.writer.write_model_inputs_shared(flat, self._mi_values)
+
+
+@contextmanager
+def chunked_blocks(model: nn.Module, adapter, rows: int | None):
+    """While active, every block of `model` runs its per-sample inputs (adapter.per_sample_inputs, split along
+    dim 0) at most `rows` samples at a time and concatenates the outputs: a model call on a large batch keeps
+    one chunk's activations per block, and a block read from the checkpoint on call (streaming) is read once
+    for the whole batch. Hooks on the blocks still see the whole batch. rows None: nothing changes."""
+    if rows is None:
+        yield model
+        return
+    patched = []
+    for ref in adapter.blocks(model):
+        block = model.get_submodule(ref.name)
+        # a forward already set on the instance (accelerate's offload hooks do that) is wrapped and put back
+        patched.append((block, block.__dict__.get("forward")))
+        block.forward = _chunked_forward(block.forward, adapter.per_sample_inputs, rows)
+    try:
+        yield model
+    finally:
+        for block, own in patched:
+            if own is None:
+                del block.forward                # back to the class's forward
+            else:
+                block.forward = own
+
+
+def _chunked_forward(forward, per_sample: tuple[str, ...], rows: int):
+    signature = inspect.signature(forward)
+
+    def run(*args, **kwargs):
+        named = _by_name(signature, args, kwargs) if args else kwargs
+        lead = None if named is None else next((named[k] for k in per_sample if torch.is_tensor(named.get(k))), None)
+        batch = 0 if lead is None else lead.shape[0]
+        if batch <= rows:
+            return forward(*args, **kwargs)
+        split = {k for k in per_sample if torch.is_tensor(named.get(k)) and named[k].shape[0] == batch}
+        return _concat([forward(**{k: (v[i:i + rows] if k in split else v) for k, v in named.items()})
+                        for i in range(0, batch, rows)])
+    return run
+
+
+def _by_name(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict | None:
+    """A call's arguments as keywords; None when some cannot be named (extra positional ones)."""
+    named = {}
+    for k, v in signature.bind_partial(*args, **kwargs).arguments.items():
+        kind = signature.parameters[k].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            if v:
+                return None
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(v)
+        else:
+            named[k] = v
+    return named
+
+
+def _concat(outs: list):
+    first = outs[0]
+    if torch.is_tensor(first):
+        return torch.cat(outs)
+    if isinstance(first, (tuple, list)):
+        return type(first)(_concat([o[i] for o in outs]) for i in range(len(first)))
+    if first is None:
+        return None
+    raise CalibrationError(f"a block returned {type(first).__name__}; calibration's block_batch can only join "
+                           "tensors and tuples of tensors", hint="unset calibration.block_batch for this model")

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..errors import CalibrationError
-from .capture import Capture, StopForward
+from .capture import Capture, StopForward, chunked_blocks
 from .store import CalibrationStore, StoreWriter
 
 
@@ -39,7 +39,8 @@ def capture(model, adapter, cfg, model_info: dict, out_dir: str | Path, block_in
     # data-free inputs are not a trajectory: nothing needs the model's outputs, so the forward stops there
     stop = first_block_only and cfg.source == "synthetic"
     with torch.no_grad(), Capture(model, adapter, writer, block_inputs=block_inputs or first_block_only,
-                                  linear_stats=not first_block_only, only_blocks=only, stop_early=stop) as cap:
+                                  linear_stats=not first_block_only, only_blocks=only, stop_early=stop,
+                                  chunk_rows=cfg.block_batch) as cap, chunked_blocks(model, adapter, cfg.block_batch):
         extra = run(model, adapter, cfg, model_info, cap, progress)
     return writer.finish(**extra)
 
