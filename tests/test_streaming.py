@@ -270,3 +270,20 @@ def test_block_batch_reads_each_block_once_per_sampling_step(tiny_zoo_dir, tmp_p
     for k in ("hidden_states", "temb"):
         assert a[k].shape == b[k].shape == (18, *a[k].shape[1:])
         torch.testing.assert_close(a[k].sum(0), b[k].sum(0), rtol=1e-4, atol=1e-4)   # same rows, other order
+
+
+def test_streamed_run_with_block_batch_matches_the_small_batch_run(runs, tiny_zoo_dir, tmp_path):
+    """The whole streamed W4A8 recipe on block_batch-sized chunks: the same samples as batch_size 3 (the
+    `runs` fixture's), so the same codes up to summation order; the artifact loads and runs."""
+    cal = {"source": "classes", "classes": [0, 1, 2], "seeds": [0], "steps": 3, "batch_size": 3, "block_batch": 1}
+    report = dicompress.run(_recipe(tmp_path / "r.yaml", tiny_zoo_dir, tmp_path / "o", calibration=cal,
+                                    streaming={"enabled": True}), progress=False)
+    assert report["streaming"]["enabled"] is True
+    d, _, _ = runs
+    a, b = _tensors(d / "st"), _tensors(tmp_path / "o")
+    assert set(a) == set(b)
+    codes = [k for k in a if k.endswith(".qweight")]
+    same = sum(torch.equal(a[k], b[k]) for k in codes)
+    assert same >= 0.9 * len(codes), f"only {same} of {len(codes)} layers kept their codes"
+    loaded = dicompress.load(tmp_path / "o")
+    assert type(loaded.transformer_blocks[0].attn.to_q).__name__ == "QuantLinear"
