@@ -200,6 +200,23 @@ def _capture_calibration(recipe: Recipe, passes: list[Pass], info, model, adapte
     return store
 
 
+def _hint_block_batch(recipe: Recipe, info, n_blocks: int, echo) -> None:
+    """A streamed capture reads every block at every model call: say so when fewer calls would do."""
+    from .calib.sources import calls_per_step
+    cfg = recipe.calibration
+    try:
+        plan = calls_per_step(cfg, {"path": info.path})
+    except (OSError, KeyError, ValueError):         # the capture itself reports what is wrong
+        return
+    floor = len(cfg.seeds) if cfg.source == "prompts" else 1    # the prompts loop runs each seed on its own
+    if plan is None or plan[0] <= floor:
+        return
+    calls, samples = plan
+    echo(f"calibration: {calls} model calls per sampling step, each reading all {n_blocks} blocks from the "
+         f"checkpoint; `batch_size: {samples // floor}, block_batch: {cfg.block_batch or cfg.batch_size}` would "
+         f"make {floor} (the same rows, the same activation memory per block)")
+
+
 def _run_streaming(recipe: Recipe, passes: list[Pass], info, out: Path, device: torch.device, progress: bool,
                    echo) -> dict:
     """The block-by-block path (stream/sweep.py): the same passes, report and artifact as `_run`, with one
@@ -221,6 +238,7 @@ def _run_streaming(recipe: Recipe, passes: list[Pass], info, out: Path, device: 
                   propagate=recipe.streaming.propagate, progress=progress)
     timings["load"] = time.perf_counter() - t0
     t1 = time.perf_counter()
+    _hint_block_batch(recipe, info, len(sweep.names), echo)
     with sweep.capture_model() as model:
         store = _capture_calibration(recipe, passes, info, model, sweep.adapter, dtype, progress, echo,
                                      first_block_only=True)

@@ -120,3 +120,20 @@ def test_chunked_blocks_split_per_sample_inputs_only(tiny_zoo_dir):
     hook.remove(), inner.remove()
     assert seen == [5] and sizes == [2, 2, 1]                # hooks see the batch, the block runs pieces
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_calls_per_step_of_each_source(tmp_path, tiny_zoo_dir):
+    from safetensors.torch import save_file
+
+    from dicompress.calib.sources import calls_per_step
+    (tmp_path / "p.txt").write_text("a cat\n# a comment\n\na dog\na fox\na hen\na cow\n")
+    cfg = CalibrationConfig(source="prompts", prompts=str(tmp_path / "p.txt"), seeds=[0, 1], batch_size=2)
+    assert calls_per_step(cfg, {}) == (6, 10)                  # 3 calls per seed, each seed on its own
+    save_file({"prompt_embeds": torch.zeros(7, 2, 4), "pooled_prompt_embeds": torch.zeros(7, 4)},
+              str(tmp_path / "e.safetensors"))
+    cfg = CalibrationConfig(source="embeddings", embeddings=str(tmp_path / "e.safetensors"), seeds=[0, 1, 2],
+                            batch_size=7, block_batch=2)
+    assert calls_per_step(cfg, {}) == (3, 21)
+    cfg = CalibrationConfig(source="classes", classes=[1, 2], seeds=[0], batch_size=20)
+    assert calls_per_step(cfg, {"path": tiny_zoo_dir}) == (1, 2)
+    assert calls_per_step(CalibrationConfig(source="synthetic"), {}) is None

@@ -287,3 +287,17 @@ def test_streamed_run_with_block_batch_matches_the_small_batch_run(runs, tiny_zo
     assert same >= 0.9 * len(codes), f"only {same} of {len(codes)} layers kept their codes"
     loaded = dicompress.load(tmp_path / "o")
     assert type(loaded.transformer_blocks[0].attn.to_q).__name__ == "QuantLinear"
+
+
+def test_streamed_capture_says_when_fewer_model_calls_would_do(tiny_zoo_dir, tmp_path):
+    said = []
+    cal = {"source": "classes", "classes": [0, 1, 2, 3, 4, 5], "seeds": [0], "steps": 2, "batch_size": 2}
+    dicompress.run(_recipe(tmp_path / "r.yaml", tiny_zoo_dir, tmp_path / "o", passes=[{"tlq": {"bits": 4}}],
+                           calibration=cal, streaming={"enabled": True}), progress=False, echo=said.append)
+    hint = [s for s in said if "model calls per sampling step" in s]
+    assert hint and "3 model calls" in hint[0] and "`batch_size: 6, block_batch: 2` would make 1" in hint[0]
+    said.clear()
+    dicompress.run(_recipe(tmp_path / "r2.yaml", tiny_zoo_dir, tmp_path / "o2", passes=[{"tlq": {"bits": 4}}],
+                           calibration={**cal, "batch_size": 6, "block_batch": 2}, streaming={"enabled": True}),
+                   progress=False, echo=said.append)
+    assert not [s for s in said if "model calls per sampling step" in s]

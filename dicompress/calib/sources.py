@@ -63,6 +63,28 @@ def capture_trajectories(model, adapter, meta: dict, out_dir: str | Path, progre
     return capture(model, adapter, cfg, info, out_dir, block_inputs=False, progress=progress, first_block_only=True)
 
 
+def read_prompts(path: str | Path) -> list[str]:
+    """A prompt file's prompts: one per line, blank lines and `#` comments skipped."""
+    return [p.strip() for p in Path(path).read_text().splitlines() if p.strip() and not p.startswith("#")]
+
+
+def calls_per_step(cfg, model_info: dict) -> tuple[int, int] | None:
+    """(model calls per sampling step, samples) the capture of `cfg` makes; None for data-free inputs (no
+    trajectory). Cheap: reads a table's header or a prompt file, never the model."""
+    if cfg.source == "synthetic":
+        return None
+    if cfg.source == "prompts":
+        prompts = read_prompts(cfg.prompts)
+        per_seed = -(-len(prompts) // cfg.batch_size)
+        return per_seed * len(cfg.seeds), len(prompts) * len(cfg.seeds)
+    path = Path(cfg.embeddings) if cfg.source == "embeddings" else Path(model_info["path"]) / "conditioning.safetensors"
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        rows = f.get_slice("prompt_embeds").get_shape()[0]
+    samples = (len(cfg.classes) if cfg.classes is not None else rows) * len(cfg.seeds)
+    return -(-samples // cfg.batch_size), samples
+
+
 def _table(cfg, model_info):
     from ..zoo import load_conditioning
     from ..zoo.sampler import Conditioning
@@ -95,7 +117,7 @@ def _run_prompts(model, adapter, cfg, model_info, cap, progress):
         raise CalibrationError("calibration source 'prompts' needs the model's full pipeline (text encoders)",
                                hint="point `model` at a diffusers pipeline directory or hub id, or use "
                                     "source: embeddings / synthetic")
-    prompts = [p.strip() for p in Path(cfg.prompts).read_text().splitlines() if p.strip() and not p.startswith("#")]
+    prompts = read_prompts(cfg.prompts)
     pipe = DiffusionPipeline.from_pretrained(root, transformer=model, torch_dtype=next(model.parameters()).dtype)
     pipe.to(next(model.parameters()).device)
     pipe.set_progress_bar_config(disable=True)
