@@ -204,6 +204,8 @@ def _hint_block_batch(recipe: Recipe, info, n_blocks: int, echo) -> None:
     """A streamed capture reads every block at every model call: say so when fewer calls would do."""
     from .calib.sources import calls_per_step
     cfg = recipe.calibration
+    if cfg is None:                                 # a data-free recipe: nothing is captured
+        return
     try:
         plan = calls_per_step(cfg, {"path": info.path})
     except (OSError, KeyError, ValueError):         # the capture itself reports what is wrong
