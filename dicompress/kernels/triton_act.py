@@ -20,7 +20,7 @@ import triton.language as tl
 from ..quant.hadamard import _base_matrix, hadamard_plan
 from .cache import derived
 
-_RNE = 12582912.0          # 1.5 · 2^23: (v + c) - c rounds fp32 v half-to-even for |v| < 2^22
+_RNE = tl.constexpr(12582912.0)   # 1.5 · 2^23: (v + c) - c rounds fp32 v half-to-even for |v| < 2^22
 _DOT_MIN = 16              # tl.dot needs every dimension >= 16
 
 
