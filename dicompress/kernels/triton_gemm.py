@@ -59,8 +59,8 @@ def _qgemm_kernel(a_ptr, a_scale_ptr, qw_ptr, lut_ptr, gscale_ptr, rscale_ptr, b
                   M, N, K, NB, n_groups, stride_am, stride_qn, stride_om,
                   BITS: tl.constexpr, GROUP: tl.constexpr, LUT_GROUPED: tl.constexpr,
                   A_INT8: tl.constexpr, W_INT8: tl.constexpr, A_FP32: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  GROUP_M: tl.constexpr):
+                  SWAP_AB: tl.constexpr, REG_LUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # grouped launch order: GROUP_M row-blocks share each weight tile while it is in L2
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -71,9 +71,11 @@ def _qgemm_kernel(a_ptr, a_scale_ptr, qw_ptr, lut_ptr, gscale_ptr, rscale_ptr, b
     pid_m = first_m + (pid % width) % size_m
     pid_n = (pid % width) // size_m
 
-    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    rm = pid_m * BLOCK_M + offs_m
+    rn = pid_n * BLOCK_N + offs_n
     m_ok = rm < M
     n_ok = rn < N
     L: tl.constexpr = 1 << BITS
@@ -85,14 +87,28 @@ def _qgemm_kernel(a_ptr, a_scale_ptr, qw_ptr, lut_ptr, gscale_ptr, rscale_ptr, b
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32 if ACC_INT else tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32 if ACC_INT else tl.float32)
-    lut_row = lut_ptr + rn[:, None] * (n_groups * L if LUT_GROUPED else L)
+    # 64-bit arithmetic only in each program's base pointers; in-tile offsets are int32 (registers)
+    lut_stride = n_groups * L if LUT_GROUPED else L
+    qw_base = qw_ptr + (pid_n * BLOCK_N).to(tl.int64) * stride_qn
+    lut_rows = lut_ptr + (pid_n * BLOCK_N).to(tl.int64) * lut_stride + offs_n[:, None] * lut_stride
+    # REG_LUT: the rows' tables [BLOCK_N, 2^b] are held in registers and indexed with tl.gather; otherwise
+    # each code is a load from the table in memory (L1-resident: 2^b entries per row). Per-group tables
+    # (uniform zero points) change with the K-block.
+    levels = tl.arange(0, L)[None, :]
+    if REG_LUT and not LUT_GROUPED:
+        table = tl.load(lut_rows + levels, mask=n_ok[:, None], other=0)
+    a_ptrs = a_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_am + offs_m[:, None] * stride_am + rk[None, :]
     for k0 in range(0, K, BLOCK_K):
-        k = k0 + rk
-        a = tl.load(a_ptr + rm[:, None] * stride_am + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0)
-        code = _codes_tile(qw_ptr, rn, n_ok, k0, NB, stride_qn, BITS, BLOCK_K)
-        if LUT_GROUPED:                                 # BLOCK_K divides GROUP: one table per block
-            code = code + (k0 // GROUP) * L
-        w = tl.load(lut_row + code, mask=n_ok[:, None], other=0)         # [BLOCK_N, BLOCK_K] levels
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & (rk < K - k0)[None, :], other=0)
+        a_ptrs += BLOCK_K
+        code = _codes_tile(qw_base, offs_n, n_ok, k0, NB, stride_qn, BITS, BLOCK_K)
+        group_row = lut_rows + (k0 // GROUP) * L if LUT_GROUPED else lut_rows   # BLOCK_K divides GROUP
+        if REG_LUT:
+            if LUT_GROUPED:
+                table = tl.load(group_row + levels, mask=n_ok[:, None], other=0)
+            w = tl.gather(table, code, 1)               # [BLOCK_N, BLOCK_K] levels
+        else:
+            w = tl.load(group_row + code, mask=n_ok[:, None], other=0)
         if INT_DOT:
             pass                                        # int8 x int8, int32 accumulation
         elif A_INT8:
@@ -132,7 +148,8 @@ def _qgemm_kernel(a_ptr, a_scale_ptr, qw_ptr, lut_ptr, gscale_ptr, rscale_ptr, b
     acc = acc * tl.load(rscale_ptr + rn, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+    out_rows = out_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_om + offs_m[:, None] * stride_om
+    tl.store(out_rows + rn[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -153,16 +170,19 @@ def weight_tables(codec: str, scales: torch.Tensor, aux: torch.Tensor, eta: torc
 # tile sweep for the rest of its run, and records the sweep so the defaults can follow the measurements.
 TILE_OVERRIDES: dict[str, dict] = {}
 # What that sweep tries (the first of each is the default); tests/test_kernels_gpu.py checks each one's
-# results, which also puts their compiled kernels in Triton's cache before the bench times them.
+# results, which also puts their compiled kernels in Triton's cache before the bench times them. Each one
+# compiles for sm_90 without register spills (tools/aot_kernels.py; larger tiles spilled or overflowed
+# shared memory there and were left out).
 TILE_CANDIDATES: dict[str, list[dict]] = {
     "int8": [{}, {"SWAP_AB": True},
-             {"BLOCK_N": 256},
-             {"BLOCK_M": 256, "SWAP_AB": True},
-             {"BLOCK_M": 64, "num_warps": 4, "num_stages": 4, "SWAP_AB": True},
-             {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4}],
+             {"BLOCK_K": 64},
+             {"BLOCK_K": 64, "SWAP_AB": True},
+             {"num_stages": 4},
+             {"BLOCK_K": 64, "REG_LUT": True}],
     "float": [{}, {"SWAP_AB": True},
-              {"BLOCK_N": 256},
-              {"BLOCK_M": 256, "SWAP_AB": True},
+              {"REG_LUT": True},
+              {"BLOCK_K": 32, "num_stages": 4},
+              {"num_stages": 4},
               {"BLOCK_M": 64, "num_warps": 4, "num_stages": 4, "SWAP_AB": True}],
 }
 
@@ -171,7 +191,7 @@ def _blocks(m: int, group_size: int, int_dot: bool) -> dict:
     """A fixed tile per problem class (no autotuning: compile time counts on a lent GPU)."""
     bm = 128 if m > 64 else max(16, triton.next_power_of_2(m))
     bk = 128 if int_dot else 64
-    cfg = {"BLOCK_M": bm, "BLOCK_N": 128, "BLOCK_K": bk, "GROUP_M": 8, "SWAP_AB": False,
+    cfg = {"BLOCK_M": bm, "BLOCK_N": 128, "BLOCK_K": bk, "GROUP_M": 8, "SWAP_AB": False, "REG_LUT": False,
            "num_warps": 8 if bm >= 128 else 4, "num_stages": 3}
     if m > 64:
         cfg.update(TILE_OVERRIDES.get("int8" if int_dot else "float", {}))
