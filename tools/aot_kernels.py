@@ -117,7 +117,7 @@ def act_variant(k: int, arch: int) -> dict:
             "steps_ptr": "*fp32"}
     tile = geo["P"] * geo["BB"]
     const = {"HAS_SMOOTH": True, "HAS_SIGNS": True, "STAGES": geo["STAGES"], "P": geo["P"], "BB": geo["BB"]}
-    warps = 4 if tile <= 4096 else 8 if tile <= 8192 else 16
+    warps = triton_act.act_warps(tile)
     ints = {"stride_x": k, "stride_c": k, "ROW": geo["ROW"], "BASE": geo["BASE"]}
     return compile_kernel(triton_act._act_quant_kernel, ptrs, const, warps, 1, arch, ints)
 

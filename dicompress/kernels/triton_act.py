@@ -74,6 +74,13 @@ def _rotation_layout(k: int, hadamard: bool) -> dict:
             "P": max(_DOT_MIN, plan.pow2), "BB": max(_DOT_MIN, triton.next_power_of_2(plan.base))}
 
 
+def act_warps(tile: int) -> int:
+    """Warps for one row's tile of `tile` elements. Rows past 8192 elements take 32: compiled for sm_90, the
+    FLUX widths 12288 and 15360 (a 256 x 64 tile: base 60) then keep to registers with Triton 3.9 and spill
+    least with 3.6 (976 B per thread at 32 warps, 2024 B at 16; tools/aot_kernels.py)."""
+    return 4 if tile <= 4096 else 8 if tile <= 8192 else 32
+
+
 @lru_cache(maxsize=64)
 def _padded_base(base: int, bb: int, device: torch.device) -> torch.Tensor:
     """H_base zero-padded to [bb, bb] fp32 on `device`: built and copied there once, not on every call."""
@@ -107,5 +114,5 @@ def quantize_act_triton(x: torch.Tensor, smooth: torch.Tensor | None, signs: tor
             x2, smooth if smooth is not None else x2, signs if signs is not None else x2, hp, codes, steps,
             x2.stride(0), codes.stride(0), geo["ROW"], geo["BASE"], 1.0 / math.sqrt(k), float((1 << (bits - 1)) - 1),
             HAS_SMOOTH=smooth is not None, HAS_SIGNS=signs is not None, STAGES=geo["STAGES"], P=geo["P"],
-            BB=geo["BB"], num_warps=4 if tile <= 4096 else 8 if tile <= 8192 else 16)
+            BB=geo["BB"], num_warps=act_warps(tile))
     return codes.view(*lead, k), steps.view(lead)
