@@ -15,6 +15,7 @@ pytestmark = pytest.mark.triton
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}   # shapes below are not multiples of these
 SWAPPED = dict(SMALL, SWAP_AB=True)                        # the transposed tile, outᵀ = W · xᵀ
+REG_LUT = dict(SMALL, REG_LUT=True)                        # tables held in registers, tl.gather
 
 
 def quantized(codec, bits, group, n, k, seed=0):
@@ -79,7 +80,7 @@ GEMM_CASES = [  # (codec, bits, group, M, N, K, a8, mode, dtype, bias)
 ]
 
 
-@pytest.mark.parametrize("tile", [SMALL, SWAPPED], ids=["xw", "swap_ab"])
+@pytest.mark.parametrize("tile", [SMALL, SWAPPED, REG_LUT], ids=["xw", "swap_ab", "reg_lut"])
 @pytest.mark.parametrize("codec,bits,group,m,n,k,a8,mode,dtype,bias", GEMM_CASES)
 def test_qlinear_matches_reference(codec, bits, group, m, n, k, a8, mode, dtype, bias, tile):
     from dicompress.kernels.triton_gemm import qlinear_triton
