@@ -137,3 +137,16 @@ def test_calls_per_step_of_each_source(tmp_path, tiny_zoo_dir):
     cfg = CalibrationConfig(source="classes", classes=[1, 2], seeds=[0], batch_size=20)
     assert calls_per_step(cfg, {"path": tiny_zoo_dir}) == (1, 2)
     assert calls_per_step(CalibrationConfig(source="synthetic"), {}) is None
+
+
+def test_block_batch_on_qwenimage_blocks(tiny_qwen_dir, tmp_path):
+    """Qwen-Image blocks (per-sample text mask, modulation from temb) run in pieces give the whole batch's
+    rows."""
+    base = dict(source="synthetic", seeds=[0], steps=2, batch_size=4)
+    _, whole = _capture(tiny_qwen_dir, tmp_path / "a", CalibrationConfig(**base))
+    _, pieces = _capture(tiny_qwen_dir, tmp_path / "b", CalibrationConfig(**base, block_batch=2))
+    for name in whole.block_names:
+        a, b = whole.block_inputs(name), pieces.block_inputs(name)
+        assert len(pieces.block_files(name)[0]) == 2 * len(whole.block_files(name)[0])
+        for k in ("hidden_states", "encoder_hidden_states", "temb"):
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
