@@ -27,4 +27,7 @@ def test_bench_kernels_smoke_run(tmp_path):
         assert r["ms"] > 0 and r["speedup_vs_bf16"] >= 0 and ("x" in r["shape"] or "@" in r["shape"])
         if r["method"].startswith("fused"):
             assert r["rel_err_vs_decode_reference"] < (0.05 if r["method"] == "fused_int8" else 1e-3)
-    assert "| shape (MxKxN) |" in out.with_suffix(".md").read_text()
+    assert [b["need"] for b in res["bars"]] == [1.5, 2.0, 1.0]          # the three speed bars, read off
+    assert all(isinstance(b["met"], bool) and b["ratio"] > 0 for b in res["bars"])
+    md = out.with_suffix(".md").read_text()
+    assert "| shape (MxKxN) |" in md and "| bar | path |" in md

@@ -258,6 +258,32 @@ def bench_model() -> list[dict]:
     return rows
 
 
+BAR_SHAPE = f"{TOKENS[-1]}x{SHAPES[0][0]}x{SHAPES[0][1]}"      # 4096x3072x3072 (toy in --smoke)
+
+
+def bars(rows: list[dict]) -> list[dict]:
+    """Issue 4's speed bars, read off the rows: the fused W4A8 linear at BAR_SHAPE at least 1.5x bf16 and 2x
+    dequantize-then-matmul (the faster of the two GEMM paths), and the block stack faster than bf16."""
+    ms = {(r["shape"], r["method"]): r["ms"] for r in rows if "ms" in r}
+    out = []
+    fused = [(m, ms[(BAR_SHAPE, m)]) for m in ("fused_int8", "fused_decode") if (BAR_SHAPE, m) in ms]
+    if fused and (BAR_SHAPE, "bf16") in ms:
+        method, t = min(fused, key=lambda x: x[1])
+        out.append({"bar": f"W4A8 linear {BAR_SHAPE} vs bf16 matmul", "method": method,
+                    "ratio": round(ms[(BAR_SHAPE, "bf16")] / t, 3), "need": 1.5})
+        if (BAR_SHAPE, "dequant_matmul") in ms:
+            out.append({"bar": f"W4A8 linear {BAR_SHAPE} vs dequantize-then-matmul", "method": method,
+                        "ratio": round(ms[(BAR_SHAPE, "dequant_matmul")] / t, 3), "need": 2.0})
+    stack = [r for r in rows if r["method"].startswith("w4a8_") and "ms" in r]
+    if stack:
+        best = max(stack, key=lambda r: r["speedup_vs_bf16"])
+        out.append({"bar": f"block stack {best['shape']} vs bf16", "method": best["method"],
+                    "ratio": best["speedup_vs_bf16"], "need": 1.0, "strict": True})
+    for b in out:
+        b["met"] = b["ratio"] > b["need"] if b.get("strict") else b["ratio"] >= b["need"]
+    return out
+
+
 def markdown(res: dict) -> str:
     lines = [f"{res['device']}, torch {res['torch']}, triton {res['triton']}", "",
              "| shape (MxKxN) | method | ms | TFLOPS | speedup vs bf16 |", "|---|---|---|---|---|"]
@@ -273,6 +299,10 @@ def markdown(res: dict) -> str:
             continue
         lines.append(f"| {r['shape']} | {method} | {r['ms']:.4f} | {r['tflops'] if r['tflops'] else '-'} | "
                      f"{r['speedup_vs_bf16']:.2f}x |")
+    if res.get("bars"):
+        lines += ["", "| bar | path | measured | needed | met |", "|---|---|---|---|---|"]
+        lines += [f"| {b['bar']} | {b['method']} | {b['ratio']:.2f}x | {'>' if b.get('strict') else '>='} "
+                  f"{b['need']}x | {'yes' if b['met'] else 'no'} |" for b in res["bars"]]
     for e in res["errors"]:
         lines.append(f"\nerror in {e['section']}: {e['error']}")
     return "\n".join(lines) + "\n"
@@ -303,8 +333,8 @@ def main():
             traceback.print_exc()
             errors.append({"section": section, "error": f"{type(e).__name__}: {e}"})
     device = "CPU smoke run (Triton interpreter; timings mean nothing)" if SMOKE else torch.cuda.get_device_name()
-    res = {"rows": rows, "errors": errors, "tiles_chosen": chosen, "device": device, "torch": torch.__version__,
-           "triton": triton.__version__, "command": "python " + " ".join(sys.argv),
+    res = {"rows": rows, "errors": errors, "tiles_chosen": chosen, "bars": bars(rows), "device": device,
+           "torch": torch.__version__, "triton": triton.__version__, "command": "python " + " ".join(sys.argv),
            "seconds": round(time.perf_counter() - t0, 1), "platform": platform.platform()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
