@@ -106,6 +106,8 @@ def test_cuda_kernel_is_registered_and_honours_the_env(monkeypatch):
     monkeypatch.setattr("dicompress.kernels.triton_gemm.qlinear_triton", boom)
     monkeypatch.setattr(dispatch, "has_triton", lambda: True)
     monkeypatch.setattr("dicompress.kernels.ops.has_triton", lambda: True)
+    assert torch.equal(ops.qlinear_cuda(*args), reference.qlinear(*args))   # not a CUDA device of 8.0+
+    monkeypatch.setattr("dicompress.kernels.ops.triton_supported", lambda device: True)
     with pytest.raises(Called):
         ops.qlinear_cuda(*args)
     monkeypatch.setenv("DICOMPRESS_KERNELS", "reference")
@@ -113,6 +115,21 @@ def test_cuda_kernel_is_registered_and_honours_the_env(monkeypatch):
     monkeypatch.setenv("DICOMPRESS_KERNELS", "fastest")
     with pytest.raises(ValueError, match="DICOMPRESS_KERNELS"):
         ops.qlinear_cuda(*args)
+
+
+def test_triton_needs_ampere_and_tiles_follow_the_generation(monkeypatch):
+    from types import SimpleNamespace
+
+    from dicompress.kernels import dispatch
+    from dicompress.kernels.triton_gemm import _blocks
+    caps = {0: (7, 5), 1: (8, 6), 2: (9, 0)}
+    monkeypatch.setattr(dispatch, "_capability", lambda index: caps[index])
+    gpu = [SimpleNamespace(type="cuda", index=i) for i in range(3)]
+    assert [dispatch.triton_supported(d) for d in gpu] == [False, True, True]
+    assert not dispatch.triton_supported(torch.device("cpu"))
+    # int8 tiles: BLOCK_K 128 spills before Hopper (compiled for sm_86), so 64 there
+    assert _blocks(4096, 0, True, (8, 6))["BLOCK_K"] == 64 and _blocks(4096, 0, True, (9, 0))["BLOCK_K"] == 128
+    assert _blocks(4096, 0, False, (8, 6))["BLOCK_K"] == _blocks(4096, 0, False, (9, 0))["BLOCK_K"] == 64
 
 
 def test_gemm_mode_switches_to_int8_mapped_weights(monkeypatch):

@@ -92,7 +92,7 @@ def gemm_variant(kind: str, extra: dict, arch: int, bits: int = 4, group: int = 
     groups (per-group tables)."""
     m, k, n = SHAPE
     int_dot = kind == "int8" and act == "i8"
-    cfg = dict(triton_gemm._blocks(m, group, int_dot), **extra)
+    cfg = dict(triton_gemm._blocks(m, group, int_dot, (arch // 10, arch % 10)), **extra)
     lut = "*i8" if int_dot else "*fp16" if act == "i8" else "*fp32"
     ptrs = {"a_ptr": "*" + act, "a_scale_ptr": "*fp32", "qw_ptr": "*u8", "lut_ptr": lut, "gscale_ptr": "*fp32",
             "rscale_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16"}

@@ -1,6 +1,7 @@
 """Which implementation a kernel op runs, and which weight path the quantized GEMM takes.
 
-    DICOMPRESS_KERNELS   auto (default): Triton on CUDA tensors, the pure-torch reference elsewhere
+    DICOMPRESS_KERNELS   auto (default): Triton on CUDA tensors of an Ampere or newer GPU, the pure-torch
+                         reference elsewhere (older GPUs too: compiled for sm_75 the int8 GEMM fails)
                          reference: the reference everywhere (debugging, bit-exact comparisons)
     DICOMPRESS_GEMM_MODE decode (default): the stored levels exactly (fp16 tensor cores on CUDA)
                          int8: levels mapped per row onto an int8 grid, int8 tensor cores with int32
@@ -51,6 +52,29 @@ def gemm_mode(mode: str):
         yield
     finally:
         _mode_override.reset(token)
+
+
+MIN_CAPABILITY = (8, 0)       # Triton's kernels need Ampere or newer (compiled for sm_75, the int8 GEMM fails)
+
+
+@lru_cache(maxsize=16)
+def _capability(index: int) -> tuple[int, int]:
+    import torch
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def capability(device) -> tuple[int, int]:
+    """Compute capability of a CUDA device; (9, 0) for anything else (the interpreter on the CPU)."""
+    if getattr(device, "type", None) != "cuda":
+        return (9, 0)
+    import torch
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def triton_supported(device) -> bool:
+    """Whether the Triton kernels run on `device` (a CUDA GPU of compute capability 8.0 or newer); older GPUs
+    get the reference."""
+    return getattr(device, "type", None) == "cuda" and capability(device) >= MIN_CAPABILITY
 
 
 @lru_cache(maxsize=1)

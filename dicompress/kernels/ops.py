@@ -1,7 +1,7 @@
 """The kernel ops as torch.library custom ops: one schema each, the pure-torch reference as the default
 implementation (CPU and any device without a kernel), Triton for CUDA (the reference there too when Triton
-is not installed or DICOMPRESS_KERNELS=reference), and fake implementations (shapes and dtypes only) so
-torch.compile traces through them.
+is not installed, on GPUs older than Ampere, or with DICOMPRESS_KERNELS=reference), and fake implementations
+(shapes and dtypes only) so torch.compile traces through them.
 
     dicompress::quantize_act(x [..., K], smooth?, signs?, rotation?, bits) -> (codes int8 [..., K], steps fp32 [...])
     dicompress::qlinear(x, x_scale?, qweight, scales, aux, eta?, bias?, codec, bits, group_size, mode, out_dtype)
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .dispatch import check_mode, force_reference, has_triton
+from .dispatch import check_mode, force_reference, has_triton, triton_supported
 
 
 @torch.library.custom_op("dicompress::quantize_act", mutates_args=())
@@ -44,7 +44,7 @@ def _(x, x_scale, qweight, scales, aux, eta, bias, codec, bits, group_size, mode
 
 @quantize_act.register_kernel("cuda")
 def quantize_act_cuda(x, smooth, signs, rotation, bits):
-    if force_reference() or not has_triton():
+    if force_reference() or not has_triton() or not triton_supported(x.device):
         return reference.quantize_act(x, smooth, signs, rotation, bits)
     from .triton_act import quantize_act_triton
     return quantize_act_triton(x, smooth, signs, rotation, bits)
@@ -53,7 +53,7 @@ def quantize_act_cuda(x, smooth, signs, rotation, bits):
 @qlinear.register_kernel("cuda")
 def qlinear_cuda(x, x_scale, qweight, scales, aux, eta, bias, codec, bits, group_size, mode, out_dtype):
     args = (x, x_scale, qweight, scales, aux, eta, bias, codec, bits, group_size, check_mode(mode), out_dtype)
-    if force_reference() or not has_triton():
+    if force_reference() or not has_triton() or not triton_supported(x.device):
         return reference.qlinear(*args)
     from .triton_gemm import qlinear_triton
     return qlinear_triton(*args)

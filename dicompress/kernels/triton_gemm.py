@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .cache import derived
+from .dispatch import capability
 from .tables import int8_grid, signed_levels
 
 
@@ -187,10 +188,12 @@ TILE_CANDIDATES: dict[str, list[dict]] = {
 }
 
 
-def _blocks(m: int, group_size: int, int_dot: bool) -> dict:
-    """A fixed tile per problem class (no autotuning: compile time counts on a lent GPU)."""
+def _blocks(m: int, group_size: int, int_dot: bool, capability: tuple[int, int] = (9, 0)) -> dict:
+    """A fixed tile per problem class and GPU generation (no autotuning: compile time counts on a lent GPU).
+    The int8 tile takes BLOCK_K 128 on Hopper and 64 before it: compiled for sm_86/89, 128 spills
+    (tools/aot_kernels.py --arch 86)."""
     bm = 128 if m > 64 else max(16, triton.next_power_of_2(m))
-    bk = 128 if int_dot else 64
+    bk = (128 if capability >= (9, 0) else 64) if int_dot else 64
     cfg = {"BLOCK_M": bm, "BLOCK_N": 128, "BLOCK_K": bk, "GROUP_M": 8, "SWAP_AB": False, "REG_LUT": False,
            "num_warps": 8 if bm >= 128 else 4, "num_stages": 3}
     if m > 64:
@@ -222,7 +225,7 @@ def qlinear_triton(x, x_scale, qweight, scales, aux, eta, bias, codec, bits, gro
     lut, rscale, gscale = derived(scales, (scales, aux, eta), ("qgemm", codec, bits, group_size, mode, lut_dtype),
                                   build)
     int_dot = x_scale is not None and mode == "int8"
-    cfg = dict(_blocks(m, group_size, int_dot), **(blocks or {}))
+    cfg = dict(_blocks(m, group_size, int_dot, capability(x.device)), **(blocks or {}))
     if group_size and group_size % cfg["BLOCK_K"]:
         raise ValueError(f"BLOCK_K={cfg['BLOCK_K']} must divide the group size {group_size}")
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
