@@ -170,9 +170,10 @@ def run(recipe: Recipe | str | Path, progress: bool = True, echo=print, **overri
 
 
 def _capture_calibration(recipe: Recipe, passes: list[Pass], info, model, adapter, dtype, progress, echo,
-                         lead: bool = True, first_block_only: bool = False):
+                         lead: bool = True, first_block_only: bool = False, before_capture=None):
     """The recipe's calibration store: reused from the cache when the same capture exists, else captured (by
-    rank 0; the other ranks wait for it). None when the recipe has no calibration."""
+    rank 0; the other ranks wait for it; `before_capture()` runs first). None when the recipe has no
+    calibration."""
     from .calib import CalibrationStore, capture
     from .errors import CalibrationError
     cfg = recipe.calibration
@@ -193,6 +194,8 @@ def _capture_calibration(recipe: Recipe, passes: list[Pass], info, model, adapte
         store = CalibrationStore(root)
         echo(f"calibration: reusing {root}")
     else:
+        if before_capture is not None:
+            before_capture()
         store = capture(model, adapter, cfg, {"name": info.name, "path": info.path,
                                               "pipeline_root": info.pipeline_root},
                         root, block_inputs=block_inputs, progress=progress, first_block_only=first_block_only)
@@ -204,8 +207,6 @@ def _hint_block_batch(recipe: Recipe, info, n_blocks: int, echo) -> None:
     """A streamed capture reads every block at every model call: say so when fewer calls would do."""
     from .calib.sources import calls_per_step
     cfg = recipe.calibration
-    if cfg is None:                                 # a data-free recipe: nothing is captured
-        return
     try:
         plan = calls_per_step(cfg, {"path": info.path})
     except (OSError, KeyError, ValueError):         # the capture itself reports what is wrong
@@ -240,10 +241,10 @@ def _run_streaming(recipe: Recipe, passes: list[Pass], info, out: Path, device: 
                   propagate=recipe.streaming.propagate, progress=progress)
     timings["load"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    _hint_block_batch(recipe, info, len(sweep.names), echo)
     with sweep.capture_model() as model:
         store = _capture_calibration(recipe, passes, info, model, sweep.adapter, dtype, progress, echo,
-                                     first_block_only=True)
+                                     first_block_only=True,
+                                     before_capture=lambda: _hint_block_batch(recipe, info, len(sweep.names), echo))
     timings["calibration"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     records = sweep.run(store)

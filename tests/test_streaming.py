@@ -301,3 +301,7 @@ def test_streamed_capture_says_when_fewer_model_calls_would_do(tiny_zoo_dir, tmp
                            calibration={**cal, "batch_size": 6, "block_batch": 2}, streaming={"enabled": True}),
                    progress=False, echo=said.append)
     assert not [s for s in said if "model calls per sampling step" in s]
+    said.clear()                                      # the first capture again, from the cache: nothing to read
+    dicompress.run(tmp_path / "r.yaml", progress=False, echo=said.append, output=str(tmp_path / "o3"))
+    assert any("calibration: reusing" in s for s in said)
+    assert not [s for s in said if "model calls per sampling step" in s]
