@@ -108,6 +108,49 @@ def test_select_intervals_follows_the_score_and_avoids_dead_ends():
         select_intervals(big, 8)
 
 
+def _brute_force_min_total(a, n):
+    """Least total error over every set of disjoint intervals removing exactly n blocks (small cases)."""
+    from itertools import combinations
+    ivs = [(iv["start"], iv["end"], iv["score"] * (iv["end"] - iv["start"])) for iv in a.intervals]
+    best = None
+    for size in range(0, n + 1):
+        for combo in combinations(ivs, size):
+            if sum(e - s for s, e, _ in combo) != n:
+                continue
+            covered = [i for s, e, _ in combo for i in range(s, e + 1)]
+            if len(covered) == len(set(covered)):
+                total = sum(err for _, _, err in combo)
+                best = total if best is None or total < best else best
+    return best
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("n", [1, 3, 5])
+def test_select_min_total_is_the_least_total_error(seed, n):
+    from dicompress.analysis.intervals import select_min_total
+    g = torch.Generator().manual_seed(seed)
+    errs = {iv: float(torch.rand(1, generator=g)) for iv in candidate_intervals(BLOCKS, 3)}
+    a = fake_analysis(lambda s, e: errs[(s, e)] / (e - s), max_interval=3)
+    chosen = select_min_total(a, n)
+    assert sum(e - s for s, e in chosen) == n
+    covered = [i for s, e in chosen for i in range(s, e + 1)]
+    assert len(covered) == len(set(covered)) and chosen == sorted(chosen)
+    assert sum(errs[iv] for iv in chosen) == pytest.approx(_brute_force_min_total(a, n))
+
+
+def test_select_min_total_avoids_the_greedy_dead_end_fill():
+    """Removing 4: the greedy takes the best per-block interval [0, 3] (removes 3) and must then fill one more
+    block with a poor pair; the least total takes [4, 6] and [7, 9]."""
+    from dicompress.analysis.intervals import select_min_total
+    errs = {(0, 3): 0.03, (4, 6): 0.04, (7, 9): 0.04}
+    a = fake_analysis(lambda s, e: errs.get((s, e), 1.0 if e - s == 1 else 10.0) / (e - s))
+    greedy, least = select_intervals(a, 4), select_min_total(a, 4)
+    assert (0, 3) in greedy and sum(errs.get(iv, 1.0) for iv in greedy) > 1
+    assert least == [(4, 6), (7, 9)]
+    with pytest.raises(ValueError, match="cannot remove exactly"):
+        select_min_total(fake_analysis(lambda s, e: 1.0, blocks=BLOCKS[:4]), 4)
+
+
 # -- on real models ------------------------------------------------------------------------------------------
 def _zeroed_model(zoo_dir):
     """The test zoo FLUX with transformer_blocks.1 and single_transformer_blocks.0 made the identity: their AdaLN

@@ -105,7 +105,8 @@ def run(args) -> dict:
     for k in args.removals:
         rep = None
         if "ppcl" in methods or "naive" in methods:
-            rep = add("ppcl", k, [{"ppcl_depth": {"remove_blocks": k, **budget}}]) if "ppcl" in methods else None
+            ppcl = {"remove_blocks": k, "selection": args.ppcl_selection, **budget}
+            rep = add("ppcl", k, [{"ppcl_depth": ppcl}], selection=args.ppcl_selection) if "ppcl" in methods else None
         if "naive" in methods:
             intervals = rep["intervals"] if rep else None
             passes = [{"ppcl_depth": {"intervals": intervals, "distill": {"steps": 0}}}] if intervals else \
@@ -156,6 +157,8 @@ def main():
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--samples-per-class", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0, help="seed of the random intervals")
+    ap.add_argument("--ppcl-selection", default="greedy", choices=["greedy", "min_total"],
+                    help="ppcl_depth.selection: how the analysis' intervals are chosen")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

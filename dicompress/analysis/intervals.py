@@ -79,5 +79,42 @@ def select_intervals(analysis, n_blocks_to_remove: int) -> list[tuple[int, int]]
     return sorted(chosen)
 
 
+def select_min_total(analysis, n_blocks_to_remove: int) -> list[tuple[int, int]]:
+    """Non-overlapping intervals removing exactly `n_blocks_to_remove` blocks with the least total probe error
+    (the sum over the chosen intervals of each one's error): an exact dynamic programme over block positions,
+    where `select_intervals` takes the best cost per removed block greedily (which favours one long interval
+    over several short ones of the same total). Returned sorted by start. ValueError when impossible."""
+    if n_blocks_to_remove < 0:
+        raise ValueError(f"n_blocks_to_remove must be >= 0, got {n_blocks_to_remove}")
+    n, r_max = len(analysis.blocks), n_blocks_to_remove
+    ending: dict[int, list[tuple[int, float]]] = {}
+    for iv in analysis.intervals:
+        ending.setdefault(iv["end"], []).append((iv["start"], iv["score"] * (iv["end"] - iv["start"])))
+    inf = float("inf")
+    # best[p][r]: least error removing r blocks with intervals inside blocks < p; how[p][r]: the last interval
+    best = [[0.0] + [inf] * r_max]
+    how: list[list[tuple[int, int] | None]] = [[None] * (r_max + 1)]
+    for p in range(1, n + 1):
+        row, back = list(best[p - 1]), [None] * (r_max + 1)
+        for s, err in ending.get(p - 1, ()):
+            k = p - 1 - s
+            for r in range(k, r_max + 1):
+                if best[s][r - k] + err < row[r]:
+                    row[r], back[r] = best[s][r - k] + err, (s, p - 1)
+        best.append(row)
+        how.append(back)
+    if best[n][r_max] == inf:
+        raise ValueError(f"cannot remove exactly {n_blocks_to_remove} blocks with the candidate intervals; "
+                         "lower the count or raise max_interval")
+    chosen, p, r = [], n, r_max
+    while r > 0:
+        while how[p][r] is None:          # block p-1 not in an interval at this optimum
+            p -= 1
+        s, e = how[p][r]
+        chosen.append((s, e))
+        r, p = r - (e - s), s
+    return sorted(chosen)
+
+
 def _longest(intervals: list[tuple[int, int]]) -> int:
     return max((e - s + 1 for s, e in intervals), default=1)

@@ -17,6 +17,7 @@ from pydantic import Field, model_validator
 from safetensors.torch import save
 
 from ..analysis import select_intervals
+from ..analysis.intervals import select_min_total
 from ..errors import RecipeError
 from ..prune import check_intervals
 from ._depth import DepthConfig, DepthPass, analysis_for, block_params, rebuild_lists, removal_count
@@ -33,6 +34,9 @@ class PPCLConfig(DepthConfig):
                                                               "[s, e] removes e - s)")
     ratio: float | None = Field(None, gt=0, lt=1, description="with auto: fraction of all blocks removed (rounded)")
     max_interval: int = Field(4, ge=2, description="with auto: longest interval, in blocks")
+    selection: Literal["greedy", "min_total"] = Field(
+        "greedy", description="with auto: greedy (best probe error per removed block first) or min_total (the "
+                              "exact least sum of the intervals' probe errors)")
     keep_teacher_blocks: bool = Field(True, description=f"store each interval's teacher blocks in {INTERVALS_FILE} "
                                                         "so any subset of intervals can be unplugged at load time")
 
@@ -59,7 +63,8 @@ class PPCLDepth(DepthPass):
         if c.intervals == "auto":
             k = removal_count(len(refs), c.ratio, c.remove_blocks, f"{self.name}.ratio")
             try:
-                intervals = select_intervals(analysis_for(state, c.max_interval, state.progress), k)
+                select = select_min_total if c.selection == "min_total" else select_intervals
+                intervals = select(analysis_for(state, c.max_interval, state.progress), k)
             except ValueError as e:
                 raise RecipeError(str(e), key=f"{self.name}.remove_blocks",
                                   hint="raise max_interval or remove fewer blocks") from None
