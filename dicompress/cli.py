@@ -1,4 +1,4 @@
-"""`dicompress run | eval | inspect`: parse, call the API, print. Errors print without a traceback."""
+"""`dicompress run | eval | inspect | kernels`: parse, call the API, print. Errors print without a traceback."""
 from __future__ import annotations
 
 import functools
@@ -71,6 +71,17 @@ def inspect(path):
     """Describe an artifact (manifest, footprint, report) or a model (architecture, blocks, linears)."""
     from .evaluate import inspect_path
     click.echo(inspect_path(path))
+
+
+@main.command()
+def kernels():
+    """Say which implementation quantized linears run here (Triton on CUDA GPUs of 8.0+, else the reference)."""
+    from .kernels.dispatch import describe
+    try:
+        click.echo(describe())
+    except ValueError as e:                   # a bad DICOMPRESS_KERNELS / DICOMPRESS_GEMM_MODE value
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -97,3 +97,30 @@ def test_interrupted_run_leaves_no_artifact(tmp_path, tiny_zoo_dir, monkeypatch)
     assert r.exit_code == 130 and "no artifact" in r.output
     assert not (tmp_path / "art").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".art")]
+
+
+def test_kernels_command_says_what_runs_here(monkeypatch):
+    from click.testing import CliRunner
+
+    from dicompress.cli import main
+    res = CliRunner().invoke(main, ["kernels"])
+    assert res.exit_code == 0 and "cpu: pure-torch reference" in res.output and "torch " in res.output
+    monkeypatch.setenv("DICOMPRESS_KERNELS", "fastest")
+    res = CliRunner().invoke(main, ["kernels"])
+    assert res.exit_code == 2 and "DICOMPRESS_KERNELS='fastest'" in res.output
+
+
+def test_kernels_description_per_gpu(monkeypatch):
+    import torch
+
+    from dicompress.kernels import dispatch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: ["Tesla T4", "NVIDIA H200"][i])
+    monkeypatch.setattr(dispatch, "_capability", lambda i: [(7, 5), (9, 0)][i])
+    monkeypatch.setattr(dispatch, "has_triton", lambda: True)
+    text = dispatch.describe()
+    assert "cuda:0 Tesla T4 (sm_75): reference (compute capability 7.5 < 8.0)" in text
+    assert "cuda:1 NVIDIA H200 (sm_90): Triton kernels" in text
+    monkeypatch.setenv("DICOMPRESS_KERNELS", "reference")
+    assert "cuda:1 NVIDIA H200 (sm_90): reference (DICOMPRESS_KERNELS=reference)" in dispatch.describe()

@@ -85,3 +85,35 @@ def has_triton() -> bool:
     except ImportError:
         return False
     return True
+
+
+def describe() -> str:
+    """Which implementation the quantized linears run on this machine, and why (`dicompress kernels`)."""
+    import torch
+    force_reference()                         # both settings checked first: a bad value is the answer
+    lines = [f"torch {torch.__version__}; triton {_triton_version() or 'not installed'}",
+             f"DICOMPRESS_KERNELS={os.environ.get('DICOMPRESS_KERNELS', 'auto')} "
+             f"DICOMPRESS_GEMM_MODE={os.environ.get('DICOMPRESS_GEMM_MODE', 'decode')} (mode now: {current_mode()})",
+             "cpu: pure-torch reference (decode, then matmul in the input's dtype)"]
+    if not torch.cuda.is_available():
+        lines.append("cuda: no device visible")
+    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        dev = torch.device("cuda", i)
+        cap = capability(dev)
+        if force_reference():
+            why = "reference (DICOMPRESS_KERNELS=reference)"
+        elif not has_triton():
+            why = "reference (triton is not installed)"
+        elif not triton_supported(dev):
+            why = f"reference (compute capability {cap[0]}.{cap[1]} < {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]})"
+        else:
+            why = "Triton kernels: fused activation quantization + quantized GEMM"
+        lines.append(f"cuda:{i} {torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]}): {why}")
+    return "\n".join(lines)
+
+
+def _triton_version() -> str | None:
+    if not has_triton():
+        return None
+    import triton
+    return triton.__version__
