@@ -169,6 +169,7 @@ fi
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'" 2>&1 | tee -a "$RES/env.txt"
 [ "${PIPESTATUS[0]}" = 0 ] || finish 3 "no CUDA device (GPU_CHECK_DRY=1 checks the imports without one)"
 nvidia-smi > "$RES/nvidia-smi.txt" 2>&1
+"$PY" -m dicompress.cli kernels 2>&1 | tee -a "$RES/env.txt"   # which path each GPU runs, and why
 publish
 
 status=0
