@@ -186,6 +186,29 @@ def test_torch_compile_through_the_ops():
         assert torch.equal(torch.compile(model, backend="eager")(x), model(x))
 
 
+def test_compiled_siblings_make_one_graph_and_follow_the_gemm_mode():
+    """q/k/v-like siblings reading one tensor trace into one graph (fullgraph: no break at the mode lookup
+    or the shared activation codes), and gemm_mode recompiles: each mode gives the eager result."""
+    class Siblings(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = layer(smooth=True, rotation="hadamard", act_bits=8), layer(act_bits=8, seed=1)
+
+        def forward(self, x):
+            return self.q(x) + self.k(x)
+
+    torch._dynamo.reset()
+    model = Siblings()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 5, K)
+    with torch.no_grad():
+        decode = compiled(x)
+        assert torch.equal(decode, model(x))
+        with gemm_mode("int8"):
+            int8 = compiled(x)
+            assert torch.equal(int8, model(x)) and not torch.equal(int8, decode)
+
+
 def test_import_and_forward_without_triton():
     code = ("import sys; sys.modules['triton'] = None\n"
             "import torch, dicompress\n"

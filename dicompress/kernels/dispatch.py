@@ -8,18 +8,19 @@
                          accumulation on CUDA (slightly lossy, see tables.int8_grid)
 
 Both are read at call time, so they can be changed without re-importing; `gemm_mode(...)` overrides the
-mode for a block of code.
+mode for a block of code (process-wide; torch.compile guards on it and recompiles for a new mode).
 """
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from contextvars import ContextVar
 from functools import lru_cache
 
 BACKENDS = ("auto", "reference")
 MODES = ("decode", "int8")
-_mode_override: ContextVar[str | None] = ContextVar("dicompress_gemm_mode", default=None)
+# gemm_mode's override: a plain process-wide global, not a ContextVar, because torch.compile traces a global
+# read (and guards on its value: a new mode recompiles) but breaks the graph at ContextVar.get, once per linear
+_mode_override: list[str | None] = [None]
 
 
 def _choice(var: str, allowed: tuple[str, ...]) -> str:
@@ -40,18 +41,19 @@ def check_mode(mode: str) -> str:
 
 
 def current_mode() -> str:
-    override = _mode_override.get()
+    override = _mode_override[0]
     return override if override is not None else _choice("DICOMPRESS_GEMM_MODE", MODES)
 
 
 @contextmanager
 def gemm_mode(mode: str):
-    """Run the quantized linears inside the block with `mode` ("decode" or "int8")."""
-    token = _mode_override.set(check_mode(mode))
+    """Run the quantized linears inside the block with `mode` ("decode" or "int8"); process-wide while the
+    block runs (threads share it)."""
+    before, _mode_override[0] = _mode_override[0], check_mode(mode)
     try:
         yield
     finally:
-        _mode_override.reset(token)
+        _mode_override[0] = before
 
 
 MIN_CAPABILITY = (8, 0)       # Triton's kernels need Ampere or newer (compiled for sm_75, the int8 GEMM fails)
