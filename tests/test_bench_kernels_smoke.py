@@ -18,7 +18,7 @@ def test_bench_kernels_smoke_run(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
-    assert res["errors"] == []
+    assert res["errors"] == [] and res["complete"] and res["sections_done"] == ["sweep", "layers", "model"]
     methods = {r["method"] for r in res["rows"]}
     assert {"sweep_int8", "sweep_decode", "bf16", "dequant_matmul", "fused_decode", "fused_int8", "gemm_decode",
             "gemm_int8", "act_prep", "w4a8_decode", "w4a8_int8"} <= methods

@@ -285,7 +285,8 @@ def bars(rows: list[dict]) -> list[dict]:
 
 
 def markdown(res: dict) -> str:
-    lines = [f"{res['device']}, torch {res['torch']}, triton {res['triton']}", "",
+    partial = "" if res.get("complete", True) else f" (partial: only {', '.join(res['sections_done'])} ran)"
+    lines = [f"{res['device']}, torch {res['torch']}, triton {res['triton']}{partial}", "",
              "| shape (MxKxN) | method | ms | TFLOPS | speedup vs bf16 |", "|---|---|---|---|---|"]
     if res.get("tiles_chosen"):
         sweep = "x".join(map(str, SWEEP_SHAPE))
@@ -326,21 +327,30 @@ def main():
     sections = [] if args.skip_sweep else [("sweep", lambda: sweep_rows(chosen))]
     sections += [("layers", lambda: bench_layers(TOKENS, SHAPES))]
     sections += [] if args.skip_model else [("model", bench_model)]
+    device = "CPU smoke run (Triton interpreter; timings mean nothing)" if SMOKE else torch.cuda.get_device_name()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(done: list[str]) -> str:
+        """The results so far, after every section: a run stopped at its time limit keeps what it measured."""
+        res = {"rows": rows, "errors": errors, "tiles_chosen": chosen, "bars": bars(rows), "device": device,
+               "torch": torch.__version__, "triton": triton.__version__, "command": "python " + " ".join(sys.argv),
+               "sections_done": done, "complete": len(done) == len(sections),
+               "seconds": round(time.perf_counter() - t0, 1), "platform": platform.platform()}
+        out.write_text(json.dumps(res, indent=2) + "\n")
+        md = markdown(res)
+        out.with_suffix(".md").write_text(md)
+        return md
+
+    done: list[str] = []
     for section, fn in sections:     # one failing section still leaves the other's rows
         try:
             rows += fn()
         except Exception as e:  # noqa: BLE001  (recorded in the output, the run goes on)
             traceback.print_exc()
             errors.append({"section": section, "error": f"{type(e).__name__}: {e}"})
-    device = "CPU smoke run (Triton interpreter; timings mean nothing)" if SMOKE else torch.cuda.get_device_name()
-    res = {"rows": rows, "errors": errors, "tiles_chosen": chosen, "bars": bars(rows), "device": device,
-           "torch": torch.__version__, "triton": triton.__version__, "command": "python " + " ".join(sys.argv),
-           "seconds": round(time.perf_counter() - t0, 1), "platform": platform.platform()}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    md = markdown(res)
-    out.with_suffix(".md").write_text(md)
+        done.append(section)
+        md = write(done)
     print(md)
     sys.exit(1 if errors else 0)
 
