@@ -120,27 +120,28 @@ def _qgemm_kernel(a_ptr, a_scale_ptr, qw_ptr, lut_ptr, gscale_ptr, rscale_ptr, b
         else:
             w = w.to(a.dtype)
         if SWAP_AB:
-            if INT_DOT:
-                part = tl.dot(w, tl.trans(a), out_dtype=tl.int32)
-            elif A_FP32:
-                part = tl.dot(w, tl.trans(a), input_precision="ieee")
-            else:
-                part = tl.dot(w, tl.trans(a))
+            lhs, rhs = w, tl.trans(a)
         else:
+            lhs, rhs = a, tl.trans(w)
+        if GROUP > 0:                                   # this block's partial sum times its group scale
             if INT_DOT:
-                part = tl.dot(a, tl.trans(w), out_dtype=tl.int32)
+                part = tl.dot(lhs, rhs, out_dtype=tl.int32)
             elif A_FP32:
-                part = tl.dot(a, tl.trans(w), input_precision="ieee")
+                part = tl.dot(lhs, rhs, input_precision="ieee")
             else:
-                part = tl.dot(a, tl.trans(w))
-        if GROUP > 0:                                   # this block's group scale, per output column
+                part = tl.dot(lhs, rhs)
             gs = tl.load(gscale_ptr + rn * n_groups + k0 // GROUP, mask=n_ok, other=0.0)
             if SWAP_AB:
                 acc += part.to(tl.float32) * gs[:, None]
             else:
                 acc += part.to(tl.float32) * gs[None, :]
+        # accumulating inside the dot (not acc += dot) leaves the MMA in flight across iterations
+        elif INT_DOT:
+            acc = tl.dot(lhs, rhs, acc, out_dtype=tl.int32)
+        elif A_FP32:
+            acc = tl.dot(lhs, rhs, acc, input_precision="ieee")
         else:
-            acc += part
+            acc = tl.dot(lhs, rhs, acc)
     acc = acc.to(tl.float32)
     if SWAP_AB:
         acc = tl.trans(acc)
