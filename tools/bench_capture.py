@@ -3,11 +3,11 @@
     python tools/bench_capture.py --out bench/capture.json      # also writes bench/capture.md (~2 min)
 
 A random FLUX-width checkpoint (FLUX.1's block shapes: hidden 3072 = 24 x 128, MLP 4x; --double / --single
-blocks; bf16 on disk; 4 input channels, see FLUX_WIDTH) is captured the way a streamed run captures it: the
-model skeleton with every block read from the checkpoint when it is called and released when it returns
-(stream.offloaded), the real sampling loop (the embedded model's FluxPipeline loop on an `embeddings` table
-of random prompt embeddings; 64 image + --text-tokens text tokens per sample), and the first block's inputs
-stored (first_block_only).
+blocks; bf16 on disk; 4 input channels, see build_checkpoint) is captured the way a streamed run captures
+it: the model skeleton with every block read from the checkpoint when it is called and released when it
+returns (stream.offloaded), the real sampling loop (the embedded model's FluxPipeline loop on an
+`embeddings` table of random prompt embeddings; 64 image + --text-tokens text tokens per sample), and the
+first block's inputs stored (first_block_only).
 Each setting captures the same (condition, seed) pairs:
     batch N        batch_size N: N samples per model call, so conditions / N calls per sampling step
     block_batch    batch_size = all conditions, block_batch N: one call per step, each block runs N at a time
@@ -27,30 +27,25 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-# FLUX.1's blocks; in_channels 4: the embedded model's sampling loop packs 16x16 single-channel latents (64
-# tokens of 4 channels), and only the blocks' shapes matter for what is read
-FLUX_WIDTH = {"patch_size": 1, "in_channels": 4, "attention_head_dim": 128, "num_attention_heads": 24,
-              "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": False,
-              "axes_dims_rope": (16, 56, 56)}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_memory import flux_config, worker_build  # noqa: E402  (the same random FLUX-width checkpoints)
 
 
 def build_checkpoint(out: Path, n_double: int, n_single: int, conditions: int, text_tokens: int) -> dict:
-    """A random bf16 FLUX-width transformer and an embeddings table of `conditions` random prompts."""
+    """A random bf16 FLUX-width transformer and an embeddings table of `conditions` random prompts. 4 input
+    channels: the embedded model's sampling loop packs 16x16 single-channel latents (64 tokens of 4 channels),
+    and only the blocks' shapes matter for what is read."""
     from diffusers import FluxTransformer2DModel
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        model = FluxTransformer2DModel(**FLUX_WIDTH, num_layers=n_double, num_single_layers=n_single)
-    finally:
-        torch.set_default_dtype(default)
-    model.save_pretrained(out / "model")
+    cfg = dict(flux_config(n_double, n_single, small=False), in_channels=4)
+    worker_build(json.dumps(cfg), str(out / "model"), "0")
     g = torch.Generator().manual_seed(1)
     save_file({"prompt_embeds": torch.randn(conditions, text_tokens, 4096, generator=g),
                "pooled_prompt_embeds": torch.randn(conditions, 768, generator=g)}, str(out / "embeddings.safetensors"))
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**cfg)
     blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
-    block_bytes = sum(p.numel() * p.element_size() for b in blocks for p in b.parameters())
-    return {"params": sum(p.numel() for p in model.parameters()), "block_bytes_bf16": block_bytes}
+    return {"params": sum(p.numel() for p in model.parameters()),
+            "block_bytes_bf16": sum(p.numel() * 2 for b in blocks for p in b.parameters())}
 
 
 def capture_streamed(model_dir: Path, embeddings: Path, store_dir: Path, **calibration) -> dict:
