@@ -150,3 +150,34 @@ def test_siblings_reading_one_tensor_quantize_it_once(monkeypatch):
         layers[0](xi)
         layers[1](xi)
         assert len(calls) == 2
+
+
+@pytest.mark.triton
+def test_unpacked_int8_weight_built_once_and_rebuilt_after_an_update(monkeypatch):
+    from dicompress.kernels import triton_gemm
+    built = []
+    real = triton_gemm.unpacked_weight
+    monkeypatch.setattr(triton_gemm, "unpacked_weight", lambda *a: built.append(1) or real(*a))
+    qweight, scales, aux, eta = quantized("tlq", 4, None, 24, 40)
+    x, xs = reference.quantize_codes(torch.randn(5, 40, generator=torch.Generator().manual_seed(2)), 8)
+    x, xs = x.to(DEV), xs.to(DEV)
+
+    def run():
+        y = triton_gemm.qlinear_triton(x, xs, qweight, scales, aux, eta, None, "tlq", 4, 0, "int8_unpacked",
+                                       torch.float32, blocks=SMALL)
+        ref = reference.qlinear(x.cpu(), xs.cpu(), qweight.cpu(), scales.cpu(), aux.cpu(), eta.cpu(), None, "tlq",
+                                4, 0, "int8_unpacked", torch.float32)
+        torch.testing.assert_close(y.cpu(), ref, rtol=1e-5, atol=1e-5)
+        return y
+
+    run()
+    run()
+    assert len(built) == 1
+    with torch.no_grad():
+        qweight.copy_(qweight.flip(0))                    # new codes in the same buffer: the matrix follows
+    y = run()
+    assert len(built) == 2
+    with torch.no_grad():
+        scales.mul_(2)
+    torch.testing.assert_close(run(), 2 * y, rtol=1e-5, atol=1e-5)
+    assert len(built) == 3

@@ -53,3 +53,18 @@ def test_default_and_sweep_tiles_do_not_spill(aot):
     for r in aot:
         if r["kernel"] == "quantize_act":
             assert r["stack_bytes"] == 0, r
+
+
+def test_unpacked_weight_streams_through_the_copy_pipeline(aot):
+    """Mode int8_unpacked's point: with no decode between load and dot, both operands of every stage arrive by
+    asynchronous copies (the table paths copy the activations alone and store the decoded weight from
+    registers)."""
+    from dicompress.kernels.triton_gemm import _blocks
+    _, aot = aot
+    rows = [r for r in aot if r["kernel"] == "qgemm int8_unpacked"]
+    assert rows
+    for r in rows:
+        stages = dict(_blocks(4096, 0, "int8_unpacked"), **(r["variant"] if isinstance(r["variant"], dict) else {}))
+        assert r["async_copies"] == 2 * stages["num_stages"], r
+    table = next(r for r in aot if r["kernel"] == "qgemm int8" and r["variant"] == "default")
+    assert table["async_copies"] == _blocks(4096, 0, "int8")["num_stages"]

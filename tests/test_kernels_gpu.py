@@ -47,7 +47,7 @@ def test_act_prep_at_flux_widths(k):
     torch.testing.assert_close(steps, ref_steps, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("mode", ["decode", "int8"])
+@pytest.mark.parametrize("mode", ["decode", "int8", "int8_unpacked"])
 @pytest.mark.parametrize("k,n", FLUX_KN)
 def test_qlinear_at_flux_shapes(k, n, mode):
     q = random_layer(k, n)
@@ -60,7 +60,7 @@ def test_qlinear_at_flux_shapes(k, n, mode):
 
 
 @pytest.mark.parametrize("codec,group", [("tlq", 128), ("tlq", 64), ("uniform", 64), ("uniform", None)])
-@pytest.mark.parametrize("mode", ["decode", "int8"])
+@pytest.mark.parametrize("mode", ["decode", "int8", "int8_unpacked"])
 def test_group_scales_and_uniform_codec(codec, group, mode):
     q = random_layer(3072, 3072, codec, group)
     x = torch.randn(M, 3072, device="cuda", dtype=torch.bfloat16)
@@ -69,6 +69,18 @@ def test_group_scales_and_uniform_codec(codec, group, mode):
     w = (q.qweight, q.scales, aux, getattr(q, "eta", None), q.bias, codec, 4, group or 0, mode)
     ref = reference.qlinear(codes, steps, *w, torch.float32)
     assert rel_err(ops.qlinear(codes, steps, *w, torch.bfloat16), ref) < 5e-3
+
+
+@pytest.mark.parametrize("group", [None, 64])
+def test_unpacked_weight_equals_the_table_path(group):
+    """Each mode's default tile on the GPU: int32 sums are exact, so int8_unpacked equals int8 bit for bit."""
+    q = random_layer(3072, 9216, "tlq" if group is None else "uniform", group)
+    x = torch.randn(M, 3072, device="cuda", dtype=torch.bfloat16)
+    codes, steps = ops.quantize_act(x, q.act.smooth, q.act.signs, None, 8)
+    aux = q.grid if group is None else q.zeros
+    w = (q.qweight, q.scales, aux, getattr(q, "eta", None), q.bias, q.codec, 4, group or 0)
+    assert torch.equal(ops.qlinear(codes, steps, *w, "int8", torch.bfloat16),
+                       ops.qlinear(codes, steps, *w, "int8_unpacked", torch.bfloat16))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -95,12 +107,12 @@ def test_torch_compile_on_cuda():
 @pytest.mark.parametrize("kind,i", [(kind, i) for kind, c in TILE_CANDIDATES.items() for i in range(len(c))])
 def test_tile_candidates(kind, i):
     """Every tile tools/bench_kernels.py may pick (both operand orders) computes the same product."""
-    from dicompress.kernels.triton_gemm import _blocks, qlinear_triton
-    mode = "int8" if kind == "int8" else "decode"
+    from dicompress.kernels.triton_gemm import KIND_MODE, _blocks, qlinear_triton
+    mode = KIND_MODE[kind]
     q = random_layer(3072, 3072, seed=i)
     x = torch.randn(M, 3072, device="cuda", dtype=torch.bfloat16)
     codes, steps = ops.quantize_act(x, q.act.smooth, q.act.signs, None, 8)
     w = (q.qweight, q.scales, q.grid, q.eta, q.bias, "tlq", 4, 0, mode)
-    tile = dict(_blocks(M, 0, kind == "int8"), **TILE_CANDIDATES[kind][i])
+    tile = dict(_blocks(M, 0, kind), **TILE_CANDIDATES[kind][i])
     y = qlinear_triton(codes, steps, *w, torch.bfloat16, blocks=tile)
     assert rel_err(y, reference.qlinear(codes, steps, *w, torch.float32)) < 5e-3

@@ -128,8 +128,11 @@ def test_triton_needs_ampere_and_tiles_follow_the_generation(monkeypatch):
     assert [dispatch.triton_supported(d) for d in gpu] == [False, True, True]
     assert not dispatch.triton_supported(torch.device("cpu"))
     # int8 tiles: BLOCK_K 128 spills before Hopper (compiled for sm_86), so 64 there
-    assert _blocks(4096, 0, True, (8, 6))["BLOCK_K"] == 64 and _blocks(4096, 0, True, (9, 0))["BLOCK_K"] == 128
-    assert _blocks(4096, 0, False, (8, 6))["BLOCK_K"] == _blocks(4096, 0, False, (9, 0))["BLOCK_K"] == 64
+    for kind in ("int8", "int8_unpacked"):
+        assert _blocks(4096, 0, kind, (8, 6))["BLOCK_K"] == 64 and _blocks(4096, 0, kind, (9, 0))["BLOCK_K"] == 128
+    assert _blocks(4096, 0, "float", (8, 6))["BLOCK_K"] == _blocks(4096, 0, "float", (9, 0))["BLOCK_K"] == 64
+    with pytest.raises(ValueError, match="GEMM class"):
+        _blocks(4096, 0, True)
 
 
 def test_gemm_mode_switches_to_int8_mapped_weights(monkeypatch):
@@ -143,6 +146,8 @@ def test_gemm_mode_switches_to_int8_mapped_weights(monkeypatch):
         assert torch.equal(q(x), mapped)
         monkeypatch.setenv("DICOMPRESS_GEMM_MODE", "decode")
         assert torch.equal(q(x), exact)
+        with gemm_mode("int8_unpacked"):                  # the same values; only where the GPU keeps them differs
+            assert torch.equal(q(x), mapped)
     w8 = int8_mapped_weight(q.codes(), "tlq", q.scales, q.grid, q.eta, 4, None)
     assert torch.equal(mapped, F.linear(quantize_per_token(x, 8), w8, q.bias))
     assert not torch.equal(mapped, exact) and (mapped - exact).norm() < 0.02 * exact.norm()

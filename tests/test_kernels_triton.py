@@ -77,6 +77,11 @@ GEMM_CASES = [  # (codec, bits, group, M, N, K, a8, mode, dtype, bias)
     ("uniform", 8, None, 19, 33, 100, True, "int8", torch.float32, False),
     ("uniform", 8, None, 19, 33, 100, True, "decode", torch.float16, True),
     ("uniform", 2, None, 19, 33, 100, True, "int8", torch.float32, True),   # 2 bits: the generic unpacking
+    # the int8 weight unpacked once per layer (no table in the kernel)
+    ("tlq", 4, None, 19, 40, 72, True, "int8_unpacked", torch.float32, True),
+    ("tlq", 3, 64, 7, 33, 150, True, "int8_unpacked", torch.float16, False),
+    ("uniform", 4, 64, 7, 33, 100, True, "int8_unpacked", torch.float32, True),
+    ("tlq", 4, None, 5, 33, 72, False, "int8_unpacked", torch.float32, True),
 ]
 
 
@@ -98,11 +103,23 @@ def test_qlinear_matches_reference(codec, bits, group, m, n, k, a8, mode, dtype,
     ref = reference.qlinear(x if a8 else x.float(), xs, *cpu[:4], cpu[4], codec, bits, gs, mode, torch.float32)
     assert y.dtype == dtype and y.shape == (m, n)
     # fp32 sums differ only in order; fp16 enters through decode-mode levels (A8) and fp16 outputs
-    exact = dtype == torch.float32 and (mode == "int8" or not a8)
+    exact = dtype == torch.float32 and (mode.startswith("int8") or not a8)
     tol = 1e-5 if exact else 2e-3
     err = (y.cpu().float() - ref)
     assert err.norm() <= tol * ref.norm()
     assert err.abs().max() <= 4 * tol * ref.abs().max()
+
+
+@pytest.mark.parametrize("codec,bits,group", [("tlq", 4, None), ("tlq", 3, 64), ("uniform", 4, 64)])
+def test_unpacked_int8_weight_gives_the_table_path_bit_for_bit(codec, bits, group):
+    """int8_unpacked only moves the decode out of the kernel: int32 sums are exact and the epilogue is the same,
+    so its outputs equal mode int8's exactly."""
+    from dicompress.kernels.triton_gemm import qlinear_triton
+    qweight, scales, aux, eta = quantized(codec, bits, group, 40, 130, seed=3)
+    x, xs = reference.quantize_codes(torch.randn(9, 130, generator=torch.Generator().manual_seed(3)), 8)
+    args = (x.to(DEV), xs.to(DEV), qweight, scales, aux, eta, None, codec, bits, group or 0)
+    y = {mode: qlinear_triton(*args, mode, torch.float32, blocks=SMALL) for mode in ("int8", "int8_unpacked")}
+    assert torch.equal(y["int8"], y["int8_unpacked"])
 
 
 @pytest.mark.parametrize("rotation", ["hadamard", None])
@@ -134,11 +151,11 @@ def test_fused_layer_matches_module_forward(rotation):
 @pytest.mark.parametrize("kind,i", [(kind, i) for kind, c in TILE_CANDIDATES.items() for i in range(len(c))])
 def test_bench_tile_candidates(kind, i):
     """The full-size tiles tools/bench_kernels.py sweeps on a GPU, at a shape none of them divides."""
-    from dicompress.kernels.triton_gemm import _blocks, qlinear_triton
-    mode = "int8" if kind == "int8" else "decode"
+    from dicompress.kernels.triton_gemm import KIND_MODE, _blocks, qlinear_triton
+    mode = KIND_MODE[kind]
     qweight, scales, aux, eta = quantized("tlq", 4, None, 140, 300, seed=i)
     x, xs = reference.quantize_codes(torch.randn(70, 300, generator=torch.Generator().manual_seed(i)), 8)
-    tile = dict(_blocks(70, 0, kind == "int8"), **TILE_CANDIDATES[kind][i])
+    tile = dict(_blocks(70, 0, kind), **TILE_CANDIDATES[kind][i])
     y = qlinear_triton(x.to(DEV), xs.to(DEV), qweight, scales, aux, eta, None, "tlq", 4, 0, mode, torch.float32,
                        blocks=tile)
     ref = reference.qlinear(x, xs, *(t.cpu() for t in (qweight, scales, aux, eta)), None, "tlq", 4, 0, mode,

@@ -25,14 +25,15 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)      # compiled code, not the interpreter
 
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dicompress.kernels import triton_act, triton_gemm  # noqa: E402
 
-_INTS = ("M", "N", "K", "NB", "n_groups", "stride_am", "stride_qn", "stride_om", "stride_x", "stride_c", "ROW",
-         "BASE")
+_INTS = ("M", "N", "K", "NB", "n_groups", "stride_am", "stride_bn", "stride_qn", "stride_om", "stride_x", "stride_c",
+         "ROW", "BASE")
 _FLOATS = ("norm", "qmax")
 SHAPE = (4096, 3072, 3072)                      # M x K x N the GEMM variants are specialised for
 
@@ -85,7 +86,10 @@ def compile_kernel(fn, pointer_types: dict, constexprs: dict, num_warps: int, nu
             # asynchronous global -> shared copies (prologue and loop): the pipeliner took those loads
             "async_copies": len(re.findall(r"async_copy_global_to_local|async_tma_copy", ttgir)),
             # register -> shared stores (a decoded operand the dot reads from shared memory)
-            "local_allocs": len(re.findall(r"ttg\.local_alloc", ttgir))}
+            "local_allocs": len(re.findall(r"ttg\.local_alloc", ttgir)),
+            # the most wgmma groups left in flight at a wait: 0 = every iteration waits for its MMA to finish
+            "wgmma_in_flight": max(map(int, re.findall(r"warp_group_dot_wait[^{]*\{pendings = (\d+)", ttgir)),
+                                   default=None)}
 
 
 def gemm_variant(kind: str, extra: dict, arch: int, bits: int = 4, group: int = 0, act: str = "i8") -> dict:
@@ -93,15 +97,18 @@ def gemm_variant(kind: str, extra: dict, arch: int, bits: int = 4, group: int = 
     or float; `act` the activation dtype (i8 codes, or bf16 / fp32 for A16); `group` uniform-codec scale
     groups (per-group tables)."""
     m, k, n = SHAPE
-    int_dot = kind == "int8" and act == "i8"
-    cfg = dict(triton_gemm._blocks(m, group, int_dot, (arch // 10, arch % 10)), **extra)
-    lut = "*i8" if int_dot else "*fp16" if act == "i8" else "*fp32"
-    ptrs = {"a_ptr": "*" + act, "a_scale_ptr": "*fp32", "qw_ptr": "*u8", "lut_ptr": lut, "gscale_ptr": "*fp32",
-            "rscale_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16"}
-    const = {"BITS": bits, "GROUP": group, "LUT_GROUPED": bool(group), "A_INT8": act == "i8", "W_INT8": int_dot,
-             "A_FP32": act == "fp32", "HAS_BIAS": True,
+    unpacked = kind == "int8_unpacked"
+    int8_levels = kind != "float"
+    tile_kind = triton_gemm.gemm_kind(act == "i8", triton_gemm.KIND_MODE[kind])
+    cfg = dict(triton_gemm._blocks(m, group, tile_kind, (arch // 10, arch % 10)), **extra)
+    # what qlinear_triton passes: the int8 table (int8 dots), fp16 (codes x decoded levels) or fp32 (A16)
+    lut = "*i8" if int8_levels and (act == "i8" or unpacked) else "*fp16" if act == "i8" else "*fp32"
+    ptrs = {"a_ptr": "*" + act, "a_scale_ptr": "*fp32", "qw_ptr": "*i8" if unpacked else "*u8", "lut_ptr": lut,
+            "gscale_ptr": "*fp32", "rscale_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16"}
+    const = {"BITS": bits, "GROUP": group, "LUT_GROUPED": bool(group) and not unpacked, "A_INT8": act == "i8",
+             "W_INT8": lut == "*i8", "A_FP32": act == "fp32", "HAS_BIAS": True, "W_UNPACKED": unpacked,
              **{key: v for key, v in cfg.items() if key not in ("num_warps", "num_stages")}}
-    packed = (k + 7) // 8 * bits
+    packed = k if unpacked else (k + 7) // 8 * bits
     ints = {"M": m, "N": n, "K": k, "NB": packed, "n_groups": k // group if group else 1, "stride_am": k,
             "stride_qn": packed, "stride_om": n}
     return compile_kernel(triton_gemm._qgemm_kernel, ptrs, const, cfg["num_warps"], cfg["num_stages"], arch, ints)
@@ -110,7 +117,37 @@ def gemm_variant(kind: str, extra: dict, arch: int, bits: int = 4, group: int = 
 # other code paths, compiled to catch what only the GPU compiler refuses (the interpreter runs anything)
 COVERAGE = [("int8", {}, {"bits": 3}), ("float", {}, {"bits": 3}), ("int8", {}, {"bits": 8}),
             ("int8", {}, {"bits": 2}), ("int8", {}, {"group": 64}), ("float", {"REG_LUT": True}, {"group": 128}),
-            ("float", {}, {"act": "bf16"}), ("float", {}, {"act": "fp32"}), ("int8", {}, {"act": "bf16"})]
+            ("float", {}, {"act": "bf16"}), ("float", {}, {"act": "fp32"}), ("int8", {}, {"act": "bf16"}),
+            ("int8_unpacked", {}, {"group": 64}), ("int8_unpacked", {}, {"act": "bf16"})]
+
+
+@triton.jit
+def _plain_matmul(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_bn, stride_om, INT8: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A plain x · Wᵀ with both operands loaded straight into the dot: the reference point for what the
+    compiler makes of a GEMM with nothing decoded in it (not used by the library)."""
+    pid = tl.program_id(0)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    rm = (pid // grid_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = (pid % grid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :]
+    b_ptrs = b_ptr + rn[:, None] * stride_bn + rk[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32 if INT8 else tl.float32)
+    for _ in range(0, tl.cdiv(K, BLOCK_K)):
+        acc = tl.dot(tl.load(a_ptrs), tl.trans(tl.load(b_ptrs)), acc, out_dtype=acc.dtype)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    tl.store(c_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(tl.bfloat16))
+
+
+def plain_variant(int8: bool, arch: int) -> dict:
+    m, k, n = SHAPE
+    dtype = "*i8" if int8 else "*fp16"
+    ptrs = {"a_ptr": dtype, "b_ptr": dtype, "c_ptr": "*bf16"}
+    const = {"INT8": int8, "BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128 if int8 else 64}
+    ints = {"M": m, "N": n, "K": k, "stride_am": k, "stride_bn": k, "stride_om": n}
+    return compile_kernel(_plain_matmul, ptrs, const, 8, 3, arch, ints)
 
 
 def act_variant(k: int, arch: int) -> dict:
@@ -146,6 +183,14 @@ def main():
         rows.append({"kernel": f"qgemm {kind} {' '.join(f'{a}={b}' for a, b in kw.items())}", "variant": extra or
                      "default", "coverage": True, **row})
         print(json.dumps(rows[-1]), flush=True)
+    for int8 in (False, True):
+        try:
+            row = plain_variant(int8, args.arch)
+        except Exception as e:  # noqa: BLE001
+            row = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        rows.append({"kernel": f"plain matmul {'int8' if int8 else 'fp16'} (reference point)",
+                     "variant": "128x256 tile", **row})
+        print(json.dumps(rows[-1]), flush=True)
     for k in (3072, 12288, 15360):
         try:
             row = act_variant(k, args.arch)
@@ -160,14 +205,15 @@ def main():
     out.write_text(json.dumps(res, indent=2) + "\n")
     lines = [f"Triton {triton.__version__}, compiled for sm_{args.arch} without a GPU (static facts, not speeds)", "",
              "| kernel | variant | registers | stack (spill) B | shared B | tensor cores | async copies | "
-             "local allocs |", "|---|---|---|---|---|---|---|---|"]
+             "local allocs | wgmma in flight |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['kernel']} | {json.dumps(r['variant'])} | failed: {r['error'][:60]} | | | | | |")
+            lines.append(f"| {r['kernel']} | {json.dumps(r['variant'])} | failed: {r['error'][:60]} | | | | | | |")
             continue
         tc = "wgmma" if r["wgmma"] else "mma.sync" if r["mma_sync"] else "none"
         lines.append(f"| {r['kernel']} | {json.dumps(r['variant'])} | {r['registers']} | {r['stack_bytes']} | "
-                     f"{r['shared_bytes']} | {tc} | {r['async_copies']} | {r['local_allocs']} |")
+                     f"{r['shared_bytes']} | {tc} | {r['async_copies']} | {r['local_allocs']} | "
+                     f"{'-' if r['wgmma_in_flight'] is None else r['wgmma_in_flight']} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

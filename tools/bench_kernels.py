@@ -3,8 +3,9 @@
     python tools/bench_kernels.py --out bench/kernels.json      # also writes bench/kernels.md
 
 0. Tile sweep: the GEMM alone at 4096x3072x3072 with each of triton_gemm.TILE_CANDIDATES (both operand
-   orders, a few tile sizes) per GEMM class; the fastest of each class is used for the rest of the run and
-   named in the output (`tiles_chosen`, rows `sweep_*` with their `tile`). --skip-sweep keeps the defaults.
+   orders, a few tile sizes) per GEMM class (int8 and fp16 dots on table-decoded codes, int8 dots on the
+   unpacked int8 weight); the fastest of each class is used for the rest of the run and named in the output
+   (`tiles_chosen`, rows `sweep_*` with their `tile`). --skip-sweep keeps the defaults.
 1. Layers at FLUX shapes (M tokens x K in x N out; M = 1024 and 4096, (K, N) the FLUX.1 projections):
    a W4A8 TLQ layer (per-channel scales, smoothing + randomised Hadamard on its input, 8-bit per-token
    activations, random codes and grids: timing does not depend on values) timed as
@@ -12,13 +13,17 @@
      dequant_matmul   the layer's pure-torch reference on the GPU (fake-quant activations, decode, bf16 matmul)
      fused_decode     Triton act prep + GEMM, TLQ levels decoded to fp16, fp16 tensor cores   (path a)
      fused_int8       Triton act prep + GEMM, levels mapped to int8, int8 tensor cores       (path b)
-     gemm_decode / gemm_int8   the GEMM kernel alone (activation codes precomputed)
+     fused_int8_unpacked  path (b) on the int8 weight unpacked once per layer (no table; +1 byte/weight)
+     gemm_<mode>      the GEMM kernel alone (activation codes precomputed)
+     int8_mm_ceiling  torch._int_mm (cuBLAS int8) of the same int8 operands, no scales or bias: what the
+                      hardware's int8 GEMM does at this shape, the ceiling for the int8 paths
    CUDA events around each call, the calls queued back to back after a warmup, median; TFLOPS = 2·M·K·N / time.
    The fused rows include everything a call does on the host (the layer's decode tables are built once and
    cached, kernels/cache.py): a layer-by-layer view of a model's forward, not the kernel alone.
 2. End to end: a stack of random FLUX-width blocks (diffusers FluxTransformer2DModel, hidden 3072 = 24 x 128,
    2 double + 4 single blocks) in bf16, one forward at 1024x1024 (4096 image + 512 text tokens), before and
-   after the project's W4A8 passes (smooth -> ars -> tlq 4 -> act_quant 8, synthetic calibration).
+   after the project's W4A8 passes (smooth -> ars -> tlq 4 -> act_quant 8, synthetic calibration), in each
+   GEMM mode, with the GPU memory each mode's cached per-layer tensors take (`cached_mib`).
 Rows carry `shape` ("MxKxN", or the model name), `ms`, `tflops` and `speedup_vs_bf16`.
 
     python tools/bench_kernels.py --smoke --out /tmp/k.json    # no GPU: every section at toy sizes on the CPU
@@ -48,7 +53,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import dicompress  # noqa: E402
-from dicompress.kernels import gemm_mode, reference  # noqa: E402
+from dicompress.kernels import cache, gemm_mode, reference  # noqa: E402
 from dicompress.kernels.linear import forget_act_codes  # noqa: E402
 from dicompress.nn.act import ActTransform  # noqa: E402
 from dicompress.nn.qlinear import QuantLinear  # noqa: E402
@@ -64,6 +69,7 @@ if SMOKE:                                   # the interpreter has no bfloat16
     SHAPES, TOKENS, SWEEP_SHAPE, DEV, DT = [(256, 256), (256, 384)], (64,), (64, 256, 256), "cpu", torch.float32
     FLUX_WIDTH = dict(FLUX_WIDTH, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=4,
                       joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
+MODES = ("decode", "int8", "int8_unpacked")
 W4A8 = [{"smooth": {"alpha": 0.5}}, {"ars": {"threshold": 1.0}}, {"tlq": {"bits": 4}}, {"act_quant": {"bits": 8}}]
 
 
@@ -144,10 +150,10 @@ def sweep_tiles(m: int, k: int, n: int) -> tuple[list[dict], dict]:
     shape, flops = f"{m}x{k}x{n}", 2.0 * m * k * n
     rows, chosen = [], {}
     for kind, candidates in triton_gemm.TILE_CANDIDATES.items():
-        mode = "int8" if kind == "int8" else "decode"
+        mode = triton_gemm.KIND_MODE[kind]
         best = None
         for extra in candidates:
-            tile = dict(triton_gemm._blocks(m, 0, kind == "int8"), **extra)
+            tile = dict(triton_gemm._blocks(m, 0, kind), **extra)
             call = partial(triton_gemm.qlinear_triton, codes, steps, q.qweight, q.scales, q.grid, q.eta, q.bias,
                            "tlq", 4, 0, mode, DT, blocks=tile)
             try:
@@ -158,7 +164,7 @@ def sweep_tiles(m: int, k: int, n: int) -> tuple[list[dict], dict]:
                 print(f"sweep {mode} {tile}: {type(e).__name__}", flush=True)
                 continue
             rows.append(_row(shape, f"sweep_{mode}", ms, flops, bf16, tile=tile, candidate=extra))
-            print(f"sweep {mode:6s} {ms:8.4f} ms x{bf16 / ms:.2f} vs bf16  {extra or 'default'}", flush=True)
+            print(f"sweep {mode:13s} {ms:8.4f} ms x{bf16 / ms:.2f} vs bf16  {extra or 'default'}", flush=True)
             if best is None or ms < best[0]:
                 best = (ms, extra)
         if best is not None:
@@ -199,7 +205,7 @@ def bench_layers(tokens, shapes) -> list[dict]:
             codes, steps = quantize_act_triton(x, *act_args)
             ref = reference.qlinear(codes, steps, q.qweight, q.scales, q.grid, q.eta, b, "tlq", 4, 0, "decode",
                                     torch.float32)
-            for mode in ("decode", "int8"):
+            for mode in MODES:
                 with gemm_mode(mode):
                     y = q(x)
                     ms = cuda_ms(partial(_fresh_call, q, x))
@@ -209,10 +215,27 @@ def bench_layers(tokens, shapes) -> list[dict]:
                                        mode, DT))
                 rows.append(_row(shape, f"gemm_{mode}", gemm, flops, bf16))
             rows.append(_row(shape, "act_prep", cuda_ms(partial(quantize_act_triton, x, *act_args)), None, bf16))
-            for r in rows[-7:]:
+            ceiling = _int_mm_ms(codes, q)
+            if ceiling is not None:
+                rows.append(_row(shape, "int8_mm_ceiling", ceiling, flops, bf16))
+            for r in rows[-(len(MODES) * 2 + 3 + (ceiling is not None)):]:
                 print(f"{r['shape']:>16s} {r['method']:15s} {r['ms']:9.4f} ms  {r['tflops'] or '-':>8} TFLOPS  "
                       f"x{r['speedup_vs_bf16']:.2f} vs bf16", flush=True)
     return rows
+
+
+def _int_mm_ms(codes: torch.Tensor, q: QuantLinear) -> float | None:
+    """torch._int_mm (cuBLAS int8 GEMM, int32 out) on the layer's activation codes and its unpacked int8
+    weight: no scales, no bias, no activation prep; None where this torch has no int8 GEMM for the device."""
+    from dicompress.kernels.triton_gemm import unpacked_weight
+    w8 = unpacked_weight(q.qweight, q.scales, q.grid, q.eta, "tlq", 4, 0, q.in_features)[0]
+    w8t = w8.t()                                        # [K, N] column-major: the layout cuBLAS wants
+    try:
+        torch._int_mm(codes, w8t)
+    except RuntimeError as e:
+        print(f"int8_mm_ceiling skipped: {e}", flush=True)
+        return None
+    return cuda_ms(partial(torch._int_mm, codes, w8t))
 
 
 def flux_inputs(cfg, image_tokens: int = 4096, text_tokens: int = 512) -> dict:
@@ -249,10 +272,15 @@ def bench_model() -> list[dict]:
                     block_inputs=False, progress=False)
     dicompress.compress(model, W4A8, calibration=store, progress=False)
     quantize_s = round(time.perf_counter() - t, 1)
-    for mode in ("decode", "int8"):
+    for mode in MODES:
+        cache.clear()                                   # each mode's cached per-layer tensors measured alone
+        before = torch.cuda.memory_allocated() if DEV == "cuda" else 0
         with gemm_mode(mode):
+            model(**inputs)
+            cached = (torch.cuda.memory_allocated() - before) / 2**20 if DEV == "cuda" else None
             rows.append(_row(name, f"w4a8_{mode}", cuda_ms(lambda: model(**inputs), warmup=2, iters=5), None, bf16,
-                             quantize_seconds=quantize_s))
+                             quantize_seconds=quantize_s, cached_mib=cached and round(cached, 1)))
+    cache.clear()
     for r in rows:
         print(f"{r['shape']} {r['method']:12s} {r['ms']:9.2f} ms  x{r['speedup_vs_bf16']:.2f} vs bf16", flush=True)
     return rows
@@ -263,10 +291,10 @@ BAR_SHAPE = f"{TOKENS[-1]}x{SHAPES[0][0]}x{SHAPES[0][1]}"      # 4096x3072x3072 
 
 def bars(rows: list[dict]) -> list[dict]:
     """Issue 4's speed bars, read off the rows: the fused W4A8 linear at BAR_SHAPE at least 1.5x bf16 and 2x
-    dequantize-then-matmul (the faster of the two GEMM paths), and the block stack faster than bf16."""
+    dequantize-then-matmul (the fastest of the GEMM modes), and the block stack faster than bf16."""
     ms = {(r["shape"], r["method"]): r["ms"] for r in rows if "ms" in r}
     out = []
-    fused = [(m, ms[(BAR_SHAPE, m)]) for m in ("fused_int8", "fused_decode") if (BAR_SHAPE, m) in ms]
+    fused = [(m, ms[(BAR_SHAPE, m)]) for m in (f"fused_{mode}" for mode in MODES) if (BAR_SHAPE, m) in ms]
     if fused and (BAR_SHAPE, "bf16") in ms:
         method, t = min(fused, key=lambda x: x[1])
         out.append({"bar": f"W4A8 linear {BAR_SHAPE} vs bf16 matmul", "method": method,
@@ -295,6 +323,8 @@ def markdown(res: dict) -> str:
     for r in res["rows"]:
         method = r["method"] + (f" {json.dumps(r['candidate']) if r['candidate'] else 'default'}"
                                 if "candidate" in r else "")
+        if r.get("cached_mib") is not None:
+            method += f" (cached per-layer tensors: {r['cached_mib']} MiB)"
         if "error" in r:
             lines.append(f"| {r['shape']} | {method} | failed: {r['error'][:80]} | | |")
             continue

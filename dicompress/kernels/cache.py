@@ -1,13 +1,13 @@
 """Tensors the Triton wrappers derive from a layer's buffers (decode tables, fp32 smoothing, rotation
 factors), built once and reused while those buffers are unchanged.
 
-Rebuilding them on every call costs 19 (decode) or 39 (int8) small torch ops per linear for a TLQ
-table (counted with a TorchDispatchMode), each a kernel launch on the GPU, and a rotation factor built on
-the host would be a synchronising host-to-device copy on every call. Entries hang off the anchor tensor by identity (weakly: they go when it goes) and are
-stamped with each source tensor's identity, storage pointer and version counter, so an in-place update (a
-load_state_dict copy, a pass rewriting scales) or a move to another device rebuilds them. Inference
-tensors have no version counter: their stamp is the pointer alone (they cannot be changed in place
-outside inference mode).
+Rebuilding them on every call costs 19 (decode) or 39 (int8) small torch ops per linear for a TLQ table
+(counted with a TorchDispatchMode), each a kernel launch on the GPU, and a rotation factor built on the host
+would be a synchronising host-to-device copy on every call. Entries hang off the anchor tensor by identity
+(weakly: they go when it goes) and are stamped with each source tensor's identity, storage pointer and version
+counter, so an in-place update (a load_state_dict copy, a pass rewriting scales) or a move to another device
+rebuilds them. Inference tensors have no version counter: their stamp is the pointer alone (they cannot be
+changed in place outside inference mode).
 """
 from __future__ import annotations
 

@@ -6,6 +6,9 @@
     DICOMPRESS_GEMM_MODE decode (default): the stored levels exactly (fp16 tensor cores on CUDA)
                          int8: levels mapped per row onto an int8 grid, int8 tensor cores with int32
                          accumulation on CUDA (slightly lossy, see tables.int8_grid)
+                         int8_unpacked: int8's values; on CUDA each layer's codes are decoded once into an
+                         int8 weight matrix kept on the GPU (1 byte per weight more memory), which the GEMM
+                         reads with no table, as a plain W8A8 GEMM (the speed-for-memory option)
 
 Both are read at call time, so they can be changed without re-importing; `gemm_mode(...)` overrides the
 mode for a block of code (process-wide; torch.compile guards on it and recompiles for a new mode).
@@ -17,7 +20,8 @@ from contextlib import contextmanager
 from functools import lru_cache
 
 BACKENDS = ("auto", "reference")
-MODES = ("decode", "int8")
+MODES = ("decode", "int8", "int8_unpacked")
+INT8_MODES = ("int8", "int8_unpacked")      # modes computing with the int8-mapped levels
 # gemm_mode's override: a plain process-wide global, not a ContextVar, because torch.compile traces a global
 # read (and guards on its value: a new mode recompiles) but breaks the graph at ContextVar.get, once per linear
 _mode_override: list[str | None] = [None]
@@ -47,8 +51,8 @@ def current_mode() -> str:
 
 @contextmanager
 def gemm_mode(mode: str):
-    """Run the quantized linears inside the block with `mode` ("decode" or "int8"); process-wide while the
-    block runs (threads share it)."""
+    """Run the quantized linears inside the block with `mode` (one of MODES); process-wide while the block
+    runs (threads share it)."""
     before, _mode_override[0] = _mode_override[0], check_mode(mode)
     try:
         yield

@@ -14,6 +14,7 @@ from ..quant.activation import check_act_bits, per_token_step
 from ..quant.codecs import get_codec
 from ..quant.hadamard import apply_hadamard
 from ..quant.packing import unpack_codes
+from .dispatch import INT8_MODES
 from .tables import int8_mapped_weight
 
 AUX_NAME = {"tlq": "grid", "uniform": "zeros"}     # the codec buffer passed to the ops as `aux`
@@ -53,9 +54,10 @@ def dequantize_act(codes: torch.Tensor, steps: torch.Tensor, dtype: torch.dtype)
 
 def decode_weight(qweight: torch.Tensor, in_features: int, codec: str, scales: torch.Tensor, aux: torch.Tensor,
                   eta: torch.Tensor | None, bits: int, group_size: int | None, mode: str) -> torch.Tensor:
-    """The fp32 weight [out, in] a GEMM mode computes with: the codec's exact decode, or its int8 mapping."""
+    """The fp32 weight [out, in] a GEMM mode computes with: the codec's exact decode, or its int8 mapping (both
+    int8 modes: they differ only in where the GPU keeps the mapped weight)."""
     codes = unpack_codes(qweight, bits, in_features)
-    if mode == "int8":
+    if mode in INT8_MODES:
         return int8_mapped_weight(codes, codec, scales, aux, eta, bits, group_size)
     buffers = {"scales": scales, AUX_NAME[codec]: aux} | ({"eta": eta} if codec == "tlq" else {})
     return get_codec(codec).dequantize(codes, buffers, bits, group_size)

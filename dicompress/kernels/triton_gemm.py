@@ -8,6 +8,10 @@ as x · Wᵀ or, with SWAP_AB, as (W · xᵀ)ᵀ (the decoded weight as the left
   activations int8 codes, mode "decode": codes -> fp16 (exact), levels -> fp16, fp32 accumulation
   activations int8 codes, mode "int8":   int8 codes x int8 levels, int32 accumulation
   float activations (A16):               levels cast to x's dtype (fp32 dots in IEEE, no TF32)
+With W_UNPACKED (mode "int8_unpacked") the weight operand is instead an int8 matrix [N, K] of the mapped
+levels, decoded once per layer and cached (kernels/cache.py): no codes, no table, both operands stream into
+shared memory the way a plain int8 GEMM's do (the decode is register work between a load and the dot, which
+keeps the weight operand out of the asynchronous-copy pipeline), for 1 byte per weight of GPU memory.
 Scales: a per-channel scale (and int8 mode's row factor t) is one fp32 multiply per output column in the
 epilogue; group scales (64 / 128) multiply each K-block's partial sum (BLOCK_K divides the group), so the
 dot itself never sees them. The epilogue applies the per-token step, the row scale and the bias in fp32
@@ -20,13 +24,16 @@ int8 activations rounds the levels to fp16 (2^-11 relative), and 16-bit outputs 
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import triton
 import triton.language as tl
 
+from ..quant.packing import unpack_codes
 from .cache import derived
-from .dispatch import capability
-from .tables import int8_grid, signed_levels
+from .dispatch import INT8_MODES, capability
+from .tables import gather_levels, int8_grid, signed_levels
 
 
 @triton.jit
@@ -60,8 +67,8 @@ def _qgemm_kernel(a_ptr, a_scale_ptr, qw_ptr, lut_ptr, gscale_ptr, rscale_ptr, b
                   M, N, K, NB, n_groups, stride_am, stride_qn, stride_om,
                   BITS: tl.constexpr, GROUP: tl.constexpr, LUT_GROUPED: tl.constexpr,
                   A_INT8: tl.constexpr, W_INT8: tl.constexpr, A_FP32: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  SWAP_AB: tl.constexpr, REG_LUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                  W_UNPACKED: tl.constexpr, SWAP_AB: tl.constexpr, REG_LUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # grouped launch order: GROUP_M row-blocks share each weight tile while it is in L2
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -96,20 +103,26 @@ def _qgemm_kernel(a_ptr, a_scale_ptr, qw_ptr, lut_ptr, gscale_ptr, rscale_ptr, b
     # each code is a load from the table in memory (L1-resident: 2^b entries per row). Per-group tables
     # (uniform zero points) change with the K-block.
     levels = tl.arange(0, L)[None, :]
-    if REG_LUT and not LUT_GROUPED:
+    if REG_LUT and not LUT_GROUPED and not W_UNPACKED:
         table = tl.load(lut_rows + levels, mask=n_ok[:, None], other=0)
     a_ptrs = a_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_am + offs_m[:, None] * stride_am + rk[None, :]
+    w_ptrs = qw_base + offs_n[:, None] * stride_qn + rk[None, :]        # W_UNPACKED: the int8 matrix's rows
     for k0 in range(0, K, BLOCK_K):
-        a = tl.load(a_ptrs, mask=m_ok[:, None] & (rk < K - k0)[None, :], other=0)
+        k_ok = (rk < K - k0)[None, :]
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok, other=0)
         a_ptrs += BLOCK_K
-        code = _codes_tile(qw_base, offs_n, n_ok, k0, NB, stride_qn, BITS, BLOCK_K)
-        group_row = lut_rows + (k0 // GROUP) * L if LUT_GROUPED else lut_rows   # BLOCK_K divides GROUP
-        if REG_LUT:
-            if LUT_GROUPED:
-                table = tl.load(group_row + levels, mask=n_ok[:, None], other=0)
-            w = tl.gather(table, code, 1)               # [BLOCK_N, BLOCK_K] levels
+        if W_UNPACKED:                                  # the mapped levels themselves, int8
+            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok, other=0)
+            w_ptrs += BLOCK_K
         else:
-            w = tl.load(group_row + code, mask=n_ok[:, None], other=0)
+            code = _codes_tile(qw_base, offs_n, n_ok, k0, NB, stride_qn, BITS, BLOCK_K)
+            group_row = lut_rows + (k0 // GROUP) * L if LUT_GROUPED else lut_rows   # BLOCK_K divides GROUP
+            if REG_LUT:
+                if LUT_GROUPED:
+                    table = tl.load(group_row + levels, mask=n_ok[:, None], other=0)
+                w = tl.gather(table, code, 1)           # [BLOCK_N, BLOCK_K] levels
+            else:
+                w = tl.load(group_row + code, mask=n_ok[:, None], other=0)
         if INT_DOT:
             pass                                        # int8 x int8, int32 accumulation
         elif A_INT8:
@@ -160,16 +173,29 @@ def weight_tables(codec: str, scales: torch.Tensor, aux: torch.Tensor, eta: torc
     """(table [out, G', 2^bits] fp32 or int8, row scale [out] fp32, group scales [out, G] fp32 or None)."""
     lut = signed_levels(codec, scales, aux, eta, bits)
     row = torch.ones(lut.shape[0], dtype=torch.float32, device=lut.device)
-    if mode == "int8":
+    if mode in INT8_MODES:
         lut, row = int8_grid(lut)
     if group_size:
         return lut.contiguous(), row, scales.float().contiguous()
     return lut.contiguous(), row * scales.float()[:, 0], None
 
 
-# Tile overrides per GEMM class ("int8" for int8 x int8 dots, "float" for the rest), merged over the
-# defaults below when M > 64. Empty in the library; tools/bench_kernels.py fills it with the winner of its
-# tile sweep for the rest of its run, and records the sweep so the defaults can follow the measurements.
+# GEMM classes: "int8" (int8 x int8 dots on table-decoded codes), "float" (fp16 / float dots on decoded
+# levels: mode decode, and A16), "int8_unpacked" (int8 x int8 dots on the unpacked int8 weight). KIND_MODE is
+# the GEMM mode that exercises each with int8 activation codes (the sweep, the tests).
+KIND_MODE = {"int8": "int8", "float": "decode", "int8_unpacked": "int8_unpacked"}
+
+
+def gemm_kind(a8: bool, mode: str) -> str:
+    """The tile class of a call: int8 activation codes in an int8 mode dot in int8; float dots otherwise."""
+    if not a8 or mode not in INT8_MODES:
+        return "float"
+    return mode
+
+
+# Tile overrides per GEMM class, merged over the defaults below when M > 64. Empty in the library;
+# tools/bench_kernels.py fills it with the winner of its tile sweep for the rest of its run, and records the
+# sweep so the defaults can follow the measurements.
 TILE_OVERRIDES: dict[str, dict] = {}
 # What that sweep tries (the first of each is the default); tests/test_kernels_gpu.py checks each one's
 # results, which also puts their compiled kernels in Triton's cache before the bench times them. Each one
@@ -186,57 +212,86 @@ TILE_CANDIDATES: dict[str, list[dict]] = {
               {"BLOCK_K": 32, "num_stages": 4},
               {"num_stages": 4},
               {"BLOCK_M": 64, "num_warps": 4, "num_stages": 4, "SWAP_AB": True}],
+    "int8_unpacked": [{}, {"BLOCK_N": 128},
+                      {"num_stages": 4},
+                      {"BLOCK_K": 64, "num_stages": 5},
+                      {"SWAP_AB": True},
+                      {"BLOCK_M": 256, "BLOCK_N": 128}],
 }
 
 
-def _blocks(m: int, group_size: int, int_dot: bool, capability: tuple[int, int] = (9, 0)) -> dict:
-    """A fixed tile per problem class and GPU generation (no autotuning: compile time counts on a lent GPU).
-    The int8 tile takes BLOCK_K 128 on Hopper and 64 before it: compiled for sm_86/89, 128 spills
+def _blocks(m: int, group_size: int, kind: str, capability: tuple[int, int] = (9, 0)) -> dict:
+    """A fixed tile per GEMM class and GPU generation (no autotuning: compile time counts on a lent GPU).
+    The int8 tiles take BLOCK_K 128 on Hopper and 64 before it: compiled for sm_86/89, 128 spills
     (tools/aot_kernels.py --arch 86)."""
+    if kind not in KIND_MODE:
+        raise ValueError(f"GEMM class {kind!r} is not one of {tuple(KIND_MODE)}")
+    hopper = capability >= (9, 0)
     bm = 128 if m > 64 else max(16, triton.next_power_of_2(m))
-    bk = (128 if capability >= (9, 0) else 64) if int_dot else 64
+    bk = (128 if hopper else 64) if kind != "float" else 64
     cfg = {"BLOCK_M": bm, "BLOCK_N": 128, "BLOCK_K": bk, "GROUP_M": 8, "SWAP_AB": False, "REG_LUT": False,
            "num_warps": 8 if bm >= 128 else 4, "num_stages": 3}
+    if kind == "int8_unpacked" and m > 64 and hopper and not group_size:
+        # a plain int8 GEMM's tile (nothing is decoded in registers); with group scales the second (fp32)
+        # accumulator next to the int32 partial sum spills at 256 columns (tools/aot_kernels.py)
+        cfg["BLOCK_N"] = 256
     if m > 64:
-        cfg.update(TILE_OVERRIDES.get("int8" if int_dot else "float", {}))
+        cfg.update(TILE_OVERRIDES.get(kind, {}))
     if group_size:
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], group_size)
     return cfg
 
 
+def unpacked_weight(qweight, scales, aux, eta, codec, bits, group_size, k):
+    """(int8 weight [N, K] of the int8-mapped levels, row scale [N] fp32, group scales [N, G] fp32 or None):
+    mode int8_unpacked's operands, decoded once per layer (cached by the caller)."""
+    lut, rscale, gscale = weight_tables(codec, scales, aux, eta, bits, group_size, "int8")
+    codes = unpack_codes(qweight, bits, k)
+    return gather_levels(lut, codes, group_size or None).contiguous(), rscale, gscale
+
+
 def qlinear_triton(x, x_scale, qweight, scales, aux, eta, bias, codec, bits, group_size, mode, out_dtype,
                    blocks: dict | None = None):
     """Same contract as reference.qlinear. `blocks` overrides the tile (tests use small ones). The decode
-    tables are built once per layer and mode (kernels/cache.py), not on every call."""
+    tables (and mode int8_unpacked's int8 weight) are built once per layer and mode (kernels/cache.py), not on
+    every call."""
     k = x.shape[-1]
     n = qweight.shape[0]
     lead = x.shape[:-1]
     a = x.reshape(-1, k)
     a = a if a.stride(-1) == 1 else a.contiguous()
     m = a.shape[0]
-    # the table in the dtype the dot consumes: int8 (int8 x int8), fp16 (int8 codes x decoded levels: half
-    # the gathered bytes, the rounding the dot applied anyway), fp32 (float activations: cast to x's dtype)
     a8 = x_scale is not None
-    lut_dtype = (torch.int8 if mode == "int8" else torch.float16) if a8 else torch.float32
+    unpacked = mode == "int8_unpacked"
+    sources = (qweight, scales, aux, eta)
+    if unpacked:
+        w, rscale, gscale = derived(qweight, sources, ("unpacked", codec, bits, group_size, k), partial(
+            unpacked_weight, qweight, scales, aux, eta, codec, bits, group_size, k))
+        lut = w                                         # unused by the kernel
+    else:
+        # the table in the dtype the dot consumes: int8 (int8 x int8), fp16 (int8 codes x decoded levels: half
+        # the gathered bytes, the rounding the dot applied anyway), fp32 (float activations: cast to x's dtype)
+        lut_dtype = (torch.int8 if mode in INT8_MODES else torch.float16) if a8 else torch.float32
 
-    def build():
-        lut, rscale, gscale = weight_tables(codec, scales, aux, eta, bits, group_size, mode)
-        return lut.to(lut_dtype), rscale, gscale
+        def build():
+            lut, rscale, gscale = weight_tables(codec, scales, aux, eta, bits, group_size, mode)
+            return lut.to(lut_dtype), rscale, gscale
 
-    lut, rscale, gscale = derived(scales, (scales, aux, eta), ("qgemm", codec, bits, group_size, mode, lut_dtype),
-                                  build)
-    int_dot = x_scale is not None and mode == "int8"
-    cfg = dict(_blocks(m, group_size, int_dot, capability(x.device)), **(blocks or {}))
+        w = qweight
+        lut, rscale, gscale = derived(scales, (scales, aux, eta), ("qgemm", codec, bits, group_size, mode, lut_dtype),
+                                      build)
+    cfg = dict(_blocks(m, group_size, gemm_kind(a8, mode), capability(x.device)), **(blocks or {}))
     if group_size and group_size % cfg["BLOCK_K"]:
         raise ValueError(f"BLOCK_K={cfg['BLOCK_K']} must divide the group size {group_size}")
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m:
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
         _qgemm_kernel[grid](
-            a, x_scale.reshape(-1) if x_scale is not None else rscale, qweight, lut,
+            a, x_scale.reshape(-1) if a8 else rscale, w, lut,
             gscale if gscale is not None else rscale, rscale, bias if bias is not None else rscale, out,
-            m, n, k, qweight.shape[1], gscale.shape[1] if gscale is not None else 1,
-            a.stride(0), qweight.stride(0), out.stride(0),
-            BITS=bits, GROUP=group_size, LUT_GROUPED=lut.shape[1] > 1, A_INT8=x_scale is not None,
-            W_INT8=lut.dtype == torch.int8, A_FP32=a.dtype == torch.float32, HAS_BIAS=bias is not None, **cfg)
+            m, n, k, w.shape[1], gscale.shape[1] if gscale is not None else 1,
+            a.stride(0), w.stride(0), out.stride(0),
+            BITS=bits, GROUP=group_size, LUT_GROUPED=lut.shape[1] > 1 and not unpacked, A_INT8=a8,
+            W_INT8=lut.dtype == torch.int8, A_FP32=a.dtype == torch.float32, HAS_BIAS=bias is not None,
+            W_UNPACKED=unpacked, **cfg)
     return out.view(*lead, n)
