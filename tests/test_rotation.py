@@ -66,6 +66,17 @@ def test_apply_hadamard_equals_dense_product(n):
     assert torch.allclose(apply_hadamard(x.float(), hadamard_plan(n)), (x @ h).float(), atol=1e-5)
 
 
+def test_large_cpu_inputs_run_in_row_blocks_bit_for_bit(monkeypatch):
+    """Tensors over 2 x _CPU_CHUNK_BYTES run in cache-sized row blocks: the same per-row ops, so the same bits."""
+    from dicompress.quant import hadamard
+    x = torch.randn(3, 70, 384)                                       # 315 KiB; rows in blocks of 2 KiB
+    whole = (apply_hadamard(x), apply_hadamard(x, transpose=True))
+    monkeypatch.setattr(hadamard, "_CPU_CHUNK_BYTES", 2048)
+    assert torch.equal(apply_hadamard(x), whole[0]) and torch.equal(apply_hadamard(x, transpose=True), whole[1])
+    monkeypatch.setattr(hadamard, "_CPU_CHUNK_BYTES", 256)
+    assert torch.equal(apply_hadamard(x[0, 0]), whole[0][0, 0])       # a 1-D input runs whole
+
+
 def test_fwht_equals_sylvester_product():
     for k in range(11):
         n = 1 << k

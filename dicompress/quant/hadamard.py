@@ -176,6 +176,9 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     return _fwht_unnormalised(x) * (1.0 / math.sqrt(n))
 
 
+_CPU_CHUNK_BYTES = 2 << 20
+
+
 def apply_hadamard(x: torch.Tensor, n_or_plan: int | HadamardPlan | None = None,
                    transpose: bool = False) -> torch.Tensor:
     """x @ H_n (or x @ H_nᵀ) along the last dim without building H_n: FWHT on the 2^k factor, dense H_p.
@@ -189,6 +192,12 @@ def apply_hadamard(x: torch.Tensor, n_or_plan: int | HadamardPlan | None = None,
     if plan.n != n:
         raise ValueError(f"apply_hadamard: last dim {n} != planned order {plan.n}")
     lead = x.shape[:-1]
+    if x.device.type == "cpu" and x.numel() * x.element_size() > 2 * _CPU_CHUNK_BYTES and x.dim() > 1:
+        # row blocks that stay in cache through the log2(n) butterfly passes: the same ops per row (bit for
+        # bit), 4-6x faster at FLUX's 12288 / 15360 widths than streaming every pass through memory
+        rows = x.reshape(-1, n)
+        step = max(1, _CPU_CHUNK_BYTES // (n * x.element_size()))
+        return torch.cat([apply_hadamard(c, plan, transpose) for c in rows.split(step)]).reshape(*lead, n)
     y = _fwht_unnormalised(x.reshape(*lead, plan.base, plan.pow2))
     if plan.base > 1:
         hp = _base_matrix(plan.base).to(device=x.device, dtype=x.dtype)
