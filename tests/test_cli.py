@@ -104,7 +104,11 @@ def test_kernels_command_says_what_runs_here(monkeypatch):
 
     from dicompress.cli import main
     res = CliRunner().invoke(main, ["kernels"])
-    assert res.exit_code == 0 and "cpu: pure-torch reference" in res.output and "torch " in res.output
+    assert res.exit_code == 0 and "cpu: mode decode: the pure-torch reference" in res.output and "torch " in res.output
+    assert "torch._int_mm" in res.output
+    monkeypatch.setenv("DICOMPRESS_KERNELS", "reference")
+    res = CliRunner().invoke(main, ["kernels"])
+    assert res.exit_code == 0 and "cpu: pure-torch reference (DICOMPRESS_KERNELS=reference)" in res.output
     monkeypatch.setenv("DICOMPRESS_KERNELS", "fastest")
     res = CliRunner().invoke(main, ["kernels"])
     assert res.exit_code == 2 and "DICOMPRESS_KERNELS='fastest'" in res.output

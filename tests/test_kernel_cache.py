@@ -154,10 +154,10 @@ def test_siblings_reading_one_tensor_quantize_it_once(monkeypatch):
 
 @pytest.mark.triton
 def test_unpacked_int8_weight_built_once_and_rebuilt_after_an_update(monkeypatch):
-    from dicompress.kernels import triton_gemm
+    from dicompress.kernels import int8_mm, triton_gemm
     built = []
-    real = triton_gemm.unpacked_weight
-    monkeypatch.setattr(triton_gemm, "unpacked_weight", lambda *a: built.append(1) or real(*a))
+    real = int8_mm.unpacked_weight
+    monkeypatch.setattr(int8_mm, "unpacked_weight", lambda *a: built.append(1) or real(*a))
     qweight, scales, aux, eta = quantized("tlq", 4, None, 24, 40)
     x, xs = reference.quantize_codes(torch.randn(5, 40, generator=torch.Generator().manual_seed(2)), 8)
     x, xs = x.to(DEV), xs.to(DEV)

@@ -5,9 +5,10 @@ tensor cores on CUDA) vs mapped per row onto an int8 grid, w ≈ t_row · int8 (
 
 Quantizes zoo:tiny-flux-digits with the passes of the W4A8 recipe (recipes/tiny_flux_w4a8.yaml: smooth ->
 ars -> tlq 4-bit per channel -> act_quant 8-bit; calibration from tools/bench_quant.py's capture_calibration,
-the recipe's calibration set), then samples the same student twice, once per GEMM mode (on CPU both run the
-pure-torch reference; mode "int8" computes with the int8-mapped weights in fp32, exactly the values the int8
-kernel multiplies). Reports sample PSNR vs the teacher for each, PSNR of (b) against (a), and the weight
+the recipe's calibration set), then samples the same student twice, once per GEMM mode (on CPU mode
+"decode" runs the pure-torch reference and mode "int8" the int8 GEMM, torch._int_mm on the int8-mapped
+weights with int32 sums, the values and the arithmetic of the GPU's int8 kernel; `seconds`: each mode's
+sampling time, with DICOMPRESS_KERNELS=reference both run the reference). Reports sample PSNR vs the teacher for each, PSNR of (b) against (a), and the weight
 SQNR of the mapping per layer. 100 samples (10 per class) by default, to stay within a few CPU minutes.
 """
 from __future__ import annotations
@@ -61,11 +62,12 @@ def run(args) -> dict:
     dicompress.compress(student, passes, calibration=store, progress=False)
     rows, samples = [], {}
     for mode in ("decode", "int8"):
+        t = time.perf_counter()
         with gemm_mode(mode):
             m, im = evaluate_digits(student, teacher, info.path, teacher_samples=images["teacher"], **common)
         samples[mode] = im["student"]
         rows.append({"mode": mode, "psnr_db": round(m["psnr_db"], 3), "class_acc": m["class_acc"],
-                     "frechet": round(m["frechet"], 4)})
+                     "frechet": round(m["frechet"], 4), "seconds": round(time.perf_counter() - t, 1)})
         print(f"{mode:7s} psnr {m['psnr_db']:.2f} dB  acc {m['class_acc']:.3f}  frechet {m['frechet']:.3f}", flush=True)
     layers = mapping_sqnr(student)
     sq = [r["sqnr_db"] for r in layers]
@@ -86,13 +88,13 @@ def markdown(res: dict) -> str:
     steps = " -> ".join(next(iter(p)) for p in s["passes"])
     lines = [(f"{s['recipe']} ({steps}) on {s['model']}, "
               f"{s['samples']} samples ({s['samples_per_class']} per class)."), "",
-             "| GEMM path | weights | PSNR vs teacher (dB) | class acc (teacher) | Frechet (teacher) |",
-             "|---|---|---|---|---|"]
+             "| GEMM path | weights | PSNR vs teacher (dB) | class acc (teacher) | Frechet (teacher) | sampling s (CPU) |",
+             "|---|---|---|---|---|---|"]
     label = {"decode": "(a) exact TLQ levels (fp16 TC)", "int8": "(b) int8-mapped levels (int8 TC)"}
     t = res["teacher"]
     for r in res["rows"]:
         lines.append(f"| {r['mode']} | {label[r['mode']]} | {r['psnr_db']:.2f} | {r['class_acc']:.3f} "
-                     f"({t['class_acc']:.3f}) | {r['frechet']:.3f} ({t['frechet']:.3f}) |")
+                     f"({t['class_acc']:.3f}) | {r['frechet']:.3f} ({t['frechet']:.3f}) | {r.get('seconds', '-')} |")
     m = res["mapping_sqnr_db"]
     lines += ["", (f"PSNR of (b) samples against (a) samples: {res['psnr_int8_vs_decode_db']:.2f} dB. "
                    f"Weight SQNR of the int8 mapping against the exact decode: mean {m['mean']:.2f} dB, "

@@ -227,7 +227,7 @@ def bench_layers(tokens, shapes) -> list[dict]:
 def _int_mm_ms(codes: torch.Tensor, q: QuantLinear) -> float | None:
     """torch._int_mm (cuBLAS int8 GEMM, int32 out) on the layer's activation codes and its unpacked int8
     weight: no scales, no bias, no activation prep; None where this torch has no int8 GEMM for the device."""
-    from dicompress.kernels.triton_gemm import unpacked_weight
+    from dicompress.kernels.tables import unpacked_weight
     w8 = unpacked_weight(q.qweight, q.scales, q.grid, q.eta, "tlq", 4, 0, q.in_features)[0]
     w8t = w8.t()                                        # [K, N] column-major: the layout cuBLAS wants
     try:

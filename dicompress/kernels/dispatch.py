@@ -1,7 +1,8 @@
 """Which implementation a kernel op runs, and which weight path the quantized GEMM takes.
 
     DICOMPRESS_KERNELS   auto (default): Triton on CUDA tensors of an Ampere or newer GPU, the pure-torch
-                         reference elsewhere (older GPUs too: compiled for sm_75 the int8 GEMM fails)
+                         reference elsewhere (older GPUs too: compiled for sm_75 the int8 GEMM fails), except
+                         the int8 modes on CPU, which run torch._int_mm (int8_mm.py)
                          reference: the reference everywhere (debugging, bit-exact comparisons)
     DICOMPRESS_GEMM_MODE decode (default): the stored levels exactly (fp16 tensor cores on CUDA)
                          int8: levels mapped per row onto an int8 grid, int8 tensor cores with int32
@@ -100,7 +101,10 @@ def describe() -> str:
     lines = [f"torch {torch.__version__}; triton {_triton_version() or 'not installed'}",
              f"DICOMPRESS_KERNELS={os.environ.get('DICOMPRESS_KERNELS', 'auto')} "
              f"DICOMPRESS_GEMM_MODE={os.environ.get('DICOMPRESS_GEMM_MODE', 'decode')} (mode now: {current_mode()})",
-             "cpu: pure-torch reference (decode, then matmul in the input's dtype)"]
+             "cpu: pure-torch reference (DICOMPRESS_KERNELS=reference)" if force_reference() else
+             "cpu: mode decode: the pure-torch reference (decode the weight, then matmul in the input's dtype); "
+             "int8 modes on 8-bit activation codes: torch._int_mm on the unpacked int8 weight (the reference "
+             "for group-scaled layers)"]
     if not torch.cuda.is_available():
         lines.append("cuda: no device visible")
     for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):

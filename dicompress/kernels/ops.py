@@ -1,7 +1,9 @@
 """The kernel ops as torch.library custom ops: one schema each, the pure-torch reference as the default
-implementation (CPU and any device without a kernel), Triton for CUDA (the reference there too when Triton
-is not installed, on GPUs older than Ampere, or with DICOMPRESS_KERNELS=reference), and fake implementations
-(shapes and dtypes only) so torch.compile traces through them.
+implementation (any device without a kernel), Triton for CUDA (the reference there too when Triton is not
+installed, on GPUs older than Ampere, or with DICOMPRESS_KERNELS=reference), on CPU torch._int_mm for
+qlinear in the int8 modes (int8_mm.py; the reference otherwise, and with DICOMPRESS_KERNELS=reference) and
+the reference quantize_act in cache-sized row blocks, and fake implementations (shapes and dtypes only) so
+torch.compile traces through them.
 
     dicompress::quantize_act(x [..., K], smooth?, signs?, rotation?, bits) -> (codes int8 [..., K], steps fp32 [...])
     dicompress::qlinear(x, x_scale?, qweight, scales, aux, eta?, bias?, codec, bits, group_size, mode, out_dtype)
@@ -14,7 +16,7 @@ torch composition when a gradient is needed).
 import torch
 from torch import Tensor
 
-from . import reference
+from . import int8_mm, reference
 from .dispatch import check_mode, force_reference, has_triton, triton_supported
 
 
@@ -42,12 +44,37 @@ def _(x, x_scale, qweight, scales, aux, eta, bias, codec, bits, group_size, mode
     return x.new_empty((*x.shape[:-1], qweight.shape[0]), dtype=out_dtype)
 
 
+CPU_BLOCK_BYTES = 2 << 20
+
+
+@quantize_act.register_kernel("cpu")
+def quantize_act_cpu(x, smooth, signs, rotation, bits):
+    """The reference in row blocks that stay in cache through the transform's and the quantizer's passes
+    (~2x faster at FLUX's 12288 / 15360 widths: tools/bench_cpu.py). Every op is per row, so the blocks
+    give the reference's bits; a dense rotation is a matmul, whose kernel may depend on the row count, so it
+    runs whole."""
+    k = x.shape[-1]
+    step = max(1, CPU_BLOCK_BYTES // max(1, k * x.element_size()))
+    if rotation is not None or x.dim() < 2 or x.numel() <= step * k:
+        return reference.quantize_act(x, smooth, signs, rotation, bits)
+    parts = [reference.quantize_act(rows, smooth, signs, None, bits) for rows in x.reshape(-1, k).split(step)]
+    return torch.cat([c for c, _ in parts]).view(x.shape), torch.cat([s for _, s in parts]).view(x.shape[:-1])
+
+
 @quantize_act.register_kernel("cuda")
 def quantize_act_cuda(x, smooth, signs, rotation, bits):
     if force_reference() or not has_triton() or not triton_supported(x.device):
         return reference.quantize_act(x, smooth, signs, rotation, bits)
     from .triton_act import quantize_act_triton
     return quantize_act_triton(x, smooth, signs, rotation, bits)
+
+
+@qlinear.register_kernel("cpu")
+def qlinear_cpu(x, x_scale, qweight, scales, aux, eta, bias, codec, bits, group_size, mode, out_dtype):
+    args = (x, x_scale, qweight, scales, aux, eta, bias, codec, bits, group_size, check_mode(mode), out_dtype)
+    if not force_reference() and int8_mm.applies(x, x_scale, group_size, mode):
+        return int8_mm.qlinear_int_mm(*args)
+    return reference.qlinear(*args)
 
 
 @qlinear.register_kernel("cuda")

@@ -5,12 +5,16 @@ A weight is w[r, c] = level[r, g', code[r, c]] · scale[r, group(c)]:
   uniform  level = code - zero[r, g]          (g' = the scale group: the zero point is per group)
 `signed_levels` builds that table in fp32 (exactly the values the codecs' dequantize uses), and
 `int8_grid` maps it onto an int8 grid per row, level ≈ t[r] · q (path (b) of the GEMM: int8 tensor cores).
+`weight_tables` gives a GEMM mode's table with its row and group scales, `unpacked_weight` the int8 matrix
+of the mapped levels (mode int8_unpacked, and the CPU's int8 GEMM).
 """
 from __future__ import annotations
 
 import torch
 
+from ..quant.packing import unpack_codes
 from ..quant.tlq import expand_groups, tlq_levels
+from .dispatch import INT8_MODES
 
 INT8_MAX = 127
 
@@ -58,3 +62,23 @@ def int8_mapped_weight(codes: torch.Tensor, codec: str, scales: torch.Tensor, au
     q, t = int8_grid(signed_levels(codec, scales, aux, eta, bits))
     w8 = gather_levels(q, codes, group_size).float()
     return w8 * t[:, None] * expand_groups(scales.float(), codes.shape[1], group_size)
+
+
+def weight_tables(codec: str, scales: torch.Tensor, aux: torch.Tensor, eta: torch.Tensor | None, bits: int,
+                  group_size: int, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(table [out, G', 2^bits] fp32 or int8, row scale [out] fp32, group scales [out, G] fp32 or None)."""
+    lut = signed_levels(codec, scales, aux, eta, bits)
+    row = torch.ones(lut.shape[0], dtype=torch.float32, device=lut.device)
+    if mode in INT8_MODES:
+        lut, row = int8_grid(lut)
+    if group_size:
+        return lut.contiguous(), row, scales.float().contiguous()
+    return lut.contiguous(), row * scales.float()[:, 0], None
+
+
+def unpacked_weight(qweight, scales, aux, eta, codec, bits, group_size, k):
+    """(int8 weight [N, K] of the int8-mapped levels, row scale [N] fp32, group scales [N, G] fp32 or None):
+    the operands of an int8 GEMM on the unpacked weight (cached by the callers: int8_mm.unpacked_operands)."""
+    lut, rscale, gscale = weight_tables(codec, scales, aux, eta, bits, group_size, "int8")
+    codes = unpack_codes(qweight, bits, k)
+    return gather_levels(lut, codes, group_size or None).contiguous(), rscale, gscale

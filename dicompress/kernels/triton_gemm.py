@@ -24,16 +24,14 @@ int8 activations rounds the levels to fp16 (2^-11 relative), and 16-bit outputs 
 """
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import triton
 import triton.language as tl
 
-from ..quant.packing import unpack_codes
 from .cache import derived
 from .dispatch import INT8_MODES, capability
-from .tables import gather_levels, int8_grid, signed_levels
+from .int8_mm import unpacked_operands
+from .tables import weight_tables
 
 
 @triton.jit
@@ -168,18 +166,6 @@ def _qgemm_kernel(a_ptr, a_scale_ptr, qw_ptr, lut_ptr, gscale_ptr, rscale_ptr, b
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-def weight_tables(codec: str, scales: torch.Tensor, aux: torch.Tensor, eta: torch.Tensor | None, bits: int,
-                  group_size: int, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(table [out, G', 2^bits] fp32 or int8, row scale [out] fp32, group scales [out, G] fp32 or None)."""
-    lut = signed_levels(codec, scales, aux, eta, bits)
-    row = torch.ones(lut.shape[0], dtype=torch.float32, device=lut.device)
-    if mode in INT8_MODES:
-        lut, row = int8_grid(lut)
-    if group_size:
-        return lut.contiguous(), row, scales.float().contiguous()
-    return lut.contiguous(), row * scales.float()[:, 0], None
-
-
 # GEMM classes: "int8" (int8 x int8 dots on table-decoded codes), "float" (fp16 / float dots on decoded
 # levels: mode decode, and A16), "int8_unpacked" (int8 x int8 dots on the unpacked int8 weight). KIND_MODE is
 # the GEMM mode that exercises each with int8 activation codes (the sweep, the tests).
@@ -242,14 +228,6 @@ def _blocks(m: int, group_size: int, kind: str, capability: tuple[int, int] = (9
     return cfg
 
 
-def unpacked_weight(qweight, scales, aux, eta, codec, bits, group_size, k):
-    """(int8 weight [N, K] of the int8-mapped levels, row scale [N] fp32, group scales [N, G] fp32 or None):
-    mode int8_unpacked's operands, decoded once per layer (cached by the caller)."""
-    lut, rscale, gscale = weight_tables(codec, scales, aux, eta, bits, group_size, "int8")
-    codes = unpack_codes(qweight, bits, k)
-    return gather_levels(lut, codes, group_size or None).contiguous(), rscale, gscale
-
-
 def qlinear_triton(x, x_scale, qweight, scales, aux, eta, bias, codec, bits, group_size, mode, out_dtype,
                    blocks: dict | None = None):
     """Same contract as reference.qlinear. `blocks` overrides the tile (tests use small ones). The decode
@@ -263,10 +241,8 @@ def qlinear_triton(x, x_scale, qweight, scales, aux, eta, bias, codec, bits, gro
     m = a.shape[0]
     a8 = x_scale is not None
     unpacked = mode == "int8_unpacked"
-    sources = (qweight, scales, aux, eta)
     if unpacked:
-        w, rscale, gscale = derived(qweight, sources, ("unpacked", codec, bits, group_size, k), partial(
-            unpacked_weight, qweight, scales, aux, eta, codec, bits, group_size, k))
+        w, rscale, gscale = unpacked_operands(qweight, scales, aux, eta, codec, bits, group_size, k)
         lut = w                                         # unused by the kernel
     else:
         # the table in the dtype the dot consumes: int8 (int8 x int8), fp16 (int8 codes x decoded levels: half

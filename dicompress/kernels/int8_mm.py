@@ -1,0 +1,43 @@
+"""The int8 GEMM modes without Triton: torch._int_mm (int8 x int8, int32 accumulation) on the layer's int8
+weight, unpacked once and cached, with the per-token step, the row scale and the bias applied in fp32.
+
+This is what CPU tensors run in the int8 modes with int8 activation codes (ops.qlinear's CPU kernel): the
+same mapped levels as the reference, summed exactly in int32 where the reference sums fp32 products, so
+the two differ by fp32 rounding (~1e-7 relative). On this project's CPU (2 cores, AVX-512 VNNI) the int8
+GEMM alone is 5-9x an fp32 matmul at FLUX shapes, and the whole W4A8 layer 3.5-5.4x the fp32 linear where
+the reference, decoding the weight on every call, is 0.55-0.67x (tools/bench_cpu.py, bench/cpu.md). Group
+scales multiply partial sums inside K, which one int GEMM cannot: those layers keep the reference.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from .cache import derived
+from .dispatch import INT8_MODES
+from .tables import unpacked_weight
+
+
+def unpacked_operands(qweight, scales, aux, eta, codec, bits, group_size, k):
+    """(int8 weight [N, K], row scale [N] fp32, group scales [N, G] fp32 or None), built once per layer and
+    kept while the layer's buffers are unchanged (kernels/cache.py); 1 byte per weight."""
+    return derived(qweight, (qweight, scales, aux, eta), ("unpacked", codec, bits, group_size, k),
+                   partial(unpacked_weight, qweight, scales, aux, eta, codec, bits, group_size, k))
+
+
+def applies(x: torch.Tensor, x_scale, group_size: int, mode: str) -> bool:
+    """Whether a qlinear call is one this path computes: int8 activation codes, an int8 mode, per-channel."""
+    return x_scale is not None and x.dtype == torch.int8 and mode in INT8_MODES and not group_size
+
+
+def qlinear_int_mm(x, x_scale, qweight, scales, aux, eta, bias, codec, bits, group_size, mode, out_dtype):
+    """Same contract as reference.qlinear, for the calls `applies` accepts."""
+    k = x.shape[-1]
+    w8, rscale, _ = unpacked_operands(qweight, scales, aux, eta, codec, bits, group_size, k)
+    a = x.reshape(-1, k)
+    acc = torch._int_mm(a, w8.t())                      # [M, N] int32, exact
+    y = acc.float().mul_(x_scale.reshape(-1, 1)).mul_(rscale)
+    if bias is not None:
+        y.add_(bias.float())
+    return y.to(out_dtype).view(*x.shape[:-1], w8.shape[0])
