@@ -74,7 +74,7 @@ def _reference_backend(fn):
 
 
 def row(shape, method, ms, flops, fp32_ms, **extra) -> dict:
-    return {"shape": shape, "method": method, "ms": round(ms, 2),
+    return {"shape": shape, "method": method, "ms": round(ms, 3),
             "gflops": round(flops / ms / 1e6, 1) if flops else None, "speedup_vs_fp32": round(fp32_ms / ms, 3),
             **extra}
 
