@@ -165,6 +165,7 @@ def test_evaluate_digits_teacher_equals_student(tiny_zoo):
     assert metrics["frechet"] == pytest.approx(metrics["frechet_teacher"]) and metrics["frechet"] > 0
     assert metrics["samples"] == 10 and metrics["steps"] == 2
     assert metrics["latency_ms_per_step"] > 0 and metrics["latency_ratio"] > 0
+    assert "latency_ms_per_step_int8" not in metrics                    # no 8-bit activation codes to run
     assert images["student"].shape == images["teacher"].shape == (10, 1, 16, 16)
     assert images["labels"].tolist() == list(range(10))
 
@@ -221,6 +222,11 @@ def _full_report(n_layers: int) -> dict:
 
 
 def test_format_summary_full():
+    assert "GEMM mode int8" not in format_summary(_full_report(3))
+    report = _full_report(3)
+    report["metrics"]["latency_ms_per_step_int8"] = 3.5
+    line = next(line for line in format_summary(report).splitlines() if "GEMM mode int8" in line)
+    assert line.split()[-2:] == ["3.50", "-"]
     text = format_summary(_full_report(50))
     for needle in ("zoo:tiny-flux-digits", "out/tiny", "tlq", "20.10", "inf", "0.950", "0.960", "1.25x",
                    "0.25x", "0.33x", "512.00 KiB", "35 more", "blocks.0.attn.to_q", "blocks.49.attn.to_q"):

@@ -117,3 +117,10 @@ def test_act_prep_in_row_blocks_is_the_reference_bit_for_bit(monkeypatch, rotati
     ref_codes, ref_steps = reference.quantize_act(x, smooth, signs, rot, 8)
     assert codes.shape == x.shape and steps.shape == x.shape[:-1]
     assert torch.equal(codes, ref_codes) and torch.equal(steps, ref_steps)
+
+
+def test_int8_gemm_layers_counts_what_the_int8_modes_run_as_int8_gemms():
+    from test_kernels_reference import layer
+    model = torch.nn.Sequential(layer(act_bits=8), layer(act_bits=4, seed=1), layer(act_bits=16, seed=2),
+                                layer(seed=3), layer("uniform", group=16, act_bits=8, seed=4), torch.nn.Linear(4, 4))
+    assert int8_mm.int8_gemm_layers(model) == 2                     # A8 and A4 per-channel; not A16, A-float, groups

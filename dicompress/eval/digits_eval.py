@@ -1,11 +1,14 @@
 """Quality of a compressed embedded-digits model against its teacher (see DESIGN.md, "how quality is
 measured here"): fidelity (PSNR of samples from the same noise), task quality (class accuracy and a
-Frechet distance in the classifier's feature space), and cost (CPU latency per sampling step)."""
+Frechet distance in the classifier's feature space), and cost (CPU latency per sampling step; for a student
+with 8-bit activation codes also in GEMM mode int8, kernels/int8_mm.py)."""
 from __future__ import annotations
 
 import torch
 from tqdm.auto import tqdm
 
+from ..kernels import gemm_mode
+from ..kernels.int8_mm import int8_gemm_layers
 from ..zoo import load_classifier, load_conditioning
 from ..zoo.digits import load_digits_tensors
 from ..zoo.sampler import DEFAULT_STEPS, sample
@@ -63,12 +66,16 @@ def evaluate_digits(student, teacher, zoo_dir, samples_per_class: int = 20, step
     acc_t, fd_t = _scores(classifier, teacher_samples, labels, real_feats)
     lat_s = latency_ms_per_step(student, conditioning)
     lat_t = latency_ms_per_step(teacher, conditioning)
+    lat_int8 = {}
+    if int8_gemm_layers(student):           # the same student with its A8 linears on the int8 GEMM
+        with gemm_mode("int8"):
+            lat_int8["latency_ms_per_step_int8"] = latency_ms_per_step(student, conditioning)
     metrics = {
         "psnr_db": psnr_db(student_samples, teacher_samples),
         "class_acc": acc_s, "class_acc_teacher": acc_t,
         "frechet": fd_s, "frechet_teacher": fd_t,
         "latency_ms_per_step": lat_s, "latency_ms_per_step_teacher": lat_t,
-        "latency_ratio": lat_s / lat_t,
+        "latency_ratio": lat_s / lat_t, **lat_int8,
         "samples": len(seeds), "steps": steps,
     }
     return metrics, {"teacher": teacher_samples, "student": student_samples, "labels": labels}

@@ -14,6 +14,7 @@ LABELS = {  # column / row names; unknown keys are shown as they are
 METRIC_ROWS = [  # (key, label); `key + "_teacher"` is the teacher column
     ("psnr_db", "PSNR vs teacher dB"), ("class_acc", "class accuracy"), ("frechet", "Frechet distance"),
     ("latency_ms_per_step", "latency ms/step"),
+    ("latency_ms_per_step_int8", "latency ms/step, GEMM mode int8"),
 ]
 METRIC_META = {"samples", "steps", "latency_ratio"}
 

@@ -31,6 +31,15 @@ def applies(x: torch.Tensor, x_scale, group_size: int, mode: str) -> bool:
     return x_scale is not None and x.dtype == torch.int8 and mode in INT8_MODES and not group_size
 
 
+def int8_gemm_layers(model: torch.nn.Module) -> int:
+    """How many of `model`'s quantized linears the int8 modes run as an int8 GEMM (8-bit or narrower
+    activation codes, per-channel scales)."""
+    from .linear import MAX_CODE_BITS
+    from .reference import AUX_NAME
+    return sum(1 for m in model.modules() if getattr(m, "codec", None) in AUX_NAME and not m.group_size
+               and getattr(getattr(m, "act", None), "act_bits", None) is not None and m.act.act_bits <= MAX_CODE_BITS)
+
+
 def qlinear_int_mm(x, x_scale, qweight, scales, aux, eta, bias, codec, bits, group_size, mode, out_dtype):
     """Same contract as reference.qlinear, for the calls `applies` accepts."""
     k = x.shape[-1]
