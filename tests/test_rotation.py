@@ -77,6 +77,24 @@ def test_large_cpu_inputs_run_in_row_blocks_bit_for_bit(monkeypatch):
     assert torch.equal(apply_hadamard(x[0, 0]), whole[0][0, 0])       # a 1-D input runs whole
 
 
+def test_fwht_buffers_give_the_plain_butterflies_bit_for_bit():
+    """_fwht_unnormalised writes each stage into ping-pong buffers; the values are the textbook butterflies'
+    (stack (a + b, a - b) per stage), and the caller's tensor is never written."""
+    from dicompress.quant.hadamard import _fwht_unnormalised
+
+    def butterflies(x):
+        m, lead, h = x.shape[-1], x.shape[:-1], 1
+        while h < m:
+            y = x.reshape(*lead, m // (2 * h), 2, h)
+            x = torch.stack((y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]), dim=-2).reshape(*lead, m)
+            h *= 2
+        return x
+
+    for x in (torch.randn(5, 12, 256), torch.randn(64, 6).t(), torch.randn(8).half(), torch.randn(3, 1)):
+        keep = x.clone()
+        assert torch.equal(_fwht_unnormalised(x), butterflies(x)) and torch.equal(x, keep)
+
+
 def test_fwht_equals_sylvester_product():
     for k in range(11):
         n = 1 << k

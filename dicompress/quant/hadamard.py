@@ -159,13 +159,20 @@ def _fwht_unnormalised(x: torch.Tensor) -> torch.Tensor:
     """x @ S_m along the last dim (m = x.shape[-1] a power of two), by log2(m) butterfly stages."""
     m = x.shape[-1]
     lead = x.shape[:-1]
+    src, dst, spare = x.contiguous(), torch.empty_like(x, memory_format=torch.contiguous_format), None
     h = 1
     while h < m:                                        # pairs (i, i+h) inside blocks of 2h: (a+b, a-b)
-        y = x.reshape(*lead, m // (2 * h), 2, h)
-        a, b = y[..., 0, :], y[..., 1, :]
-        x = torch.stack((a + b, a - b), dim=-2).reshape(*lead, m)
+        y = src.view(*lead, m // (2 * h), 2, h)
+        out = dst.view(*lead, m // (2 * h), 2, h)
+        torch.add(y[..., 0, :], y[..., 1, :], out=out[..., 0, :])   # written in place of a stack of the two:
+        torch.sub(y[..., 0, :], y[..., 1, :], out=out[..., 1, :])   # the same sums, two passes fewer
+        if spare is None:                               # never write into the caller's x: a second buffer
+            spare = torch.empty_like(dst)
+            src, dst = dst, spare
+        else:
+            src, dst = dst, src
         h *= 2
-    return x
+    return src
 
 
 def fwht(x: torch.Tensor) -> torch.Tensor:
