@@ -4,8 +4,8 @@ weight, unpacked once and cached, with the per-token step, the row scale and the
 This is what CPU tensors run in the int8 modes with int8 activation codes (ops.qlinear's CPU kernel): the
 same mapped levels as the reference, summed exactly in int32 where the reference sums fp32 products, so
 the two differ by fp32 rounding (~1e-7 relative). On this project's CPU (2 cores, AVX-512 VNNI) the int8
-GEMM alone is 5-9x an fp32 matmul at FLUX shapes, and the whole W4A8 layer 3.5-5.4x the fp32 linear where
-the reference, decoding the weight on every call, is 0.55-0.67x (tools/bench_cpu.py, bench/cpu.md). Group
+GEMM alone is 5-9x an fp32 matmul at FLUX shapes, and the whole W4A8 layer about 4-5x the fp32 linear where
+the reference, decoding the weight on every call, is about 0.6x (tools/bench_cpu.py, bench/cpu.md). Group
 scales multiply partial sums inside K, which one int GEMM cannot: those layers keep the reference.
 """
 from __future__ import annotations
