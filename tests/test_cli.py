@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
@@ -106,6 +107,7 @@ def test_kernels_command_says_what_runs_here(monkeypatch):
     res = CliRunner().invoke(main, ["kernels"])
     assert res.exit_code == 0 and "cpu: mode decode: the pure-torch reference" in res.output and "torch " in res.output
     assert "torch._int_mm" in res.output
+    assert ("hint: on this CPU, DICOMPRESS_GEMM_MODE=int8" in res.output) != torch.cuda.is_available()
     monkeypatch.setenv("DICOMPRESS_KERNELS", "reference")
     res = CliRunner().invoke(main, ["kernels"])
     assert res.exit_code == 0 and "cpu: pure-torch reference (DICOMPRESS_KERNELS=reference)" in res.output
