@@ -121,8 +121,8 @@ def describe() -> str:
         lines.append(f"cuda:{i} {torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]}): {why}")
     if not torch.cuda.is_available() and not force_reference() and current_mode() == "decode":
         lines.append("hint: on this CPU, DICOMPRESS_GEMM_MODE=int8 runs the linears of models with 8-bit activation "
-                     "codes (W4A8) on an int8 GEMM: 7x mode decode's reference per layer, 5x on FLUX-width blocks, at equal "
-                     "measured quality (README, Kernels: On CPU)")
+                     "codes (W4A8) on an int8 GEMM: 7x mode decode's reference per layer, 5x on FLUX-width blocks, "
+                     "at equal measured quality (README, Kernels: On CPU)")
     return "\n".join(lines)
 
 
