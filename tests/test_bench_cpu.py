@@ -17,8 +17,9 @@ def test_bench_cpu_rows_at_toy_sizes(monkeypatch):
                                                   axes_dims_rope=(4, 6, 6)))
     rows = bc.bench_layers(8, 1) + bc.bench_stack(16, 1)
     methods = [r["method"] for r in rows]
-    assert methods[:6] == ["fp32", "reference_decode", "reference_int8", "int8_mm", "int8_mm_gemm", "act_prep"]
-    assert methods[-3:] == ["fp32", "w4a8_decode", "w4a8_int8"] and len(rows) == 15
+    assert methods[:7] == ["fp32", "reference_decode", "reference_int8", "int8_mm", "int8_mm_gemm", "act_prep",
+                           "act_prep_whole"]
+    assert methods[-3:] == ["fp32", "w4a8_decode", "w4a8_int8"] and len(rows) == 17
     for r in rows:
         assert r["ms"] > 0 and r["speedup_vs_fp32"] > 0
         if r["method"] in ("reference_int8", "int8_mm"):

@@ -233,13 +233,13 @@ def test_format_summary_full():
         assert needle in text, needle
     assert "blocks.20.attn.to_q" not in text            # middle rows elided
     lines = text.splitlines()
-    worst = next(i for i, l in enumerate(lines) if "blocks.0.attn" in l)
+    worst = next(i for i, line in enumerate(lines) if "blocks.0.attn" in line)
     assert "blocks.1.attn" in lines[worst + 1]          # sorted by SQNR, worst first
-    quality = next(l for l in lines if "class accuracy" in l)
+    quality = next(line for line in lines if "class accuracy" in line)
     assert quality.split()[-2:] == ["0.950", "0.960"]   # student beside teacher
     # fixed-width: the rows of the layer table have one length
-    table = [l for l in lines if "attn.to_q" in l]
-    assert len({len(l) for l in table}) == 1
+    table = [line for line in lines if "attn.to_q" in line]
+    assert len({len(line) for line in table}) == 1
 
 
 def test_format_summary_short_and_empty():

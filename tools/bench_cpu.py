@@ -11,7 +11,8 @@
      reference_int8   mode int8 forced onto the reference (DICOMPRESS_KERNELS=reference)
      int8_mm          mode int8: act prep, torch._int_mm on the cached unpacked int8 weight, fp32 epilogue
      int8_mm_gemm     its GEMM alone (activation codes precomputed); act_prep: the CPU activation prep
-                      alone (the reference in row blocks, kernels/ops.py)
+                      alone (the reference in row blocks, kernels/ops.py); act_prep_whole: the reference
+                      on the whole tensor at once (the same bits)
    with rel_err of each against reference_decode's output (the int8 rows: the mapping's error).
 2. End to end: a FLUX-width stack (diffusers FluxTransformer2DModel, hidden 3072, 1 double + 1 single block)
    in fp32, one forward at --tokens image + 256 text tokens, before and after the W4A8 passes (synthetic
@@ -38,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_kernels as bk  # noqa: E402  (its layer builder, FLUX inputs and W4A8 passes, run on the CPU)
 
 import dicompress  # noqa: E402
-from dicompress.kernels import cache, gemm_mode, int8_mm, ops  # noqa: E402
+from dicompress.kernels import cache, gemm_mode, int8_mm, ops, reference  # noqa: E402
 from dicompress.kernels.linear import forget_act_codes  # noqa: E402
 
 bk.DEV, bk.DT = "cpu", torch.float32
@@ -108,8 +109,10 @@ def bench_layers(tokens: int, repeats: int) -> list[dict]:
                        "int8", torch.float32)
         rows.append(row(shape, "int8_mm_gemm", wall_ms(gemm, repeats), flops, fp32))
         rows.append(row(shape, "act_prep", wall_ms(partial(ops.quantize_act, x, *act), repeats), None, fp32))
+        rows.append(row(shape, "act_prep_whole", wall_ms(partial(reference.quantize_act, x, *act), repeats), None,
+                        fp32))
         cache.clear()
-        for r in rows[-6:]:
+        for r in rows[-7:]:
             print(f"{r['shape']:>16s} {r['method']:17s} {r['ms']:9.2f} ms  x{r['speedup_vs_fp32']:.2f} vs fp32"
                   + (f"  rel_err {r['rel_err']}" if "rel_err" in r else ""), flush=True)
     return rows

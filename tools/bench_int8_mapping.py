@@ -8,8 +8,9 @@ ars -> tlq 4-bit per channel -> act_quant 8-bit; calibration from tools/bench_qu
 the recipe's calibration set), then samples the same student twice, once per GEMM mode (on CPU mode
 "decode" runs the pure-torch reference and mode "int8" the int8 GEMM, torch._int_mm on the int8-mapped
 weights with int32 sums, the values and the arithmetic of the GPU's int8 kernel; `seconds`: each mode's
-sampling time, with DICOMPRESS_KERNELS=reference both run the reference). Reports sample PSNR vs the teacher for each, PSNR of (b) against (a), and the weight
-SQNR of the mapping per layer. 100 samples (10 per class) by default, to stay within a few CPU minutes.
+sampling time, with DICOMPRESS_KERNELS=reference both run the reference). Reports sample PSNR vs the
+teacher for each, PSNR of (b) against (a), and the weight SQNR of the mapping per layer. 100 samples (10 per
+class) by default, to stay within a few CPU minutes.
 """
 from __future__ import annotations
 
@@ -88,7 +89,8 @@ def markdown(res: dict) -> str:
     steps = " -> ".join(next(iter(p)) for p in s["passes"])
     lines = [(f"{s['recipe']} ({steps}) on {s['model']}, "
               f"{s['samples']} samples ({s['samples_per_class']} per class)."), "",
-             "| GEMM path | weights | PSNR vs teacher (dB) | class acc (teacher) | Frechet (teacher) | sampling s (CPU) |",
+             "| GEMM path | weights | PSNR vs teacher (dB) | class acc (teacher) | Frechet (teacher) "
+             "| sampling s (CPU) |",
              "|---|---|---|---|---|---|"]
     label = {"decode": "(a) exact TLQ levels (fp16 TC)", "int8": "(b) int8-mapped levels (int8 TC)"}
     t = res["teacher"]

@@ -50,9 +50,9 @@ CPU_BLOCK_BYTES = 2 << 20
 @quantize_act.register_kernel("cpu")
 def quantize_act_cpu(x, smooth, signs, rotation, bits):
     """The reference in row blocks that stay in cache through the transform's and the quantizer's passes
-    (~2x faster at FLUX's 12288 / 15360 widths: tools/bench_cpu.py). Every op is per row, so the blocks
-    give the reference's bits; a dense rotation is a matmul, whose kernel may depend on the row count, so it
-    runs whole."""
+    (tools/bench_cpu.py: rows act_prep vs act_prep_whole). Every op is per row, so the blocks give the
+    reference's bits; a dense rotation is a matmul, whose kernel may depend on the row count, so it runs
+    whole."""
     k = x.shape[-1]
     step = max(1, CPU_BLOCK_BYTES // max(1, k * x.element_size()))
     if rotation is not None or x.dim() < 2 or x.numel() <= step * k:
