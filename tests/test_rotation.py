@@ -93,6 +93,11 @@ def test_fwht_buffers_give_the_plain_butterflies_bit_for_bit():
     for x in (torch.randn(5, 12, 256), torch.randn(64, 6).t(), torch.randn(8).half(), torch.randn(3, 1)):
         keep = x.clone()
         assert torch.equal(_fwht_unnormalised(x), butterflies(x)) and torch.equal(x, keep)
+    x = torch.randn(4, 12, 64, requires_grad=True)                  # with autograd: the same values, a gradient
+    y = _fwht_unnormalised(x)
+    y.square().sum().backward()
+    assert torch.equal(y.detach(), butterflies(x.detach()))
+    torch.testing.assert_close(x.grad, 2 * 64 * x.detach(), rtol=1e-4, atol=1e-3)   # S·Sᵀ = 64 I
 
 
 def test_fwht_equals_sylvester_product():

@@ -159,6 +159,13 @@ def _fwht_unnormalised(x: torch.Tensor) -> torch.Tensor:
     """x @ S_m along the last dim (m = x.shape[-1] a power of two), by log2(m) butterfly stages."""
     m = x.shape[-1]
     lead = x.shape[:-1]
+    if torch.is_grad_enabled() and x.requires_grad:     # out= has no autograd: stack the stages (same sums)
+        h = 1
+        while h < m:
+            y = x.reshape(*lead, m // (2 * h), 2, h)
+            x = torch.stack((y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]), dim=-2).reshape(*lead, m)
+            h *= 2
+        return x
     src, dst, spare = x.contiguous(), torch.empty_like(x, memory_format=torch.contiguous_format), None
     h = 1
     while h < m:                                        # pairs (i, i+h) inside blocks of 2h: (a+b, a-b)
