@@ -134,9 +134,10 @@ def bench_stack(image_tokens: int, repeats: int) -> list[dict]:
     rows = [row(name, "fp32", fp32, None, fp32)]
     t = time.perf_counter()
     cal = CalibrationConfig(source="synthetic", seeds=[0], steps=2, batch_size=1)
-    store = capture(model, adapter_for(model), cal, {"name": name}, Path(tempfile.mkdtemp(prefix="dicompress-cpu-")),
-                    block_inputs=False, progress=False)
-    dicompress.compress(model, bk.W4A8, calibration=store, progress=False)
+    with tempfile.TemporaryDirectory(prefix="dicompress-cpu-") as work:     # the calibration store goes with it
+        store = capture(model, adapter_for(model), cal, {"name": name}, Path(work), block_inputs=False,
+                        progress=False)
+        dicompress.compress(model, bk.W4A8, calibration=store, progress=False)
     quantize_s = round(time.perf_counter() - t, 1)
     for mode in ("decode", "int8"):
         with gemm_mode(mode):

@@ -268,9 +268,10 @@ def bench_model() -> list[dict]:
     rows = [_row(name, "bf16", bf16, None, bf16)]
     t = time.perf_counter()
     cal = CalibrationConfig(source="synthetic", seeds=[0], steps=2, batch_size=1)
-    store = capture(model, adapter_for(model), cal, {"name": name}, Path(tempfile.mkdtemp(prefix="dicompress-kb-")),
-                    block_inputs=False, progress=False)
-    dicompress.compress(model, W4A8, calibration=store, progress=False)
+    with tempfile.TemporaryDirectory(prefix="dicompress-kb-") as work:     # the calibration store goes with it
+        store = capture(model, adapter_for(model), cal, {"name": name}, Path(work), block_inputs=False,
+                        progress=False)
+        dicompress.compress(model, W4A8, calibration=store, progress=False)
     quantize_s = round(time.perf_counter() - t, 1)
     for mode in MODES:
         cache.clear()                                   # each mode's cached per-layer tensors measured alone
