@@ -11,7 +11,9 @@ Random weights and synthetic inputs say nothing about quality; this shows plumbi
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -32,7 +34,8 @@ MODELS = {
                             num_attention_heads=3, joint_attention_dim=16, axes_dims_rope=(8, 4, 4)), 16),
     "qwenimage-width-1block": ("QwenImageTransformer2DModel",
                                dict(patch_size=2, in_channels=64, out_channels=16, num_layers=1, attention_head_dim=128,
-                                    num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56)), 128),
+                                    num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56)),
+                               128),
     "flux-width-1d1s": ("FluxTransformer2DModel",
                         dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
                              num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
@@ -46,6 +49,7 @@ def run_one(name: str, cls_name: str, cfg: dict, block: int, smooth: bool) -> di
     model = getattr(diffusers, cls_name)(**cfg).eval()
     cal = CalibrationConfig(source="synthetic", seeds=[0], steps=4, batch_size=2)
     root = Path(tempfile.mkdtemp(prefix="dicompress-ars-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)      # the store is read until the bench ends
     t = time.perf_counter()
     store = capture(model, adapter_for(model), cal, {"name": name}, root, block_inputs=False, progress=False)
     passes = ([{"smooth": {"alpha": 0.5}}] if smooth else []) + [{"ars": {"threshold": 1.0, "block": block}}]
@@ -66,7 +70,8 @@ def main():
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"results": results, "command": "python " + " ".join(sys.argv)}, indent=2) + "\n")
-    lines = ["| model | smoothing first | layers | J range | transforms chosen | seconds |", "|---|---|---|---|---|---|"]
+    lines = ["| model | smoothing first | layers | J range | transforms chosen | seconds |",
+             "|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['model']} | {'yes' if r['smooth'] else 'no'} | {r['layers']} | "
                      f"{r['J_min']:.3g} .. {r['J_max']:.3g} | "

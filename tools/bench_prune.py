@@ -17,8 +17,10 @@ time per sampling step, alternated in this run), distill_seconds.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -68,6 +70,7 @@ def run(args) -> dict:
     shown = str(calibration.relative_to(ROOT)) if calibration.is_relative_to(ROOT) else str(calibration)
     cfg = CalibrationConfig(**yaml.safe_load(calibration.read_text()))
     root = Path(tempfile.mkdtemp(prefix="dicompress-bench-prune-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)      # the store is read until the bench ends
     store = capture(teacher, adapter_for(teacher), cfg, {"name": info.name, "path": info.path}, root,
                     block_inputs=True, progress=False)
     refs = adapter_for(teacher).blocks(teacher)

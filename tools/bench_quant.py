@@ -2,17 +2,20 @@
 
     python tools/bench_quant.py --out bench/quant.json      # also writes bench/quant.md
 
-Rows: one per method and setting (GPTQ rows use the calibration's block inputs), with sample PSNR vs the teacher (same noise and class), class
-accuracy, Frechet distance of classifier features, and bytes. Model bytes count every tensor that is
-not quantized at bf16 (the deployment dtype) and quantized linears at their packed size.
+Rows: one per method and setting (GPTQ rows use the calibration's block inputs), with sample PSNR vs the
+teacher (same noise and class), class accuracy, Frechet distance of classifier features, and bytes. Model
+bytes count every tensor that is not quantized at bf16 (the deployment dtype) and quantized linears at their
+packed size.
 A second section reports TLQ's weight SQNR on synthetic Gaussian / Laplacian matrices beside the
 Lloyd-Max and uniform limits.
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,9 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def capture_calibration(info, teacher):
     """The calibration store of calibration/digits_10x2.yaml, captured on the teacher (cached)."""
     import tempfile
+
     from dicompress.calib import capture
     cfg = CalibrationConfig(**yaml.safe_load((ROOT / "calibration/digits_10x2.yaml").read_text()))
     root = Path(tempfile.mkdtemp(prefix="dicompress-bench-calib-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)      # the store is read until the bench ends
     return capture(teacher, adapter_for(teacher), cfg, {"name": info.name, "path": info.path}, root,
                    block_inputs=True, progress=False)   # block inputs: GPTQ's Hessians
 
@@ -88,7 +93,8 @@ def run(args) -> dict:
         partial = Path(args.out).with_suffix(".partial.json")   # a crash late in the run keeps the rows so far
         partial.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
-        print(f"{method:12s} w{w_bits}a{a_bits or 16:<2} {gran:9s} psnr {row['psnr_db']:6.2f} dB  acc {row['class_acc']:.3f} "
+        print(f"{method:12s} w{w_bits}a{a_bits or 16:<2} {gran:9s} psnr {row['psnr_db']:6.2f} dB  "
+              f"acc {row['class_acc']:.3f} "
               f"(teacher {row['class_acc_teacher']:.3f})  frechet {row['frechet']:.3f}  "
               f"q-bytes {row['ratio_quantized_linears']:.3f}x bf16", flush=True)
 
@@ -133,6 +139,7 @@ def run(args) -> dict:
         add(method, w_bits, "channel", student, q_bytes, q_bf16, secs, extra, a_bits=a_bits)
 
     from peers import apply_bnb_nf4, apply_quanto_w4a8, apply_sdnq  # noqa: E402  (tools/peers.py)
+
     from dicompress.zoo import load_conditioning  # noqa: E402
     from dicompress.zoo.sampler import sample  # noqa: E402
     cond = load_conditioning(info.path)

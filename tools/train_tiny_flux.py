@@ -44,7 +44,9 @@ def train_classifier(seed: int, epochs: int = 60):
             # Light noise so the classifier is not brittle on slightly imperfect generated digits.
             x = xtr[b] + 0.1 * torch.randn_like(xtr[b])
             loss = F.cross_entropy(clf(x), ytr[b])
-            opt.zero_grad(); loss.backward(); opt.step()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     clf.eval()
     with torch.no_grad():
         acc = (clf(xte).argmax(1) == yte).float().mean().item()
@@ -80,12 +82,14 @@ def train_dit(steps: int, batch: int, lr: float, seed: int, ema_decay: float, lo
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step(); sched.step()
+        opt.step()
+        sched.step()
         d = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - d)
-            ema_txt.lerp_(cond_txt, 1 - d); ema_pool.lerp_(cond_pool, 1 - d)
+            ema_txt.lerp_(cond_txt, 1 - d)
+            ema_pool.lerp_(cond_pool, 1 - d)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % log_every == 0 or step == steps - 1:
             el = time.time() - t0
