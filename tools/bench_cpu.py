@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -40,38 +38,14 @@ import bench_kernels as bk  # noqa: E402  (its layer builder, FLUX inputs and W4
 
 import dicompress  # noqa: E402
 from dicompress.kernels import cache, gemm_mode, int8_mm, ops, reference  # noqa: E402
-from dicompress.kernels.linear import forget_act_codes  # noqa: E402
 
 bk.DEV, bk.DT = "cpu", torch.float32
 SHAPES = bk.SHAPES
+fresh = bk._fresh_call            # q(x) with its own activation quantization (no codes kept from a sibling)
 
 
 def wall_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
-
-def _fresh(q, x):
-    forget_act_codes()                  # each call quantizes its activations (no sibling sharing here)
-    return q(x)
-
-
-def _reference_backend(fn):
-    """fn() with DICOMPRESS_KERNELS=reference for its duration."""
-    before = os.environ.get("DICOMPRESS_KERNELS")
-    os.environ["DICOMPRESS_KERNELS"] = "reference"
-    try:
-        return fn()
-    finally:
-        if before is None:
-            del os.environ["DICOMPRESS_KERNELS"]
-        else:
-            os.environ["DICOMPRESS_KERNELS"] = before
+    return bk._wall_ms(fn, 1, repeats)
 
 
 def row(shape, method, ms, flops, fp32_ms, **extra) -> dict:
@@ -90,19 +64,22 @@ def bench_layers(tokens: int, repeats: int) -> list[dict]:
         shape, flops = f"{tokens}x{k}x{n}", 2.0 * tokens * k * n
         fp32 = wall_ms(partial(F.linear, x, w, q.bias), repeats)
         rows.append(row(shape, "fp32", fp32, flops, fp32))
-        ref = _reference_backend(lambda: _fresh(q, x))
+        with bk.reference_backend():
+            ref = fresh(q, x)
 
         def err(y):
             return round(float((y - ref).norm() / ref.norm()), 6)
 
-        ms = _reference_backend(lambda: wall_ms(partial(_fresh, q, x), repeats))
+        with bk.reference_backend():
+            ms = wall_ms(partial(fresh, q, x), repeats)
         rows.append(row(shape, "reference_decode", ms, flops, fp32, rel_err=0.0))
         with gemm_mode("int8"):
-            y = _reference_backend(lambda: _fresh(q, x))
-            ms = _reference_backend(lambda: wall_ms(partial(_fresh, q, x), repeats))
+            with bk.reference_backend():
+                y = fresh(q, x)
+                ms = wall_ms(partial(fresh, q, x), repeats)
             rows.append(row(shape, "reference_int8", ms, flops, fp32, rel_err=err(y)))
-            y = _fresh(q, x)
-            rows.append(row(shape, "int8_mm", wall_ms(partial(_fresh, q, x), repeats), flops, fp32, rel_err=err(y)))
+            y = fresh(q, x)
+            rows.append(row(shape, "int8_mm", wall_ms(partial(fresh, q, x), repeats), flops, fp32, rel_err=err(y)))
         act = (q.act.smooth, q.act.signs, None, 8)
         codes, steps = ops.quantize_act(x, *act)
         gemm = partial(int8_mm.qlinear_int_mm, codes, steps, q.qweight, q.scales, q.grid, q.eta, q.bias, "tlq", 4, 0,

@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 import traceback
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -124,17 +125,24 @@ def _row(shape: str, method: str, ms: float, flops: float | None, bf16_ms: float
             "speedup_vs_bf16": round(bf16_ms / ms, 3), **extra}
 
 
-def _reference_ms(q: QuantLinear, x: torch.Tensor) -> float:
-    """The layer's time on the pure-torch reference path (DICOMPRESS_KERNELS=reference for the call)."""
+@contextmanager
+def reference_backend():
+    """DICOMPRESS_KERNELS=reference inside the block (the ops read it at call time)."""
     before = os.environ.get("DICOMPRESS_KERNELS")
     os.environ["DICOMPRESS_KERNELS"] = "reference"
     try:
-        return cuda_ms(partial(_fresh_call, q, x))
+        yield
     finally:
         if before is None:
             del os.environ["DICOMPRESS_KERNELS"]
         else:
             os.environ["DICOMPRESS_KERNELS"] = before
+
+
+def _reference_ms(q: QuantLinear, x: torch.Tensor) -> float:
+    """The layer's time on the pure-torch reference path."""
+    with reference_backend():
+        return cuda_ms(partial(_fresh_call, q, x))
 
 
 @torch.no_grad()
