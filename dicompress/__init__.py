@@ -5,14 +5,14 @@
     dicompress.save(state, "out/my_model")                 # loads back with diffusers' from_pretrained
     report = dicompress.run("recipes/tiny_flux_w4.yaml")   # a whole recipe, end to end
 """
-__version__ = "0.1.0"
-
-from .arch import register_arch  # noqa: E402
-from .errors import ArtifactError, CalibrationError, DicompressError, DistillError, ModelError, RecipeError  # noqa: E402
-from .io import load, register_manifest_op, register_with_diffusers, verify_artifact  # noqa: E402
-from .passes import ARS, RTN, TLQ, ActQuant, Pass, PassConfig, Smooth, register_pass  # noqa: E402
-from .pipeline import compress, run  # noqa: E402
-from .recipe import Recipe, load_recipe  # noqa: E402
+from .arch import register_arch
+from .errors import ArtifactError, CalibrationError, DicompressError, DistillError, ModelError, RecipeError
+from .io import load, register_manifest_op, register_with_diffusers, verify_artifact, write_artifact
+from .io.storage import round_parameters
+from .passes import ARS, RTN, TLQ, ActQuant, Pass, PassConfig, Smooth, register_pass
+from .pipeline import compress, run
+from .recipe import Recipe, load_recipe
+from .version import __version__
 
 register_with_diffusers()
 
@@ -22,9 +22,7 @@ def save(state, out_dir, report: dict | None = None, overwrite: bool = False, fi
     """Write a compressed model (a CompressionState from `compress`) as a dicompress artifact. `save_dtype`
     (e.g. torch.bfloat16): store the kept parameters in it; the model's parameters are rounded through it in
     place, so the model in memory is the one that loads back."""
-    from .io import write_artifact
     if save_dtype is not None:
-        from .io.storage import round_parameters
         round_parameters(state.model, save_dtype)
     rep = dict(report or state.report)
     return write_artifact(state.model, out_dir, manifest=state.manifest, report=rep,
@@ -32,6 +30,7 @@ def save(state, out_dir, report: dict | None = None, overwrite: bool = False, fi
                           files={**state.files, **(files or {})}, overwrite=overwrite, save_dtype=save_dtype)
 
 
-__all__ = ["compress", "run", "load", "save", "verify_artifact", "Recipe", "load_recipe", "Pass", "PassConfig",
-           "TLQ", "RTN", "Smooth", "ARS", "ActQuant", "register_pass", "register_arch", "register_manifest_op",
-           "DicompressError", "RecipeError", "ModelError", "ArtifactError", "CalibrationError", "DistillError"]
+__all__ = ["__version__", "compress", "run", "load", "save", "verify_artifact", "Recipe", "load_recipe", "Pass",
+           "PassConfig", "TLQ", "RTN", "Smooth", "ARS", "ActQuant", "register_pass", "register_arch",
+           "register_manifest_op", "DicompressError", "RecipeError", "ModelError", "ArtifactError", "CalibrationError",
+           "DistillError"]

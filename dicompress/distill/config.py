@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ..passes.base import PassConfig
+from ..config import PassConfig
 
 
 class DistillConfig(PassConfig):

@@ -3,15 +3,9 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from ..config import PassConfig  # defined in the leaf dicompress.config; re-exported here
 
 PASSES: dict[str, type["Pass"]] = {}
-
-
-class PassConfig(BaseModel):
-    """Base of every pass config: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Pass:
