@@ -1,4 +1,4 @@
-"""TLQ: twin-log weight quantization (LRQ-DiT), as pure functions, plus the `"tlq"` codec.
+"""TLQ: twin-log weight quantization (LRQ-DiT), as pure functions, plus the `"tlq"` codec (TLQ_CODEC).
 
 Format (the loader depends on it). A b-bit code is a sign bit (bit b-1; 1 = negative) above a
 (b-1)-bit magnitude index m in 0..M-1, M = 2^(b-1). Each output row r has one log-domain grid per sign
@@ -8,7 +8,8 @@ Format (the loader depends on it). A b-bit code is a sign bit (bit b-1; 1 = nega
     w[r, c]      = ±level_σ,r(m) · scale[r, group(c)]
 
 Buffers: `scales` fp16 [out, n_groups], `grid` fp16 [out, 4] = (B_pos, D_pos, B_neg, D_neg),
-`eta` fp32 [1] (one per layer).
+`eta` fp32 [1] (one per layer). The kernel ops take `grid` as their `aux`; the decode table is one per row,
+code = sign·M + m indexing [level_pos | -level_neg] (tlq_signed_levels).
 
 Quantizer. Each group is divided by its absmax (so u is in [-1, 1]); per row and sign,
 L = log2(|u| + eta), bottom = a low quantile of L (the minimum in the paper; here searched among
@@ -36,7 +37,8 @@ import math
 
 import torch
 
-from .codecs import num_groups, register_codec
+from .codecs import KernelArgs, register_codec
+from .groups import expand_groups, group_view, num_groups
 
 DEFAULT_ETAS = (0.0, 0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
 DEFAULT_PERCENTILES = (0.98, 0.99, 0.999, 0.9999, 0.99999, 1.0)
@@ -49,23 +51,7 @@ _EMPTY_LOG = -24.0          # bottom of an empty sign's grid when eta = 0 (2^-24
 _CHUNK_ELEMS = 1 << 20      # rows per search chunk ≈ this / in_features (bounds the float64 prefix sums)
 
 
-# -- layout helpers (shared with uniform.py) ----------------------------------------------------------
-def expand_groups(t: torch.Tensor, in_features: int, group_size: int | None) -> torch.Tensor:
-    """[out, G] per-group values -> [out, in] per-weight values (last group may be partial)."""
-    if not group_size:
-        return t.expand(-1, in_features) if t.shape[1] == 1 else t
-    return t.repeat_interleave(group_size, dim=1)[:, :in_features]
-
-
-def group_view(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
-    """[out, in] -> [out, G, gs] with the partial last group zero-padded (zeros change no min/max/absmax
-    once 0 is in range)."""
-    out, n = w.shape
-    gs = group_size or n
-    pad = (-n) % gs
-    return torch.nn.functional.pad(w, (0, pad)).view(out, -1, gs)
-
-
+# -- scales ------------------------------------------------------------------------------------------
 def absmax_scales(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
     """Per-(row, group) absmax, rounded to its fp16 storage: [out, G] fp16."""
     return group_view(w, group_size).abs().amax(-1).to(torch.float16)
@@ -89,12 +75,18 @@ def tlq_levels(grid: torch.Tensor, eta: torch.Tensor | float, bits: int) -> torc
     return torch.exp2(g[..., :1] + m * g[..., 1:]) - eta
 
 
+def tlq_signed_levels(grid: torch.Tensor, eta: torch.Tensor | float, bits: int) -> torch.Tensor:
+    """grid [out, 4] -> the signed level of every code, fp32 [out, 2^bits]: code = sign·M + m indexes
+    [pos | -neg] (the decoder's and the kernels' table)."""
+    levels = tlq_levels(grid, eta, bits)
+    return torch.cat([levels[:, 0], -levels[:, 1]], 1)
+
+
 def tlq_dequantize(codes: torch.Tensor, buffers: dict[str, torch.Tensor], bits: int,
                    group_size: int | None) -> torch.Tensor:
     """codes int64 [out, in] + {scales, grid, eta} -> fp32 weight [out, in]."""
-    out, n = codes.shape
-    levels = tlq_levels(buffers["grid"], buffers["eta"].float().reshape(()), bits)
-    signed = torch.cat([levels[:, 0], -levels[:, 1]], 1)    # code = sign·M + m indexes [pos | -neg]
+    n = codes.shape[1]
+    signed = tlq_signed_levels(buffers["grid"], buffers["eta"].float().reshape(()), bits)
     return signed.gather(1, codes) * expand_groups(buffers["scales"].float(), n, group_size)
 
 
@@ -117,7 +109,7 @@ def tlq_column_quantizer(buffers: dict[str, torch.Tensor], bits: int, group_size
     rounds one column to the nearest level of the fixed grid and scales in `buffers`."""
     eta = buffers["eta"].float().reshape(())
     lev = tlq_levels(buffers["grid"], eta, bits)                             # [out, 2, M]
-    signed = torch.cat([lev[:, 0], -lev[:, 1]], 1)                          # code -> signed magnitude
+    signed = tlq_signed_levels(buffers["grid"], eta, bits)                  # code -> signed magnitude
     scales = buffers["scales"].float()
 
     def quantize_column(col: torch.Tensor, i: int):
@@ -269,6 +261,7 @@ def _error(noise: float, signal: float, n: int) -> dict:
 
 class TLQCodec:
     name = "tlq"
+    kernel_args = KernelArgs(scales="scales", aux="grid", eta="eta")
 
     def buffer_specs(self, out_features, in_features, bits, group_size):
         return {"scales": ((out_features, num_groups(in_features, group_size)), torch.float16),
@@ -278,5 +271,9 @@ class TLQCodec:
     def dequantize(self, codes, buffers, bits, group_size):
         return tlq_dequantize(codes, buffers, bits, group_size)
 
+    def signed_levels(self, buffers, bits):
+        """One table per row: [out, 1, 2^bits]."""
+        return tlq_signed_levels(buffers["grid"], buffers["eta"].float().reshape(()), bits)[:, None]
 
-register_codec(TLQCodec())
+
+TLQ_CODEC = register_codec(TLQCodec())

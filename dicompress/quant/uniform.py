@@ -1,4 +1,5 @@
-"""RTN: uniform round-to-nearest weight quantization, the in-project baseline, plus the `"uniform"` codec.
+"""RTN: uniform round-to-nearest weight quantization, the in-project baseline, plus the `"uniform"` codec
+(UNIFORM_CODEC).
 
 Asymmetric min-max per row (group_size None) or per (row, group): the range [min(w, 0), max(w, 0)] is
 cut into 2^b - 1 steps, scale = range / (2^b - 1), integer zero point z = round(-min / scale), and
@@ -6,14 +7,16 @@ w = (q - z) · scale with q in 0..2^b - 1. Including 0 in the range keeps z in 0
 exact zeros exact. No clipping search, on purpose: it is the plain baseline the searched methods beat.
 Scale and zero are rounded to their fp16 storage first (the scale upwards, so nothing is clipped: every
 weight is within half a step), then codes are chosen, so what is stored is what was measured.
-Buffers: `scales` fp16 [out, G], `zeros` fp16 [out, G].
+Buffers: `scales` fp16 [out, G], `zeros` fp16 [out, G]. The kernel ops take `zeros` as their `aux`; the
+decode table is one per row and group, level = code - zero (uniform_levels).
 """
 from __future__ import annotations
 
 import torch
 
-from .codecs import num_groups, register_codec
-from .tlq import expand_groups, group_view, weight_error
+from .codecs import KernelArgs, register_codec
+from .groups import expand_groups, group_view, num_groups
+from .tlq import weight_error
 
 
 def rtn_quantize(w: torch.Tensor, bits: int, group_size: int | None = None):
@@ -66,8 +69,16 @@ def rtn_dequantize(codes: torch.Tensor, buffers: dict[str, torch.Tensor], bits: 
     return (codes.float() - zero) * scale
 
 
+def uniform_levels(zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """zeros [out, G] -> the level of every code per row and group, fp32 [out, G, 2^bits]: code - zero (the
+    values rtn_dequantize multiplies by the scale)."""
+    q = torch.arange(1 << bits, device=zeros.device, dtype=torch.float32)
+    return q - zeros.float()[..., None]
+
+
 class UniformCodec:
     name = "uniform"
+    kernel_args = KernelArgs(scales="scales", aux="zeros")
 
     def buffer_specs(self, out_features, in_features, bits, group_size):
         g = num_groups(in_features, group_size)
@@ -76,5 +87,8 @@ class UniformCodec:
     def dequantize(self, codes, buffers, bits, group_size):
         return rtn_dequantize(codes, buffers, bits, group_size)
 
+    def signed_levels(self, buffers, bits):
+        return uniform_levels(buffers["zeros"], bits)
 
-register_codec(UniformCodec())
+
+UNIFORM_CODEC = register_codec(UniformCodec())
