@@ -32,11 +32,10 @@ def applies(x: torch.Tensor, x_scale, group_size: int, mode: str) -> bool:
 
 
 def int8_gemm_layers(model: torch.nn.Module) -> int:
-    """How many of `model`'s quantized linears the int8 modes run as an int8 GEMM (8-bit or narrower
-    activation codes, per-channel scales)."""
+    """How many of `model`'s quantized linears (modules with a weight `codec`: every registered codec has a
+    kernel table) the int8 modes run as an int8 GEMM (8-bit or narrower activation codes, per-channel scales)."""
     from .linear import MAX_CODE_BITS           # here, not at the top: linear imports ops, which imports this
-    from .reference import AUX_NAME
-    return sum(1 for m in model.modules() if getattr(m, "codec", None) in AUX_NAME and not m.group_size
+    return sum(1 for m in model.modules() if getattr(m, "codec", None) is not None and not m.group_size
                and getattr(getattr(m, "act", None), "act_bits", None) is not None and m.act.act_bits <= MAX_CODE_BITS)
 
 

@@ -3,7 +3,9 @@
     A8 (act_bits <= 8)  quantize_act -> int8 codes + per-token steps -> qlinear on the codes (fused path)
     A16 / wider acts    the float transform (smooth, rotation, fake quantization) -> qlinear on floats
 With autograd recording and an input (or the bias) that requires grad, the differentiable torch
-composition runs instead (the same reference math, so the values are the same).
+composition runs instead (the same reference math through the same codec, so the values are the same).
+The layer's codec says which of its buffers the ops take (quant/codecs.py: Codec.kernel_args); a codec
+that is not registered is an error, never a silent dequantize-then-matmul.
 
 Linears that read one tensor through one transform (q/k/v, FLUX's single-block proj_mlp with q/k/v: ARS and
 smoothing give an input group one transform) quantize it once: the last activation codes are kept with the
@@ -19,6 +21,7 @@ import weakref
 import torch
 
 from ..quant.activation import quantize_per_token
+from ..quant.codecs import get_codec
 from . import ops, reference
 from .cache import derived
 from .dispatch import current_mode
@@ -99,22 +102,21 @@ def act_forward(act, x: torch.Tensor) -> torch.Tensor:
 
 
 def _weight_args(q) -> tuple:
-    return (q.qweight, q.scales, getattr(q, reference.AUX_NAME[q.codec]), getattr(q, "eta", None), q.bias, q.codec,
-            q.bits, q.group_size or 0, current_mode())
+    """The ops' weight arguments from a QuantLinear; get_codec raises for an unregistered codec."""
+    scales, aux, eta = get_codec(q.codec).kernel_args.of(q)
+    return q.qweight, scales, aux, eta, q.bias, q.codec, q.bits, q.group_size or 0, current_mode()
 
 
 def quant_linear_forward(q, x: torch.Tensor) -> torch.Tensor:
     """QuantLinear.forward: y = act(x) · decode(qweight)ᵀ + bias, in x's dtype."""
-    if q.codec not in reference.AUX_NAME or _needs_grad(x, q.bias):
-        # the differentiable torch composition; also the path of codecs the kernels have no table for
+    weight = _weight_args(q)
+    if _needs_grad(x, q.bias):                   # the differentiable torch composition
         if q.act is not None:
             x = act_forward(q.act, x)
-        if q.codec not in reference.AUX_NAME:
-            return reference.linear(x, q.dequantize(), q.bias)
-        return reference.qlinear(x, None, *_weight_args(q), x.dtype)
+        return reference.qlinear(x, None, *weight, x.dtype)
     if _fused(q.act):
         codes, steps = act_codes(q.act, x)
-        return ops.qlinear(codes, steps, *_weight_args(q), x.dtype)
+        return ops.qlinear(codes, steps, *weight, x.dtype)
     if q.act is not None:
         x = act_forward(q.act, x)
-    return ops.qlinear(x, None, *_weight_args(q), x.dtype)
+    return ops.qlinear(x, None, *weight, x.dtype)

@@ -8,7 +8,8 @@ torch.compile traces through them.
     dicompress::quantize_act(x [..., K], smooth?, signs?, rotation?, bits) -> (codes int8 [..., K], steps fp32 [...])
     dicompress::qlinear(x, x_scale?, qweight, scales, aux, eta?, bias?, codec, bits, group_size, mode, out_dtype)
         -> y [..., N]:  x int8 codes with x_scale [...] (A8), or float x with x_scale None (A16);
-        aux = the tlq grid or the uniform zero points; group_size 0 = per output channel.
+        scales, aux, eta = the buffers the codec names in its kernel_args (quant/codecs.py; e.g. TLQ's
+        scales, grid and eta), its decode table built from them; group_size 0 = per output channel.
 No autograd formula is registered: they are inference kernels (nn/ callers fall back to the differentiable
 torch composition when a gradient is needed).
 """

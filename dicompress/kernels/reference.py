@@ -17,8 +17,6 @@ from ..quant.packing import unpack_codes
 from .dispatch import INT8_MODES
 from .tables import int8_mapped_weight
 
-AUX_NAME = {"tlq": "grid", "uniform": "zeros"}     # the codec buffer passed to the ops as `aux`
-
 
 def transform_act(x: torch.Tensor, smooth: torch.Tensor | None, signs: torch.Tensor | None,
                   rotation: torch.Tensor | None) -> torch.Tensor:
@@ -56,11 +54,11 @@ def decode_weight(qweight: torch.Tensor, in_features: int, codec: str, scales: t
                   eta: torch.Tensor | None, bits: int, group_size: int | None, mode: str) -> torch.Tensor:
     """The fp32 weight [out, in] a GEMM mode computes with: the codec's exact decode, or its int8 mapping (both
     int8 modes: they differ only in where the GPU keeps the mapped weight)."""
+    c = get_codec(codec)                            # first: an unknown codec fails before any work
     codes = unpack_codes(qweight, bits, in_features)
     if mode in INT8_MODES:
         return int8_mapped_weight(codes, codec, scales, aux, eta, bits, group_size)
-    buffers = {"scales": scales, AUX_NAME[codec]: aux} | ({"eta": eta} if codec == "tlq" else {})
-    return get_codec(codec).dequantize(codes, buffers, bits, group_size)
+    return c.dequantize(codes, c.kernel_args.buffers(scales, aux, eta), bits, group_size)
 
 
 def qlinear(x, x_scale, qweight, scales, aux, eta, bias, codec, bits, group_size, mode, out_dtype):

@@ -1,10 +1,10 @@
 """The small per-row tables the quantized GEMM decodes codes through, as pure functions.
 
-A weight is w[r, c] = level[r, g', code[r, c]] · scale[r, group(c)]:
-  tlq      level = ±(2^(B + m·D) - eta) of the row's grid (g' = 0: one table per row, 2^bits entries)
-  uniform  level = code - zero[r, g]          (g' = the scale group: the zero point is per group)
-`signed_levels` builds that table in fp32 (exactly the values the codecs' dequantize uses), and
-`int8_grid` maps it onto an int8 grid per row, level ≈ t[r] · q (path (b) of the GEMM: int8 tensor cores).
+A weight is w[r, c] = level[r, g', code[r, c]] · scale[r, group(c)], with g' = 0 (one table of 2^bits entries
+per row, e.g. TLQ's signed log levels) or g' = the scale group (e.g. uniform codes minus a per-group zero point).
+`signed_levels` asks the weight codec for that table in fp32 (quant/codecs.py: Codec.signed_levels, exactly
+the values its dequantize uses), and `int8_grid` maps it onto an int8 grid per row, level ≈ t[r] · q (path (b)
+of the GEMM: int8 tensor cores).
 `weight_tables` gives a GEMM mode's table with its row and group scales, `unpacked_weight` the int8 matrix
 of the mapped levels (mode int8_unpacked, and the CPU's int8 GEMM).
 """
@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from ..quant.codecs import get_codec
+from ..quant.groups import expand_groups
 from ..quant.packing import unpack_codes
-from ..quant.tlq import expand_groups, tlq_levels
 from .dispatch import INT8_MODES
 
 INT8_MAX = 127
@@ -21,15 +22,10 @@ INT8_MAX = 127
 
 def signed_levels(codec: str, scales: torch.Tensor, aux: torch.Tensor, eta: torch.Tensor | None,
                   bits: int) -> torch.Tensor:
-    """Level of every code: fp32 [out, G', 2^bits] (G' = 1 for tlq, the number of scale groups for uniform).
-    `aux` is the tlq grid [out, 4] or the uniform zero points [out, G]."""
-    if codec == "tlq":
-        lev = tlq_levels(aux, eta.float().reshape(()), bits)                 # [out, 2, M] magnitudes
-        return torch.cat([lev[:, 0], -lev[:, 1]], 1)[:, None]               # code = sign·M + m
-    if codec == "uniform":
-        q = torch.arange(1 << bits, device=aux.device, dtype=torch.float32)
-        return q - aux.float()[..., None]
-    raise ValueError(f"no kernel table for weight codec {codec!r} (known: tlq, uniform)")
+    """Level of every code: fp32 [out, G', 2^bits] (G' = 1 or the number of scale groups, as the codec
+    declares), from the kernel ops' arguments (`aux`, `eta`: the codec's kernel_args buffers)."""
+    c = get_codec(codec)
+    return c.signed_levels(c.kernel_args.buffers(scales, aux, eta), bits)
 
 
 def int8_grid(levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 """`rtn` pass: weight-only uniform round-to-nearest (asymmetric min-max), the baseline TLQ is held against."""
 from __future__ import annotations
 
-from ..quant.uniform import rtn_column_quantizer, rtn_quantize
+from ..quant.uniform import UNIFORM_CODEC, rtn_column_quantizer, rtn_quantize
 from ._weight_quant import WeightQuantConfig, WeightQuantPass, quantize_linears
 from .base import register_pass
 
@@ -16,5 +16,5 @@ class RTN(WeightQuantPass):
     Config = RTNConfig
 
     def quantize(self, state) -> None:
-        quantize_linears(state, self.name, self.config, codec="uniform", quantize=rtn_quantize,
+        quantize_linears(state, self.name, self.config, codec=UNIFORM_CODEC.name, quantize=rtn_quantize,
                          column_quantizer=rtn_column_quantizer)

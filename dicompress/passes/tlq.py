@@ -5,7 +5,7 @@ from functools import partial
 
 from pydantic import field_validator
 
-from ..quant.tlq import DEFAULT_ETAS, DEFAULT_PERCENTILES, tlq_column_quantizer, tlq_quantize
+from ..quant.tlq import DEFAULT_ETAS, DEFAULT_PERCENTILES, TLQ_CODEC, tlq_column_quantizer, tlq_quantize
 from ._weight_quant import WeightQuantConfig, WeightQuantPass, quantize_linears
 from .base import register_pass
 
@@ -38,5 +38,6 @@ class TLQ(WeightQuantPass):
         c = self.config
         quantize = partial(tlq_quantize, etas=c.etas or DEFAULT_ETAS,
                            percentiles=c.percentiles or DEFAULT_PERCENTILES)
-        quantize_linears(state, self.name, c, codec="tlq", quantize=quantize, column_quantizer=tlq_column_quantizer)
+        quantize_linears(state, self.name, c, codec=TLQ_CODEC.name, quantize=quantize,
+                         column_quantizer=tlq_column_quantizer)
 
