@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..calib.store import to_module
+from ..calib.encoding import to_module
 from ..errors import CalibrationError
 from .intervals import candidate_intervals, interval_score, select_intervals
 from .plot import plot_depth

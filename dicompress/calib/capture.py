@@ -11,13 +11,8 @@ import torch
 from torch import nn
 
 from ..errors import CalibrationError
-from .store import (
-    StoreWriter,
-    encode_value,
-    flatten,
-    shared_input_names,
-    split_model_input,
-)
+from .encoding import encode_value, flatten, shared_input_names, split_model_input
+from .store import StoreWriter
 
 # model kwargs that are not inputs (how to return) and never stored
 _NOT_INPUTS = ("return_dict",)

@@ -14,7 +14,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .store import to_module
+from .encoding import to_module
 
 # bytes of Hessians accumulated at once (a linear wider than this gets a phase of its own)
 PHASE_BYTES = 512 << 20

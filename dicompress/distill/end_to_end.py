@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from ..arch import adapter_for_class
-from ..calib.store import ModelInputs, shared_input_names, split_model_input, to_module
+from ..calib.encoding import shared_input_names, split_model_input, to_module
+from ..calib.store import ModelInputs
 from ..errors import DistillError
 from .config import DistillConfig
 from .engine import checkpoint_path, train

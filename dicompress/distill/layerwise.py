@@ -11,7 +11,7 @@ from torch import nn
 from .config import DistillConfig
 from .engine import train
 from .losses import get_loss
-from ..calib.store import to_module
+from ..calib.encoding import to_module
 from .params import module_device_dtype, select_trainable, trainable_only
 
 
