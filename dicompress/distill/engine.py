@@ -132,6 +132,28 @@ def _step_loss(loss_fn, shard: torch.Tensor, batch: int, micro: int | None) -> f
     return total
 
 
+def _update(loss_fn, idx: torch.Tensor, params: list[nn.Parameter], opt, sched, cfg: DistillConfig, rank: int,
+            world: int, desc: str, step: int) -> float:
+    """Step `step` on the global batch `idx`: this rank's shard backpropagated, gradients and loss summed across
+    ranks, the loss checked, gradients clipped, the update applied. Returns the global mean loss."""
+    shard = idx.tensor_split(world)[rank]
+    opt.zero_grad(set_to_none=True)
+    local = _step_loss(loss_fn, shard, len(idx), cfg.micro_batch_size)
+    if world > 1:
+        _all_reduce_grads(params)
+        t = torch.tensor([local], dtype=torch.float64, device=params[0].device)
+        dist.all_reduce(t)
+        local = float(t.item())
+    if not math.isfinite(local):
+        raise DistillError(f"{desc}: the loss became {local} at step {step}",
+                           hint="lower `lr`, raise `warmup_steps`, or set `grad_clip`")
+    if cfg.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    sched.step()
+    return local
+
+
 def train(module: nn.Module, loss_fn: Callable[[torch.Tensor], torch.Tensor], n_samples: int | Callable[[int], int],
           cfg: DistillConfig, *, key: str, checkpoint_dir: Path | None = None, progress: bool = True,
           desc: str = "distill") -> list[float]:
@@ -172,21 +194,7 @@ def train(module: nn.Module, loss_fn: Callable[[torch.Tensor], torch.Tensor], n_
     with torch.enable_grad():
         for step in range(start, cfg.steps):
             idx = draw_batch(rows_at(step), cfg.batch_size, cfg.seed, step)
-            shard = idx.tensor_split(world)[rank]
-            opt.zero_grad(set_to_none=True)
-            local = _step_loss(loss_fn, shard, len(idx), cfg.micro_batch_size)
-            if world > 1:
-                _all_reduce_grads(params)
-                t = torch.tensor([local], dtype=torch.float64, device=params[0].device)
-                dist.all_reduce(t)
-                local = float(t.item())
-            if not math.isfinite(local):
-                raise DistillError(f"{desc}: the loss became {local} at step {step}",
-                                   hint="lower `lr`, raise `warmup_steps`, or set `grad_clip`")
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            sched.step()
+            local = _update(loss_fn, idx, params, opt, sched, cfg, rank, world, desc, step)
             losses.append(local)
             bar.update(1)
             bar.set_postfix(loss=f"{local:.4g}")
