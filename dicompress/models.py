@@ -7,7 +7,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import torch
+from huggingface_hub import snapshot_download
 
 from .arch import adapter_for_class, supported_classes
 from .errors import ModelError
@@ -69,7 +71,6 @@ def resolve_model(spec: str) -> ModelInfo:
     if looks_like_path:
         raise ModelError(f"model path {spec} does not exist", hint=HINT)
     try:  # a hub id: only what is already on this machine; dicompress never downloads weights
-        from huggingface_hub import snapshot_download
         local = Path(snapshot_download(spec, local_files_only=True))
     except Exception:
         raise ModelError(f"model {spec!r} is not on this machine (dicompress never downloads weights at run time)",
@@ -78,7 +79,6 @@ def resolve_model(spec: str) -> ModelInfo:
 
 
 def load_transformer(info: ModelInfo, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    import diffusers
     cls = getattr(diffusers, info.class_name)
     model = cls.from_pretrained(str(info.path), torch_dtype=dtype)
     return model.to(device).eval()
@@ -86,7 +86,6 @@ def load_transformer(info: ModelInfo, dtype: torch.dtype = torch.float32, device
 
 def meta_model(info: ModelInfo):
     """The model's module tree on the meta device (shapes only, no memory, no weights read)."""
-    import diffusers
     cls = getattr(diffusers, info.class_name)
     with torch.device("meta"):
         return cls.from_config(cls.load_config(str(info.path)))

@@ -18,6 +18,7 @@ def _short(name: str) -> str:
 
 def plot_depth(analysis, path) -> None:
     """Write the figure to `path` (a file name or a binary file object) as PNG."""
+    # lazy: matplotlib takes about a second to load and only plotting needs it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

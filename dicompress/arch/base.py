@@ -7,6 +7,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..errors import ModelError
+
 ARCHS: dict[str, "ArchAdapter"] = {}
 
 
@@ -120,7 +122,6 @@ def adapter_for_class(class_name: str) -> ArchAdapter | None:
 
 
 def adapter_for(model: nn.Module) -> ArchAdapter:
-    from ..errors import ModelError
     a = adapter_for_class(type(model).__name__)
     if a is None:
         raise ModelError(f"unsupported architecture {type(model).__name__}",
@@ -129,4 +130,5 @@ def adapter_for(model: nn.Module) -> ArchAdapter:
 
 
 def _load_builtin() -> None:
+    # function level: flux.py and qwenimage.py import this module (register_arch); loaded at the first lookup
     from . import flux, qwenimage  # noqa: F401  (register on import)

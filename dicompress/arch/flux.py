@@ -56,6 +56,7 @@ class FluxAdapter(ArchAdapter):
         the image weights; text-branch weights are dropped. Not exact: the single block runs attention and MLP
         in parallel on one normalised input under one gate, where the double block runs the MLP after the
         attention residual under its own modulation, so the converted block is an initialisation to distil."""
+        # lazy: diffusers' model modules take seconds to load; arch/ itself loads without them
         from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
         cfg = model.config
         dim = cfg.num_attention_heads * cfg.attention_head_dim

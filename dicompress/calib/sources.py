@@ -12,11 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..errors import CalibrationError
+from ..zoo import Conditioning, load_conditioning
 from .capture import Capture, StopForward, chunked_blocks
+from .config import CalibrationConfig
 from .store import CalibrationStore, StoreWriter
 
 
@@ -48,7 +51,6 @@ def capture(model, adapter, cfg, model_info: dict, out_dir: str | Path, block_in
 def capture_trajectories(model, adapter, meta: dict, out_dir: str | Path, progress: bool = True) -> CalibrationStore:
     """The sampling loop a store was captured with (`meta`: its meta.json), run again on `model` (e.g. a pruned
     student): its own trajectories' model inputs, nothing else. Reuses a finished capture at `out_dir`."""
-    from ..recipe import CalibrationConfig
     if (Path(out_dir) / "meta.json").exists():
         return CalibrationStore(out_dir)
     if "config" not in meta:
@@ -78,7 +80,6 @@ def calls_per_step(cfg, model_info: dict) -> tuple[int, int] | None:
         per_seed = -(-len(prompts) // cfg.batch_size)
         return per_seed * len(cfg.seeds), len(prompts) * len(cfg.seeds)
     path = Path(cfg.embeddings) if cfg.source == "embeddings" else Path(model_info["path"]) / "conditioning.safetensors"
-    from safetensors import safe_open
     with safe_open(str(path), "pt") as f:
         rows = f.get_slice("prompt_embeds").get_shape()[0]
     samples = (len(cfg.classes) if cfg.classes is not None else rows) * len(cfg.seeds)
@@ -86,8 +87,6 @@ def calls_per_step(cfg, model_info: dict) -> tuple[int, int] | None:
 
 
 def _table(cfg, model_info):
-    from ..zoo import load_conditioning
-    from ..zoo.sampler import Conditioning
     if cfg.source == "embeddings":
         t = load_file(cfg.embeddings)
         return Conditioning(t["prompt_embeds"], t["pooled_prompt_embeds"])
@@ -95,7 +94,7 @@ def _table(cfg, model_info):
 
 
 def _run_table(model, adapter, cfg, model_info, cap, progress):
-    from ..zoo.sampler import make_pipeline, sample
+    from ..zoo.sampler import make_pipeline, sample  # lazy: loads diffusers' pipelines (seconds)
     table = _table(cfg, model_info)
     rows = list(cfg.classes) if cfg.classes is not None else list(range(table.prompt_embeds.shape[0]))
     pairs = [(c, s) for s in cfg.seeds for c in rows]
@@ -111,7 +110,7 @@ def _run_table(model, adapter, cfg, model_info, cap, progress):
 
 
 def _run_prompts(model, adapter, cfg, model_info, cap, progress):
-    from diffusers import DiffusionPipeline
+    from diffusers import DiffusionPipeline  # lazy: diffusers' pipelines and transformers load in seconds
     root = model_info.get("pipeline_root")
     if root is None:
         raise CalibrationError("calibration source 'prompts' needs the model's full pipeline (text encoders)",

@@ -12,9 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from ..calib.sources import capture_trajectories
 from ..calib.store import CalibrationStore, ModelInputs
+from .engine import rank_world
 
 
 def refresh_steps(steps: int, rounds: int) -> list[int]:
@@ -56,9 +59,6 @@ class GrowingRows:
         return self.inputs.rows
 
     def _capture(self, r: int) -> None:
-        from ..calib.sources import capture_trajectories
-        from .engine import rank_world
-        import torch.distributed as dist
         rank, world = rank_world()
         d = self.out_dir / f"round_{r}"
         was_training = self.student.training

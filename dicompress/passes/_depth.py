@@ -9,8 +9,10 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
+from ..analysis import analyze_depth
+from ..analysis.depth import DepthAnalysis
 from ..distill import DistillConfig, EndToEndConfig, distill_block, distill_end_to_end
-from ..errors import DistillError
+from ..errors import DistillError, RecipeError
 from ..nn.surgery import set_block_list
 from ..prune import list_of, teacher_io
 from .base import Pass, PassConfig
@@ -124,7 +126,6 @@ def rebuild_lists(state, refs, replace: dict[int, tuple[int, nn.Module | None]])
 def removal_count(n_blocks: int, ratio: float | None, remove_blocks: int | None, key: str) -> int:
     """Blocks to remove from `ratio` (of all blocks, rounded) or `remove_blocks`; RecipeError when none would
     be removed or none would be left."""
-    from ..errors import RecipeError
     k = remove_blocks if remove_blocks is not None else round(ratio * n_blocks)
     if not 0 < k < n_blocks:
         raise RecipeError(f"removing {k} of the model's {n_blocks} blocks " +
@@ -135,8 +136,6 @@ def removal_count(n_blocks: int, ratio: float | None, remove_blocks: int | None,
 
 def analysis_for(state, max_interval: int, progress: bool):
     """The depth analysis a `depth_analysis` pass left in the report, or a fresh one."""
-    from ..analysis import analyze_depth
-    from ..analysis.depth import DepthAnalysis
     rep = state.report.get("depth_analysis")
     if rep is not None:
         return DepthAnalysis.from_report(rep)

@@ -6,6 +6,8 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from ..errors import ModelError
+from .classifier import DigitClassifier
+from .conditioning import Conditioning
 
 ZOO_DIR = Path(__file__).parent
 ZOO = {"tiny-flux-digits": ZOO_DIR / "tiny_flux_digits"}
@@ -29,13 +31,11 @@ def is_zoo_dir(path: str | Path) -> bool:
 
 
 def load_conditioning(path: str | Path):
-    from .sampler import Conditioning
     t = load_file(str(Path(path) / "conditioning.safetensors"))
     return Conditioning(t["prompt_embeds"], t["pooled_prompt_embeds"])
 
 
 def load_classifier(path: str | Path):
-    from .classifier import DigitClassifier
     clf = DigitClassifier()
     clf.load_state_dict(load_file(str(Path(path) / "classifier.safetensors")))
     return clf.eval().requires_grad_(False)

@@ -18,6 +18,7 @@ def load_digits_tensors(split: str = "all", seed: int = 0, test_fraction: float 
 
     The split is a fixed stratified permutation so the classifier's held-out accuracy is reproducible.
     """
+    # lazy: scikit-learn loads in about a second; only training and the evaluation's real digits need it
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 

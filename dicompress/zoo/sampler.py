@@ -7,27 +7,15 @@ proven to run where users run it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
+from .conditioning import Conditioning  # re-exported: sample() takes one
 from .digits import CHANNELS, SIZE, pack, unpack
 
 # FluxPipeline without a VAE uses vae_scale_factor 8: height 128 px -> a 16x16 latent.
 PIPELINE_PX = SIZE * 8
 DEFAULT_STEPS = 16
-
-
-@dataclass
-class Conditioning:
-    """Per-class text conditioning: prompt_embeds [C, T, D] and pooled_prompt_embeds [C, P]."""
-
-    prompt_embeds: torch.Tensor
-    pooled_prompt_embeds: torch.Tensor
-
-    def for_classes(self, classes: torch.Tensor):
-        return self.prompt_embeds[classes], self.pooled_prompt_embeds[classes]
 
 
 def make_scheduler() -> FlowMatchEulerDiscreteScheduler:
