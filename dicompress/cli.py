@@ -9,6 +9,10 @@ from pathlib import Path
 import click
 
 from .errors import DicompressError
+from .eval import format_summary
+from .evaluate import evaluate_artifact, inspect_path
+from .kernels.dispatch import describe
+from .pipeline import run as run_recipe
 
 
 def _friendly(fn):
@@ -41,8 +45,6 @@ def main():
 @_friendly
 def run(recipe, model, output, overwrite, quiet):
     """Compress a model as RECIPE (a YAML file) says and write the artifact."""
-    from .eval import format_summary
-    from .pipeline import run as run_recipe
     report = run_recipe(recipe, progress=not quiet, model=model, output=output, overwrite=overwrite)
     if report.get("rank", 0) == 0:   # under torchrun, rank 0 alone reports
         click.echo(format_summary(report))
@@ -56,8 +58,6 @@ def run(recipe, model, output, overwrite, quiet):
 @_friendly
 def eval_cmd(artifact, samples_per_class, steps, json_out):
     """Evaluate an artifact against the model it was made from."""
-    from .evaluate import evaluate_artifact
-    from .eval import format_summary
     report = evaluate_artifact(artifact, samples_per_class=samples_per_class, steps=steps)
     click.echo(format_summary(report))
     if json_out:
@@ -69,14 +69,12 @@ def eval_cmd(artifact, samples_per_class, steps, json_out):
 @_friendly
 def inspect(path):
     """Describe an artifact (manifest, footprint, report) or a model (architecture, blocks, linears)."""
-    from .evaluate import inspect_path
     click.echo(inspect_path(path))
 
 
 @main.command()
 def kernels():
     """Say which implementation quantized linears run here (Triton on CUDA GPUs of 8.0+, else the reference)."""
-    from .kernels.dispatch import describe
     try:
         click.echo(describe())
     except ValueError as e:                   # a bad DICOMPRESS_KERNELS / DICOMPRESS_GEMM_MODE value
