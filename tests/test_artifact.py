@@ -19,11 +19,11 @@ import dicompress  # noqa: F401  (registers the "dicompress" quant method with d
 from dicompress.errors import ArtifactError, ModelError
 from dicompress.io import FORMAT_VERSION, load, register_manifest_op, register_with_diffusers, replay, \
     verify_artifact, write_artifact
-from dicompress.io import artifact as artifact_mod
+from dicompress.io import writer as writer_mod
 from dicompress.io.manifest import MANIFEST_OPS
 from dicompress.nn.qlinear import QuantLinear
 from dicompress.nn.surgery import set_module
-from dicompress.quant.codecs import register_codec
+from dicompress.quant.codecs import KernelArgs, register_codec
 from dicompress.quant.packing import pack_codes
 
 torch.set_num_threads(1)
@@ -44,12 +44,17 @@ class AffineTestCodec:
     """w = (code - 2^(b-1)) * scale, one fp16 scale per output row: independent of the real codecs."""
 
     name = "test-affine"
+    kernel_args = KernelArgs(scales="scales", aux="scales")      # no tensor besides the scales
 
     def buffer_specs(self, out_features, in_features, bits, group_size):
         return {"scales": ((out_features, 1), torch.float16)}
 
     def dequantize(self, codes, buffers, bits, group_size):
         return (codes - 2 ** (bits - 1)).float() * buffers["scales"].float()
+
+    def signed_levels(self, buffers, bits):
+        q = torch.arange(1 << bits, dtype=torch.float32, device=buffers["scales"].device) - 2 ** (bits - 1)
+        return q.repeat(buffers["scales"].shape[0], 1, 1)
 
 
 register_codec(AffineTestCodec())
@@ -292,7 +297,7 @@ def test_crash_mid_write_leaves_nothing(flux, tmp_path, monkeypatch, step):
     def crash(*a, **k):
         raise KeyboardInterrupt("simulated crash")
 
-    monkeypatch.setattr(artifact_mod, step, crash)
+    monkeypatch.setattr(writer_mod, step, crash)
     out = tmp_path / "art"
     with pytest.raises(KeyboardInterrupt):
         write_artifact(model, out, manifest=manifest, report={}, source={})
@@ -302,7 +307,7 @@ def test_crash_mid_write_leaves_nothing(flux, tmp_path, monkeypatch, step):
 def test_crash_while_overwriting_keeps_the_old_artifact(flux, tmp_path, monkeypatch):
     model, art, manifest = flux
     out = copy_of(art, tmp_path)
-    monkeypatch.setattr(artifact_mod, "_fsync_tree", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(writer_mod, "_fsync_tree", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
         write_artifact(model, out, manifest=manifest, report={"new": True}, source={}, overwrite=True)
     assert json.loads((out / "report.json").read_text())["passes"]  # still the old one
@@ -313,15 +318,15 @@ def test_crash_while_overwriting_keeps_the_old_artifact(flux, tmp_path, monkeypa
 KILLED_WRITER = textwrap.dedent("""
     import os, sys, torch
     from diffusers import FluxTransformer2DModel
-    from dicompress.io import artifact
+    from dicompress.io import writer
     torch.manual_seed(0)
     model = FluxTransformer2DModel(**{config})
-    real_add = artifact._add_quantization_config
+    real_add = writer._add_quantization_config
     def killed(path, qc):  # weights and config are on disk; the process dies rewriting config.json
         path.write_text('{{"_class_name": "FluxTr')
         os._exit(9)
-    artifact._add_quantization_config = killed
-    artifact.write_artifact(model, sys.argv[1], manifest=[], report={{}}, source={{}})
+    writer._add_quantization_config = killed
+    writer.write_artifact(model, sys.argv[1], manifest=[], report={{}}, source={{}})
 """)
 
 

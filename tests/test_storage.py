@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import dicompress
-from dicompress.io.artifact import read_safetensors_header
+from dicompress.io.safetensors_file import read_safetensors_header
 from dicompress.io.storage import parameters_stored_as, round_parameters, stored_dtype, stored_state_dict
 from test_streaming import W4A8, _recipe, _tensors, assert_same_artifact
 

@@ -226,7 +226,7 @@ def test_synthetic_qwenimage_streams_like_in_memory(tiny_qwen_dir, tmp_path):
 
 
 def test_aligned_safetensors_round_trip_with_aligned_offsets(tmp_path):
-    from dicompress.io.artifact import read_safetensors_header, save_aligned_safetensors
+    from dicompress.io.safetensors_file import read_safetensors_header, save_aligned_safetensors
     g = torch.Generator().manual_seed(0)
     tensors = {"w": torch.randn(48, 32, generator=g), "eta": torch.tensor([0.5]),
                "codes": torch.arange(77, dtype=torch.uint8),

@@ -1,7 +1,19 @@
-"""Artifacts: the manifest, the atomic writer, the header-only verifier, and loading through diffusers."""
-from .artifact import load, verify_artifact, write_artifact, write_artifact_from_shards
+"""Artifacts: the manifest, the atomic writer, the header-only verifier, and loading through diffusers.
+
+    names.py            the file names of a model directory and an artifact
+    safetensors_file.py the one safetensors header reader (with its truncation checks) and the aligned writer
+    manifest.py         the versioned record of structural changes, replayed on the meta model
+    writer.py           write_artifact / write_artifact_from_shards: temp dir, fsync, verify, rename into place
+    verify.py           read_config and verify_artifact (headers and manifest, no tensor data)
+    loader.py           load: verify, then diffusers' from_pretrained through the plug-in
+    diffusers_plugin.py the "dicompress" quantizer registered with diffusers
+    storage.py          the dtype kept parameters are stored in;  pluggable.py  PPCL's intervals at load time
+"""
 from .diffusers_plugin import register_with_diffusers
+from .loader import load
 from .manifest import FORMAT_VERSION, register_manifest_op, replay
+from .verify import verify_artifact
+from .writer import write_artifact, write_artifact_from_shards
 
 __all__ = ["write_artifact", "write_artifact_from_shards", "verify_artifact", "load", "replay",
            "register_manifest_op", "FORMAT_VERSION", "register_with_diffusers"]

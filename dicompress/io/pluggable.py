@@ -10,8 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import ArtifactError
-
-INTERVALS_FILE = "ppcl_intervals.safetensors"
+from .names import INTERVALS_NAME
 
 
 def interval_entries(config: dict) -> list[dict]:
@@ -31,7 +30,7 @@ def plug_intervals(model: nn.Module, artifact_dir: str | os.PathLike, config: di
     unplug = [e for e in entries if e["interval"] not in plug]
     if not unplug:
         return model
-    path = Path(artifact_dir) / INTERVALS_FILE
+    path = Path(artifact_dir) / INTERVALS_NAME
     if not path.is_file():
         raise ArtifactError(f"{path.name} is missing: this artifact cannot unplug intervals",
                             hint="it was written with keep_teacher_blocks: false; load it with every interval plugged")

@@ -15,18 +15,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .artifact import ST_DTYPE_BY_NAME, read_safetensors_header
+from ..errors import ModelError
+from .names import WEIGHTS_GLOB
+from .safetensors_file import CHECKPOINT_HINT, ST_DTYPE_BY_NAME, read_safetensors_header
 
 
 def stored_dtype(model_dir: str | Path) -> torch.dtype:
     """The floating dtype holding most of a diffusers checkpoint's weight bytes (its
     `diffusion_pytorch_model*.safetensors` shards; headers only, no weight is read)."""
     weight: Counter = Counter()
-    for file in sorted(Path(model_dir).glob("diffusion_pytorch_model*.safetensors")):
-        for dt, shape in read_safetensors_header(file).values():
-            t = ST_DTYPE_BY_NAME.get(dt)
+    for file in sorted(Path(model_dir).glob(WEIGHTS_GLOB)):
+        for entry in read_safetensors_header(file, error=ModelError, hint=CHECKPOINT_HINT).values():
+            t = ST_DTYPE_BY_NAME.get(entry.dtype)
             if t is not None and t.is_floating_point:
-                weight[t] += t.itemsize * int(torch.Size(shape).numel())
+                weight[t] += entry.stop - entry.start
     return weight.most_common(1)[0][0] if weight else torch.float32
 
 

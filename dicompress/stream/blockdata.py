@@ -14,7 +14,7 @@ from torch import nn
 from ..calib.capture import LinearStats
 from ..calib.store import flatten, iter_inputs, keys_filter, read_file, stats_from_sums, to_module, unflatten
 from ..errors import CalibrationError
-from ..io.artifact import fsync_dir
+from ..io.writer import fsync_dir
 
 COMPLETE = "complete"      # marker file: every chunk of a block's inputs is written
 

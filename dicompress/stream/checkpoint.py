@@ -3,19 +3,15 @@ weights read from its safetensors (shard-aware, plain reads) only while that blo
 from __future__ import annotations
 
 import json
-import struct
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from ..errors import ModelError
-from ..io.artifact import ST_DTYPE_BY_NAME
-
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-INDEX_NAME = WEIGHTS_NAME + ".index.json"
+from ..io.names import INDEX_NAME, WEIGHTS_NAME
+from ..io.safetensors_file import CHECKPOINT_HINT, ST_DTYPE_BY_NAME, read_safetensors_header
 
 
 class Checkpoint:
@@ -31,8 +27,8 @@ class Checkpoint:
                 raise ModelError(f"{index} is unreadable: {e}", hint="download or save the checkpoint again") from e
             self.files = {name: self.path / f for name, f in weight_map.items()}
         elif (self.path / WEIGHTS_NAME).is_file():
-            with safe_open(str(self.path / WEIGHTS_NAME), "pt") as f:
-                self.files = dict.fromkeys(f.keys(), self.path / WEIGHTS_NAME)
+            header = read_safetensors_header(self.path / WEIGHTS_NAME, error=ModelError, hint=CHECKPOINT_HINT)
+            self.files = dict.fromkeys(sorted(header), self.path / WEIGHTS_NAME)
         else:
             raise ModelError(f"{self.path} has no safetensors weights ({WEIGHTS_NAME} or {INDEX_NAME}); streaming "
                              "reads safetensors only",
@@ -89,23 +85,25 @@ class Checkpoint:
 def read_tensors(file: Path, names: list[str]) -> dict[str, torch.Tensor]:
     """Tensors `names` of one safetensors file, read with plain reads of their byte ranges. Not through a
     memory map: mapped pages count as resident memory, and a shard read that way keeps a block's bf16 bytes
-    resident beside its fp32 copy (0.7 GB at FLUX's width)."""
+    resident beside its fp32 copy (0.7 GB at FLUX's width). The header is checked first (a truncated file or
+    offsets outside it are refused before any read)."""
+    header = read_safetensors_header(file, error=ModelError, hint=CHECKPOINT_HINT)
+    out = {}
     with open(file, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        out = {}
         for name in names:
-            entry = header[name]
-            begin, end = entry["data_offsets"]
-            buf = bytearray(end - begin)
-            f.seek(8 + n + begin)
-            f.readinto(buf)
-            dtype = ST_DTYPE_BY_NAME.get(entry["dtype"])
+            entry = header.get(name)
+            if entry is None:
+                raise ModelError(f"{file} has no tensor {name}, which {INDEX_NAME} places there",
+                                 hint=CHECKPOINT_HINT)
+            dtype = ST_DTYPE_BY_NAME.get(entry.dtype)
             if dtype is None:
-                raise ModelError(f"{file}: tensor {name} has dtype {entry['dtype']}, which dicompress cannot read",
+                raise ModelError(f"{file}: tensor {name} has dtype {entry.dtype}, which dicompress cannot read",
                                  hint="convert the checkpoint to float or bfloat16 safetensors")
+            buf = bytearray(entry.stop - entry.start)
+            f.seek(entry.start)
+            f.readinto(buf)
             t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
-            out[name] = t.reshape(entry["shape"])
+            out[name] = t.reshape(entry.shape)
     return out
 
 

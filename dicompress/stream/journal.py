@@ -18,7 +18,7 @@ import torch
 
 from ..calib.store import _safe
 from ..errors import DicompressError
-from ..io.artifact import save_aligned_safetensors
+from ..io.safetensors_file import save_aligned_safetensors
 
 ROOT = "_root"       # shard name of the tensors outside the blocks (embedders, output head)
 

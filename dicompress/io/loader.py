@@ -1,0 +1,32 @@
+"""Loading an artifact: verified first, then read through diffusers' own `from_pretrained` (the registered
+quantizer replays the manifest on the meta model before weights are read)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import diffusers
+import torch
+from torch import nn
+
+from .diffusers_plugin import register_with_diffusers
+from .pluggable import plug_intervals
+from .verify import read_config, verify_artifact
+
+
+def load(artifact_dir: str | os.PathLike, device: str | torch.device = "cpu",
+         torch_dtype: torch.dtype | None = None, plug=None) -> nn.Module:
+    """Verify, then load through diffusers' own `from_pretrained`; returns the model in eval mode.
+
+    `torch_dtype` applies to the uncompressed parameters only; codec tensors keep their stored dtypes.
+    With the default (None) those parameters are fp32, whatever dtype stores them: what CPU inference wants.
+    `plug`: for `ppcl_depth` artifacts, the interval numbers to keep plugged in (None = all); the others get
+    their teacher blocks back.
+    """
+    summary = verify_artifact(artifact_dir)
+    register_with_diffusers()
+    cls = getattr(diffusers, summary["class_name"])
+    model = cls.from_pretrained(artifact_dir, torch_dtype=torch_dtype or torch.float32)
+    if plug is not None:
+        plug_intervals(model, artifact_dir, read_config(Path(artifact_dir)), plug)
+    return model.to(device).eval()

@@ -1,0 +1,22 @@
+"""File names of a diffusers model directory and of a dicompress artifact, in one place.
+
+An artifact is laid out as diffusers' `save_pretrained` writes a model, plus two things of ours:
+    config.json                          the model's diffusers config + `quantization_config` (the manifest)
+    diffusion_pytorch_model.safetensors  (or -0000i-of-0000n shards + diffusion_pytorch_model.safetensors.index.json)
+    report.json                          what the passes measured
+    <extra files>                        samples.png, conditioning.safetensors, ppcl_intervals.safetensors ...
+"""
+from __future__ import annotations
+
+CONFIG_NAME = "config.json"                       # diffusers' config (and, in an artifact, the manifest)
+WEIGHTS_PREFIX = "diffusion_pytorch_model"        # every weight file's name starts with it
+WEIGHTS_NAME = WEIGHTS_PREFIX + ".safetensors"    # the single-file checkpoint
+INDEX_NAME = WEIGHTS_NAME + ".index.json"         # the sharded checkpoint's tensor -> shard map
+WEIGHTS_GLOB = WEIGHTS_PREFIX + "*.safetensors"   # the weight files, single or sharded
+REPORT_NAME = "report.json"                       # the run report
+INTERVALS_NAME = "ppcl_intervals.safetensors"     # ppcl_depth's teacher blocks, for unplugging intervals
+
+
+def shard_name(i: int, n: int) -> str:
+    """The name of weight shard `i` (1-based) of `n`, as diffusers' `save_pretrained` names it."""
+    return f"{WEIGHTS_PREFIX}-{i:05d}-of-{n:05d}.safetensors"

@@ -1,0 +1,190 @@
+"""Writing an artifact: everything goes into a hidden sibling temp directory, is fsynced and verified, and only
+then renamed into place, so a crash at any point leaves the output absent (or the old artifact intact)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ArtifactError, ModelError
+from .manifest import FORMAT_VERSION, dicompress_version
+from .names import CONFIG_NAME, INDEX_NAME, REPORT_NAME, WEIGHTS_NAME, WEIGHTS_PREFIX, shard_name
+from .safetensors_file import read_safetensors_header
+from .storage import parameters_stored_as
+from .verify import verify_artifact
+
+DEFAULT_SHARD_SIZE = "5GB"
+_RESERVED = {CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME, INDEX_NAME}
+
+
+def write_artifact(model: nn.Module, out_dir: str | os.PathLike, *, manifest: list[dict], report: dict,
+                   source: dict, files: dict[str, bytes] | None = None, overwrite: bool = False,
+                   max_shard_size: int | str = DEFAULT_SHARD_SIZE, save_dtype: torch.dtype | None = None) -> Path:
+    """Write `model` (already rewritten in place) as a dicompress artifact at `out_dir`; floating parameters
+    are stored as `save_dtype` (None: as they are; see `storage.py`).
+
+    Everything goes into a hidden sibling temp directory, is fsynced and verified, and only then
+    renamed into place: a crash at any point leaves `out_dir` absent (or, when overwriting, the old
+    artifact intact). Returns the artifact path.
+    """
+    out = _check_out(model, out_dir, overwrite)
+    extra = _check_extra_files(files or {})
+    quant_config = _quant_config(manifest, source)
+
+    def fill(tmp: Path) -> None:
+        _write_bytes(tmp / REPORT_NAME, _json_bytes(report, "report"))
+        for name, data in extra.items():
+            _write_bytes(tmp / name, data)
+        with parameters_stored_as(model, save_dtype):
+            model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        # Last: until config.json carries the manifest, the directory is not a dicompress artifact.
+        _add_quantization_config(tmp / CONFIG_NAME, quant_config)
+
+    return _write_atomically(out, fill)
+
+
+def write_artifact_from_shards(config_model: nn.Module, shards: list[Path], out_dir: str | os.PathLike, *,
+                               manifest: list[dict], source: dict, finish, overwrite: bool = False) -> Path:
+    """Write an artifact whose weights are already safetensors files (the streaming pipeline's finished
+    blocks): they become the artifact's shards (hard-linked when on the same file system, else copied), with
+    the index, and `config_model`'s config (+ the manifest). `finish(tmp_dir) -> (report, files)` runs once
+    weights and config are in place (it may load the artifact from there, e.g. to evaluate it); then, as
+    `write_artifact`, everything is fsynced, verified and renamed into place."""
+    out = _check_out(config_model, out_dir, overwrite)
+    quant_config = _quant_config(manifest, source)
+
+    def fill(tmp: Path) -> None:
+        _write_shards(shards, tmp)
+        config_model.save_config(tmp)
+        _add_quantization_config(tmp / CONFIG_NAME, quant_config)
+        report, files = finish(tmp)
+        for name, data in _check_extra_files(files or {}).items():
+            _write_bytes(tmp / name, data)
+        _write_bytes(tmp / REPORT_NAME, _json_bytes(report, "report"))
+
+    return _write_atomically(out, fill)
+
+
+def _write_shards(shards: list[Path], tmp: Path) -> None:
+    """`shards` as the artifact's weight shards in `tmp`, with their index."""
+    weight_map, total = {}, 0
+    for i, src in enumerate(shards):
+        name = shard_name(i + 1, len(shards))
+        _link_or_copy(Path(src), tmp / name)
+        for key in read_safetensors_header(tmp / name):
+            if key in weight_map:
+                raise ArtifactError(f"tensor {key} is in two shards ({weight_map[key]}, {name})")
+            weight_map[key] = name
+        total += (tmp / name).stat().st_size
+    _write_bytes(tmp / INDEX_NAME, _json_bytes({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                               "index"))
+
+
+def _check_out(model: nn.Module, out_dir, overwrite: bool) -> Path:
+    out = Path(out_dir)
+    if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
+        raise ModelError(f"cannot write {type(model).__name__}: not a diffusers model (no save_pretrained/config)")
+    if out.exists() and not overwrite:
+        raise ArtifactError(f"{out} already exists",
+                            hint="choose another output directory, or pass overwrite=True (CLI: --overwrite)")
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"{out} exists and is not a directory", hint="remove it or choose another output path")
+    return out
+
+
+def _quant_config(manifest: list[dict], source: dict) -> dict:
+    return {"quant_method": "dicompress", "format_version": FORMAT_VERSION,
+            "dicompress_version": dicompress_version(), "manifest": list(manifest), "source": dict(source)}
+
+
+def _write_atomically(out: Path, fill) -> Path:
+    """`fill(tmp)` writes the artifact into a hidden sibling temp directory, which is fsynced, verified and only
+    then renamed to `out`: a crash at any point leaves `out` absent (or, when overwriting, the old one intact)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        fill(tmp)
+        _fsync_tree(tmp)
+        verify_artifact(tmp)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)          # the work directory sits beside the output: no copy of the weights
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _check_extra_files(files: dict[str, bytes]) -> dict[str, bytes]:
+    for name, data in files.items():
+        # save_pretrained deletes stale "diffusion_pytorch_model*" shards, so those names are taken too
+        if name in _RESERVED or Path(name).name != name or name.startswith((".", WEIGHTS_PREFIX)):
+            raise ValueError(f"extra artifact file {name!r}: use a plain file name, not hidden, not "
+                             f"{WEIGHTS_PREFIX}*, and none of {sorted(_RESERVED)}")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"extra artifact file {name!r}: expected bytes, got {type(data).__name__}")
+    return files
+
+
+def _add_quantization_config(path: Path, quant_config: dict) -> None:
+    config = json.loads(path.read_text())
+    config.pop("_pre_quantization_dtype", None)  # set by diffusers on loaded quantized models
+    config["quantization_config"] = quant_config
+    _write_bytes(path, _json_bytes(config, "manifest/source"))
+
+
+def _json_bytes(obj: Any, what: str) -> bytes:
+    def scalar(v):  # numpy / torch scalars and small arrays from metrics
+        if hasattr(v, "tolist"):
+            return v.tolist()
+        raise TypeError(f"{what} holds a {type(v).__name__}, which is not JSON-serialisable; convert it first")
+    return (json.dumps(obj, indent=2, sort_keys=False, default=scalar) + "\n").encode()
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    fsync_dir(root)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """rename(tmp -> out); an existing `out` is moved aside first and deleted only after the rename."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:  # put the previous artifact back
+            os.replace(old / out.name, out)
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
