@@ -10,7 +10,7 @@ import click
 
 from .errors import DicompressError
 from .eval import format_summary
-from .evaluate import evaluate_artifact, inspect_path
+from .eval.artifact_eval import evaluate_artifact, inspect_path
 from .kernels.dispatch import describe
 from .pipeline import run as run_recipe
 

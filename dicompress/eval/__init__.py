@@ -1,4 +1,7 @@
-"""Evaluation: quality metrics, footprint, latency, sample grids and the run summary."""
+"""Evaluation: quality metrics, footprint, latency, sample grids and the run summary.
+
+`artifact_eval` (an artifact measured against its source model, and `dicompress inspect`) loads models and
+artifacts, so it is imported where used (the CLI), not here."""
 from .digits_eval import evaluate_digits, layer_sqnr_table
 from .footprint import bf16_bytes, dir_bytes, quantized_linear_bytes, tensor_bytes
 from .grid import save_sample_grid

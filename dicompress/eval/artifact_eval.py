@@ -1,33 +1,32 @@
-"""`dicompress eval` and `dicompress inspect` behind the CLI."""
+"""`dicompress eval` and `dicompress inspect` behind the CLI: an artifact measured against its source model,
+and a summary of an artifact or a model directory."""
 from __future__ import annotations
 
 import json
 from collections import Counter
 from pathlib import Path
 
-from .errors import DicompressError
-
-
-def _artifact_config(path: Path) -> dict:
-    return json.loads((path / "config.json").read_text())
+from ..errors import DicompressError
+from ..io.names import CONFIG_NAME, REPORT_NAME
+from ..io.verify import read_config
 
 
 def evaluate_artifact(artifact: str | Path, samples_per_class: int = 20, steps: int | None = None,
                       progress: bool = True) -> dict:
     """Load an artifact, rebuild its source model, and measure the artifact against it."""
-    from .eval import evaluate_digits, layer_sqnr_table
-    from .io import load, verify_artifact
-    from .models import load_transformer, resolve_model
+    from ..io import load, verify_artifact
+    from ..models import load_transformer, resolve_model
+    from .digits_eval import evaluate_digits, layer_sqnr_table
 
     path = Path(artifact)
     verify_artifact(path)
-    qcfg = _artifact_config(path)["quantization_config"]
+    qcfg = read_config(path)["quantization_config"]
     source = (qcfg.get("source") or {}).get("model")
     if not source:
         raise DicompressError(f"{path} does not record the model it was made from; cannot evaluate against it")
     info = resolve_model(source)
     student, teacher = load(path), load_transformer(info)
-    prev = path / "report.json"
+    prev = path / REPORT_NAME
     report = json.loads(prev.read_text()) if prev.exists() else {}
     report.update({"model": source, "output": str(path)})
     if info.is_zoo:
@@ -47,30 +46,39 @@ def evaluate_artifact(artifact: str | Path, samples_per_class: int = 20, steps: 
 
 
 def inspect_path(path: str) -> str:
-    from .io import verify_artifact
+    """An artifact's manifest, footprint and report, or a model's architecture, blocks and linears."""
     p = Path(path)
-    if p.is_dir() and (p / "config.json").exists() and "quantization_config" in _artifact_config(p):
-        info = verify_artifact(p)
-        qcfg = _artifact_config(p)["quantization_config"]
-        ops = Counter(f"{e['op']} {e.get('codec', '')} w{e['bits']}" if "bits" in e else e["op"]
-                      for e in qcfg.get("manifest", []))
-        lines = [f"artifact: {p}", f"  format version: {qcfg.get('format_version')}",
-                 f"  source model:   {(qcfg.get('source') or {}).get('model')}"]
-        lines += [f"  {k}: {v}" for k, v in info.items() if k not in ("path",)]
-        lines.append("  manifest:")
-        lines += [f"    {n:4d} x {op}" for op, n in ops.most_common()]
-        rep = p / "report.json"
-        if rep.exists():
-            from .eval import format_summary
-            lines += ["", format_summary(json.loads(rep.read_text()))]
-        return "\n".join(lines)
-    from .arch import adapter_for_class
-    from .models import resolve_model
-    from .nn.surgery import matches
+    if p.is_dir() and (p / CONFIG_NAME).exists() and "quantization_config" in read_config(p, require_dicompress=False):
+        return _describe_artifact(p)
+    return _describe_model(path)
+
+
+def _describe_artifact(p: Path) -> str:
+    from ..io import verify_artifact
+    info = verify_artifact(p)
+    qcfg = read_config(p)["quantization_config"]
+    ops = Counter(f"{e['op']} {e.get('codec', '')} w{e['bits']}" if "bits" in e else e["op"]
+                  for e in qcfg.get("manifest", []))
+    lines = [f"artifact: {p}", f"  format version: {qcfg.get('format_version')}",
+             f"  source model:   {(qcfg.get('source') or {}).get('model')}"]
+    lines += [f"  {k}: {v}" for k, v in info.items() if k not in ("path",)]
+    lines.append("  manifest:")
+    lines += [f"    {n:4d} x {op}" for op, n in ops.most_common()]
+    rep = p / REPORT_NAME
+    if rep.exists():
+        from .summary import format_summary
+        lines += ["", format_summary(json.loads(rep.read_text()))]
+    return "\n".join(lines)
+
+
+def _describe_model(path: str) -> str:
+    import torch
+
+    from ..arch import adapter_for_class
+    from ..models import meta_model, resolve_model
+    from ..nn.surgery import matches
     info = resolve_model(path)
     adapter = adapter_for_class(info.class_name)
-    import torch
-    from .models import meta_model
     model = meta_model(info)          # built on the meta device: no weights are read
     d = adapter.describe(model)
     lin = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
