@@ -37,6 +37,7 @@ class DepthPass(Pass):
     needs_calibration = True
     needs_block_inputs = True
     changes_depth = True
+    changes_structure = True
 
     def __init__(self, config=None, **kwargs):
         super().__init__(config, **kwargs)
@@ -136,7 +137,7 @@ def removal_count(n_blocks: int, ratio: float | None, remove_blocks: int | None,
 
 def analysis_for(state, max_interval: int, progress: bool):
     """The depth analysis a `depth_analysis` pass left in the report, or a fresh one."""
-    rep = state.report.get("depth_analysis")
+    rep = state.section("depth_analysis")
     if rep is not None:
         return DepthAnalysis.from_report(rep)
     return analyze_depth(state.model, state.adapter, state.calibration, max_interval=max_interval, progress=progress)

@@ -17,7 +17,10 @@ class Pass:
     needs_calibration: ClassVar[bool] = False   # needs the calibration store (per-linear input statistics)
     needs_block_inputs: ClassVar[bool] = False  # ... and the captured per-block inputs (distillation, pruning)
     needs_teacher: ClassVar[bool] = False       # needs the uncompressed model alongside
-    changes_depth: ClassVar[bool] = False       # removes / converts blocks (the calibration names the old ones)
+    changes_depth: ClassVar[bool] = False       # removes / converts blocks (one such pass per recipe)
+    # changes the model's structure (depth, width, experts, attention): the passes after it read calibration
+    # captured again on the model as it now is (runner.CalibrationStages)
+    changes_structure: ClassVar[bool] = False
     reads_block_data: ClassVar[bool] = True     # its calibration data is per block / per linear of the captured model
     # works block by block on `state.scope` (touches nothing outside it and reads only that block's calibration):
     # the streaming pipeline may run it one block at a time; such a pass implements `summarize`

@@ -2,7 +2,7 @@
 
 What it measures is in analysis/depth.py (PPCL CKA trajectory and interval probes, Amber skip-one importance
 per timestep bin). It leaves, for the report and for later passes:
-    state.report["depth_analysis"]   the analysis as JSON (`DepthAnalysis.from_report` rebuilds it)
+    report section "depth_analysis"  the analysis as JSON (`DepthAnalysis.from_report` rebuilds it)
     state.files                      {"depth_analysis.png": PNG bytes} when `plot` (written into the artifact)
 and one layer row per block (importance, CKA per stream).
 """
@@ -55,7 +55,7 @@ class DepthAnalysisPass(Pass):
         c = self.config
         analysis = analyze_depth(state.model, state.adapter, self.calibration(state), max_interval=c.max_interval,
                                  timestep_bins=c.timestep_bins, max_tokens=c.max_tokens, progress=state.progress)
-        state.report["depth_analysis"] = analysis.to_report()
+        state.add_section("depth_analysis", analysis.to_report())
         if c.plot:
             buf = io.BytesIO()
             plot_depth(analysis, buf)

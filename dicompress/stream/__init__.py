@@ -1,5 +1,5 @@
 """Streaming compression: models larger than memory, one block's weights at a time."""
 from .checkpoint import Checkpoint, offloaded, release, skeleton
-from .sweep import Sweep, check_streamable, merge_records
+from .sweep import Sweep, block_records, check_streamable, streaming_section
 
-__all__ = ["Checkpoint", "Sweep", "check_streamable", "merge_records", "offloaded", "release", "skeleton"]
+__all__ = ["Checkpoint", "Sweep", "block_records", "check_streamable", "streaming_section", "offloaded", "release", "skeleton"]

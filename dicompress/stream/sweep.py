@@ -27,6 +27,9 @@ from tqdm.auto import tqdm
 from ..arch import adapter_for
 from ..errors import DicompressError, RecipeError
 from ..io.storage import round_parameters, stored_state_dict
+from ..records import PassRecord
+from ..report import attach_activation_stats
+from ..runner import run_passes
 from ..state import CompressionState
 from .blockdata import BlockCalibration, BlockInputs, run_over, stored_inputs
 from .checkpoint import Checkpoint, offloaded, release, skeleton
@@ -131,7 +134,6 @@ class Sweep:
         return got
 
     def _compress(self, b: int, ref, store) -> dict:
-        from ..report import attach_activation_stats
         t0 = time.perf_counter()
         st, name = self.state, ref.name
         block = self.checkpoint.load_module(self.model, name, self.dtype, self.device)
@@ -142,27 +144,22 @@ class Sweep:
             stats = run_over(block, self.adapter, name, inputs,
                              next_dir=nxt if self.propagate == "original" else None)
             st.calibration = BlockCalibration(store.meta, name, inputs, stats)
-        st.scope, st.manifest, st.report = (name,), [], {"passes": [], "layers": []}
-        per_pass = []
-        for i, p in enumerate(self.passes):
-            st.pass_index = i
-            n_manifest, n_rows, t = len(st.manifest), len(st.report["layers"]), time.perf_counter()
-            p.apply(st)
-            per_pass.append({"manifest": st.manifest[n_manifest:], "rows": st.report["layers"][n_rows:],
-                             "seconds": time.perf_counter() - t})
+        records = run_passes(st, self.passes, scope=(name,))
         if self.save_dtype is not None:     # the values the artifact holds (and, `compressed`, propagates)
             round_parameters(self.model.get_submodule(name), self.save_dtype)
         if store is not None:
-            attach_activation_stats(st.report["layers"], st.calibration.linear_stats())
+            stats = st.calibration.linear_stats()
+            for rec in records:
+                attach_activation_stats(rec.layers, stats)
             if self.propagate == "compressed" and nxt is not None:
                 run_over(block, self.adapter, name, inputs, next_dir=nxt, stats=False)
-        record = {"block": name, "stream": ref.stream, "passes": per_pass,
+        record = {"block": name, "stream": ref.stream, "passes": [r.to_json() for r in records],
                   "seconds": time.perf_counter() - t0, "peak_rss_bytes": _peak_rss()}
         tensors = stored_state_dict(self.model.get_submodule(name), self.save_dtype, prefix=name + ".")
         self.journal.finish_block(name, tensors, record)
         del tensors
         release(block)
-        st.calibration = None
+        st.calibration, st.records, st.manifest = None, [], []
         if b > 0:
             self.journal.drop_acts(name)
         return record
@@ -176,22 +173,14 @@ class Sweep:
         return [self.journal.shard(ROOT)] + [self.journal.shard(n) for n in self.names]
 
 
-def merge_records(passes, records: list[dict]) -> tuple[list[dict], dict]:
-    """The manifest and report of the whole run from the blocks' records: per pass, its entries and rows in
-    block order (as an in-memory run records them), one summary per pass from all its rows."""
-    manifest, report = [], {"passes": [], "layers": []}
-    for i, p in enumerate(passes):
-        rows = [r for rec in records for r in rec["passes"][i]["rows"]]
-        manifest += [e for rec in records for e in rec["passes"][i]["manifest"]]
-        if not rows:
-            raise RecipeError(f"{p.name} changed no layer of the model", key=f"passes[{i}].{p.name}",
-                              hint="check its include / keep patterns")
-        report["passes"].append({"pass": p.name, **p.summarize(rows),
-                                 "seconds": round(sum(rec["passes"][i]["seconds"] for rec in records), 3),
-                                 "config": p.config.model_dump(mode="json")})
-        report["layers"] += rows
-    report["streaming"] = {
-        "blocks": [{"block": r["block"], "stream": r["stream"], "seconds": round(r["seconds"], 3),
-                    "peak_rss_bytes": r.get("peak_rss_bytes"), "resumed": bool(r.get("resumed"))} for r in records],
-        "resumed_blocks": sum(bool(r.get("resumed")) for r in records)}
-    return manifest, report
+def block_records(records: list[dict]) -> list[PassRecord]:
+    """Every block's pass records, in block order (what `records.combine` merges per pass)."""
+    return [PassRecord.from_json(r) for rec in records for r in rec["passes"]]
+
+
+def streaming_section(records: list[dict]) -> dict:
+    """The report's `streaming` section: per block, its stream, seconds, peak RSS and whether it was resumed."""
+    return {"blocks": [{"block": r["block"], "stream": r["stream"], "seconds": round(r["seconds"], 3),
+                        "peak_rss_bytes": r.get("peak_rss_bytes"), "resumed": bool(r.get("resumed"))}
+                       for r in records],
+            "resumed_blocks": sum(bool(r.get("resumed")) for r in records)}
