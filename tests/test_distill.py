@@ -319,7 +319,7 @@ def test_distill_after_quantization_trains_floats_only(zoo_store, tiny_zoo_dir):
 
 
 def test_recipe_run_resumes_and_refuses_a_changed_recipe(tiny_zoo_dir, tmp_path, monkeypatch):
-    from dicompress import pipeline, report
+    from dicompress import paths, pipeline
     data = {"model": str(tiny_zoo_dir), "output": str(tmp_path / "art"), "eval": {"enabled": False},
             "calibration": {"source": "classes", "classes": [0, 5], "seeds": [0], "steps": 2},
             "passes": [{"distill": {"steps": 4, "batch_size": 2, "checkpoint_every": 2, "lr": 1e-3}}]}
@@ -329,7 +329,7 @@ def test_recipe_run_resumes_and_refuses_a_changed_recipe(tiny_zoo_dir, tmp_path,
 
     def broken_writer(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr(report, "write_run_artifact", broken_writer)
+    monkeypatch.setattr(paths, "write_artifact", broken_writer)
     with pytest.raises(OSError):
         pipeline.run(recipe, progress=False)
     assert (work / "0_end_to_end.pt").exists() and not (tmp_path / "art").exists()   # kept for the rerun

@@ -1,0 +1,124 @@
+"""A run's calibration: the recipe's capture, found in the cache or taken, on the model as given or (after a
+structural pass) on the model as it now is."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .calib import CalibrationStore, capture
+from .calib.sources import calls_per_step
+from .distributed import barrier
+from .errors import CalibrationError
+
+
+def cache_root(recipe) -> Path:
+    base = (recipe.calibration and recipe.calibration.cache_dir) or os.environ.get("DICOMPRESS_CACHE") \
+        or os.path.join(os.path.expanduser("~"), ".cache", "dicompress")
+    return Path(base) / "calib"
+
+
+def _calib_key(info, recipe, block_inputs, dtype) -> str:
+    weights = sorted(info.path.glob("*.safetensors"))
+    stamp = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in weights]
+    # block inputs come with the model's own inputs (and one chunk per model call): older stores are not reused
+    what = block_inputs if isinstance(block_inputs, str) else ("block+model_inputs:per_call" if block_inputs else False)
+    blob = json.dumps([str(info.path.resolve()), stamp, recipe.calibration.model_dump(mode="json"),
+                       what, str(dtype)], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """SHA-256 (16 hex digits) of a model's parameters and buffers: names, dtypes, shapes and values."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def capture_info(info) -> dict:
+    """What a capture records of the model (and what its sources read: the class table, the pipeline)."""
+    return {"name": info.name, "path": info.path, "pipeline_root": info.pipeline_root}
+
+
+def check_source(recipe, info) -> None:
+    cfg = recipe.calibration
+    if cfg is not None and cfg.source == "classes" and not info.is_zoo:
+        raise CalibrationError(f"calibration source 'classes' needs a model with a class-conditioning table "
+                               f"(zoo models and their artifacts); {info.name} has none",
+                               hint="use source: prompts, embeddings or synthetic")
+
+
+def recipe_store(recipe, passes, info, model, adapter, dtype, progress, echo, lead: bool = True,
+                 first_block_only: bool = False, before_capture=None):
+    """The recipe's calibration store: reused from the cache when the same capture exists, else captured (by
+    rank 0; the other ranks wait for it; `before_capture()` runs first). None when the recipe has none."""
+    cfg = recipe.calibration
+    if cfg is None:
+        return None
+    check_source(recipe, info)
+    need = any(p.needs_block_inputs for p in passes)
+    block_inputs = need if cfg.block_inputs == "auto" else bool(cfg.block_inputs)
+    what = "first_block+model_inputs" if first_block_only else block_inputs
+    root = cache_root(recipe) / _calib_key(info, recipe, what, dtype)
+
+    def take():
+        if before_capture is not None:
+            before_capture()
+        return capture(model, adapter, cfg, capture_info(info), root, block_inputs=block_inputs, progress=progress,
+                       first_block_only=first_block_only)
+    return _cached(root, lead, echo, take)
+
+
+def _cached(root: Path, lead: bool, echo, take):
+    if not lead:
+        barrier()                                  # rank 0 captures (or finds) the store
+        return CalibrationStore(root)
+    if (root / "meta.json").exists():
+        store = CalibrationStore(root)
+        echo(f"calibration: reusing {root}")
+    else:
+        store = take()
+    barrier()
+    return store
+
+
+def stage_store(recipe, passes, info, state, stage: int, index: int, dtype, progress, echo, lead: bool = True):
+    """Calibration captured on `state.model` as a structural pass left it (stage `stage`, before pass `index`):
+    the recipe's calibration set along the model's own sampling trajectories, with block inputs when a pass of
+    this stage reads them. Cached under the recipe's capture key, the passes so far and the model's digest."""
+    cfg = recipe.calibration
+    rest = passes[index:]
+    nxt = next((j for j, p in enumerate(rest) if getattr(p, "changes_structure", False)), len(rest))
+    need = any(p.needs_block_inputs for p in rest[:nxt + 1])
+    block_inputs = need if cfg.block_inputs == "auto" else bool(cfg.block_inputs)
+    base = _calib_key(info, recipe, block_inputs, dtype)
+    done = [{p.name: p.config.model_dump(mode="json")} for p in passes[:index]]
+    key = hashlib.sha256(json.dumps([base, stage, done, model_digest(state.model)], sort_keys=True,
+                                    default=str).encode()).hexdigest()[:16]
+    root = cache_root(recipe) / f"{base}-stage{stage}-{key}"
+    echo(f"calibration: stage {stage}: the model changed structure; capturing {cfg.source} calibration on it")
+    model = state.model.eval()
+    return _cached(root, lead, echo, lambda: capture(model, state.adapter, cfg, capture_info(info), root,
+                                                     block_inputs=block_inputs, progress=progress))
+
+
+def hint_block_batch(recipe, info, n_blocks: int, echo) -> None:
+    """A streamed capture reads every block at every model call: say so when fewer calls would do."""
+    cfg = recipe.calibration
+    try:
+        plan = calls_per_step(cfg, {"path": info.path})
+    except (OSError, KeyError, ValueError):         # the capture itself reports what is wrong
+        return
+    floor = len(cfg.seeds) if cfg.source == "prompts" else 1    # the prompts loop runs each seed on its own
+    if plan is None or plan[0] <= floor:
+        return
+    calls, samples = plan
+    echo(f"calibration: {calls} model calls per sampling step, each reading all {n_blocks} blocks from the "
+         f"checkpoint; `batch_size: {samples // floor}, block_batch: {cfg.block_batch or cfg.batch_size}` would "
+         f"make {floor} (the same rows, the same activation memory per block)")
