@@ -99,11 +99,6 @@ def build_passes(specs: list, file: str | None = None) -> list[Pass]:
         for i, p in enumerate(objs):
             for key, msg in p.check(objs[:i]):
                 problems.append((f"passes[{i}].{p.name}" + (f".{key}" if key else ""), msg))
-            depth = next((q for q in objs[:i] if q.changes_depth), None)
-            if depth and (p.needs_calibration or p.needs_block_inputs) and p.reads_block_data:
-                problems.append((f"passes[{i}].{p.name}", f"reads calibration captured block by block on the model "
-                                 f"before {depth.name} changed its depth; run it on the pruned artifact in a second "
-                                 "recipe (`dicompress run RECIPE --model OUT_DIR_OF_THE_PRUNING_RUN`)"))
     if problems:
         raise _recipe_error(problems, file)
     return objs

@@ -22,7 +22,7 @@ from ..errors import ArtifactError, ModelError
 from ..nn.act import TransformedLinear
 from ..nn.qlinear import QuantLinear
 from ..nn.surgery import set_module
-from .manifest import FORMAT_VERSION, replay
+from .manifest import FORMAT_VERSION, ORIGINAL_MODEL_OPS, replay
 
 DIFFUSERS_RANGE = ">=0.35,<0.43"
 
@@ -109,7 +109,7 @@ class DicompressQuantizer(DiffusersQuantizer):
         replay(model, cfg.manifest, device="meta", written_by=cfg.dicompress_version)
         # Buffers of rebuilt modules are format tensors (codes, scales ...): their dtype is part of
         # the format, unlike parameters, which follow the user's torch_dtype.
-        touched = {e["module"] for e in cfg.manifest}
+        touched = {e["module"] for e in cfg.manifest if e["op"] not in ORIGINAL_MODEL_OPS}
         self._stored_dtype = {f"{m}.{b}": t.dtype for m in touched
                               for b, t in model.get_submodule(m).named_buffers(recurse=True)}
         return model

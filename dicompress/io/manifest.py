@@ -121,6 +121,10 @@ def _check_block(model: nn.Module, entry: dict, device) -> None:
     model.get_submodule(entry["module"])   # AttributeError: the config's depth disagrees with the manifest
 
 
+# ops whose `module` names a module of the *original* model (not present in the loaded one)
+ORIGINAL_MODEL_OPS = frozenset({"remove_block"})
+
+
 @register_manifest_op("remove_block")
 def _record_only(model: nn.Module, entry: dict, device) -> None:
     """Names a block of the *original* model; nothing to rebuild."""
