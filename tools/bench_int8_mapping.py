@@ -34,6 +34,7 @@ from dicompress.eval.metrics import psnr_db, sqnr_db
 from dicompress.kernels import gemm_mode, int8_mapped_weight
 from dicompress.models import load_transformer, resolve_model
 from dicompress.nn.qlinear import QuantLinear
+from dicompress.quant.codecs import get_codec
 
 
 def mapping_sqnr(model) -> list[dict]:
@@ -42,9 +43,8 @@ def mapping_sqnr(model) -> list[dict]:
     for name, q in model.named_modules():
         if isinstance(q, QuantLinear):
             exact = q.dequantize()
-            aux = q.grid if q.codec == "tlq" else q.zeros
-            mapped = int8_mapped_weight(q.codes(), q.codec, q.scales, aux, getattr(q, "eta", None), q.bits,
-                                        q.group_size)
+            scales, aux, eta = get_codec(q.codec).kernel_args.of(q)
+            mapped = int8_mapped_weight(q.codes(), q.codec, scales, aux, eta, q.bits, q.group_size)
             rows.append({"module": name, "shape": [q.out_features, q.in_features],
                          "sqnr_db": round(sqnr_db(exact, mapped), 2)})
     return rows

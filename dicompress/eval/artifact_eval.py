@@ -6,18 +6,22 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import torch
+
+from ..arch import adapter_for_class
 from ..errors import DicompressError
+from ..io import load, verify_artifact
 from ..io.names import CONFIG_NAME, REPORT_NAME
 from ..io.verify import read_config
+from ..models import load_transformer, meta_model, resolve_model
+from ..nn.surgery import matches
+from .digits_eval import evaluate_digits, layer_sqnr_table
+from .summary import format_summary
 
 
 def evaluate_artifact(artifact: str | Path, samples_per_class: int = 20, steps: int | None = None,
                       progress: bool = True) -> dict:
     """Load an artifact, rebuild its source model, and measure the artifact against it."""
-    from ..io import load, verify_artifact
-    from ..models import load_transformer, resolve_model
-    from .digits_eval import evaluate_digits, layer_sqnr_table
-
     path = Path(artifact)
     verify_artifact(path)
     qcfg = read_config(path)["quantization_config"]
@@ -54,7 +58,6 @@ def inspect_path(path: str) -> str:
 
 
 def _describe_artifact(p: Path) -> str:
-    from ..io import verify_artifact
     info = verify_artifact(p)
     qcfg = read_config(p)["quantization_config"]
     ops = Counter(f"{e['op']} {e.get('codec', '')} w{e['bits']}" if "bits" in e else e["op"]
@@ -66,17 +69,11 @@ def _describe_artifact(p: Path) -> str:
     lines += [f"    {n:4d} x {op}" for op, n in ops.most_common()]
     rep = p / REPORT_NAME
     if rep.exists():
-        from .summary import format_summary
         lines += ["", format_summary(json.loads(rep.read_text()))]
     return "\n".join(lines)
 
 
 def _describe_model(path: str) -> str:
-    import torch
-
-    from ..arch import adapter_for_class
-    from ..models import meta_model, resolve_model
-    from ..nn.surgery import matches
     info = resolve_model(path)
     adapter = adapter_for_class(info.class_name)
     model = meta_model(info)          # built on the meta device: no weights are read

@@ -16,6 +16,7 @@ from __future__ import annotations
 from enum import Enum
 
 import torch
+from packaging.specifiers import SpecifierSet
 from torch import nn
 
 from ..errors import ArtifactError, ModelError
@@ -27,6 +28,7 @@ from .manifest import FORMAT_VERSION, ORIGINAL_MODEL_OPS, replay
 DIFFUSERS_RANGE = ">=0.35,<0.43"
 
 try:
+    import diffusers
     from diffusers.quantizers import auto as _auto
     from diffusers.quantizers.base import DiffusersQuantizer
     from diffusers.quantizers.quantization_config import QuantizationConfigMixin
@@ -41,9 +43,6 @@ class DicompressMethod(str, Enum):
 
 
 def check_diffusers_version() -> None:
-    import diffusers
-    from packaging.specifiers import SpecifierSet
-
     if diffusers.__version__ not in SpecifierSet(DIFFUSERS_RANGE, prereleases=True):
         raise ModelError(
             f"dicompress loads artifacts through diffusers internals tested for diffusers{DIFFUSERS_RANGE}; "

@@ -9,7 +9,9 @@ from pathlib import Path
 from safetensors.torch import load_file
 from torch import nn
 
+from ..arch import adapter_for
 from ..errors import ArtifactError
+from ..nn.surgery import set_block_list
 from .names import INTERVALS_NAME
 
 
@@ -20,8 +22,6 @@ def interval_entries(config: dict) -> list[dict]:
 def plug_intervals(model: nn.Module, artifact_dir: str | os.PathLike, config: dict, plug) -> nn.Module:
     """Unplug every PPCL interval not in `plug` (interval numbers as in the manifest / report): its trained block
     is replaced by the teacher blocks it stood for. In place; returns `model`."""
-    from ..arch import adapter_for
-    from ..nn.surgery import set_block_list
     entries = interval_entries(config)
     known = {e["interval"] for e in entries}
     plug = set(plug)

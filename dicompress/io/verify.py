@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+import diffusers
+from accelerate import init_empty_weights
 from torch import nn
 
 from ..errors import ArtifactError
@@ -104,14 +106,10 @@ def _read_weight_headers(root: Path) -> dict[str, dict[str, TensorEntry]]:
 
 def meta_model(config: dict, *, replayed: bool = True) -> nn.Module:
     """The artifact's model on the meta device, built from its config (and rebuilt by its manifest)."""
-    import diffusers
-
     cls = getattr(diffusers, config["_class_name"], None)
     if cls is None:
         raise ArtifactError(f"{CONFIG_NAME} names class {config['_class_name']!r}, which diffusers "
                             f"{diffusers.__version__} does not have", hint="upgrade diffusers")
-    from accelerate import init_empty_weights
-
     init = {k: v for k, v in config.items() if k != "quantization_config"}
     with init_empty_weights():  # what diffusers' from_pretrained uses: parameters on meta, buffers real
         model = cls.from_config(init)

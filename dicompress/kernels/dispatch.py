@@ -20,6 +20,8 @@ import os
 from contextlib import contextmanager
 from functools import lru_cache
 
+import torch
+
 BACKENDS = ("auto", "reference")
 MODES = ("decode", "int8", "int8_unpacked")
 INT8_MODES = ("int8", "int8_unpacked")      # modes computing with the int8-mapped levels
@@ -66,7 +68,6 @@ MIN_CAPABILITY = (8, 0)       # Triton's kernels need Ampere or newer (compiled 
 
 @lru_cache(maxsize=16)
 def _capability(index: int) -> tuple[int, int]:
-    import torch
     return tuple(torch.cuda.get_device_capability(index))
 
 
@@ -74,7 +75,6 @@ def capability(device) -> tuple[int, int]:
     """Compute capability of a CUDA device; (9, 0) for anything else (the interpreter on the CPU)."""
     if getattr(device, "type", None) != "cuda":
         return (9, 0)
-    import torch
     return _capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
@@ -88,7 +88,7 @@ def triton_supported(device) -> bool:
 def has_triton() -> bool:
     """Triton is optional: without it every op runs its reference implementation."""
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (optional dependency: this import is the probe)
     except ImportError:
         return False
     return True
@@ -96,7 +96,6 @@ def has_triton() -> bool:
 
 def describe() -> str:
     """Which implementation the quantized linears run on this machine, and why (`dicompress kernels`)."""
-    import torch
     force_reference()                         # both settings checked first: a bad value is the answer
     lines = [f"torch {torch.__version__}; triton {_triton_version() or 'not installed'}",
              f"DICOMPRESS_KERNELS={os.environ.get('DICOMPRESS_KERNELS', 'auto')} "
@@ -129,5 +128,5 @@ def describe() -> str:
 def _triton_version() -> str | None:
     if not has_triton():
         return None
-    import triton
+    import triton  # optional and heavy: only once has_triton() has found it
     return triton.__version__

@@ -66,7 +66,7 @@ def quantize_act_cpu(x, smooth, signs, rotation, bits):
 def quantize_act_cuda(x, smooth, signs, rotation, bits):
     if force_reference() or not has_triton() or not triton_supported(x.device):
         return reference.quantize_act(x, smooth, signs, rotation, bits)
-    from .triton_act import quantize_act_triton
+    from .triton_act import quantize_act_triton  # lazy: imports triton (optional, heavy), on CUDA only
     return quantize_act_triton(x, smooth, signs, rotation, bits)
 
 
@@ -83,5 +83,5 @@ def qlinear_cuda(x, x_scale, qweight, scales, aux, eta, bias, codec, bits, group
     args = (x, x_scale, qweight, scales, aux, eta, bias, codec, bits, group_size, check_mode(mode), out_dtype)
     if force_reference() or not has_triton() or not triton_supported(x.device):
         return reference.qlinear(*args)
-    from .triton_gemm import qlinear_triton
+    from .triton_gemm import qlinear_triton  # lazy: imports triton (optional, heavy), on CUDA only
     return qlinear_triton(*args)

@@ -12,6 +12,8 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
+from ..calib.hessian import block_hessians, hessian_phases
+from ..errors import CalibrationError
 from ..nn.qlinear import QuantLinear
 from ..nn.surgery import set_module
 from ..quant.codecs import get_codec
@@ -174,7 +176,6 @@ class BlockHessians:
         return hessian_quadratic_forms(mats, blocks())
 
     def _collect(self, block: str) -> None:
-        from ..calib.hessian import block_hessians, hessian_phases
         for f in self.dir.iterdir():
             f.unlink()
         model, store = self.state.model, self.state.calibration
@@ -204,7 +205,6 @@ class WeightQuantPass(Pass):
         if self.config.gptq:
             store = self.calibration(state)
             if not store.has_block_inputs:
-                from ..errors import CalibrationError
                 raise CalibrationError(f"{self.name} with gptq: true needs the calibration's block inputs, "
                                        "but this store holds statistics only",
                                        hint="set `calibration.block_inputs: auto` (or true) and capture again")

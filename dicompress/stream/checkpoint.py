@@ -6,7 +6,9 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
+import diffusers
 import torch
+from accelerate import init_empty_weights
 from torch import nn
 
 from ..errors import ModelError
@@ -110,8 +112,6 @@ def read_tensors(file: Path, names: list[str]) -> dict[str, torch.Tensor]:
 def skeleton(class_name: str, path: Path) -> nn.Module:
     """The model's module tree from its config: parameters on the meta device, buffers real (as diffusers'
     from_pretrained builds it), so non-persistent buffers such as rotary tables are computed."""
-    import diffusers
-    from accelerate import init_empty_weights
     cls = getattr(diffusers, class_name)
     with init_empty_weights():
         model = cls.from_config(cls.load_config(str(path)))
