@@ -4,6 +4,8 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from ..config import PassConfig  # defined in the leaf dicompress.config; re-exported here
+from ..errors import CalibrationError, RecipeError
+from ..nn.surgery import iter_linears
 
 PASSES: dict[str, type["Pass"]] = {}
 
@@ -49,7 +51,6 @@ class Pass:
         """The calibration store, or a CalibrationError naming this pass (for direct `apply` calls;
         recipes and `compress` check earlier)."""
         if state.calibration is None:
-            from ..errors import CalibrationError
             raise CalibrationError(f"the {self.name} pass needs calibration statistics",
                                    hint="add a `calibration` section to the recipe, or pass calibration=...")
         return state.calibration
@@ -62,8 +63,6 @@ class Pass:
 def select_layers(state, pass_name: str, include, keep, finder=None) -> list:
     """The `(name, module)` pairs a pass works on: its `include` / `keep` patterns (null = the
     architecture's defaults) through `finder` (default: `iter_linears`); none at all is a recipe error."""
-    from ..errors import RecipeError
-    from ..nn.surgery import iter_linears
     include = include if include is not None else state.adapter.quant_include
     keep = keep if keep is not None else state.adapter.quant_keep
     targets = [(n, m) for n, m in (finder or iter_linears)(state.model, include, keep) if state.in_scope(n)]

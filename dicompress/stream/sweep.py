@@ -26,7 +26,9 @@ from tqdm.auto import tqdm
 
 from ..arch import adapter_for
 from ..errors import DicompressError, RecipeError
+from ..io.manifest import replay
 from ..io.storage import round_parameters, stored_state_dict
+from ..passes.base import select_layers
 from ..records import PassRecord
 from ..report import attach_activation_stats
 from ..runner import run_passes
@@ -59,7 +61,6 @@ def check_streamable(passes, enabled) -> bool:
 def _check_selection(state, passes) -> None:
     """Every pass's include / keep patterns select something in the whole model (checked on the skeleton before
     any weight is read; block by block an empty selection is normal)."""
-    from ..passes.base import select_layers
     for p in passes:
         if hasattr(p.config, "include"):
             select_layers(state, p.name, p.config.include, p.config.keep)
@@ -166,7 +167,6 @@ class Sweep:
 
     def _replay(self, record: dict) -> None:
         """A block finished by an earlier run: rebuild its modules on the meta device (footprint, config)."""
-        from ..io.manifest import replay
         replay(self.model, [e for p in record["passes"] for e in p["manifest"]], device="meta")
 
     def shards(self) -> list[Path]:
