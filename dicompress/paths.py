@@ -50,7 +50,7 @@ class InMemory:
     def write(self, job, manifest, make_report):
         round_parameters(self.model, job.save_dtype)         # evaluate what the artifact will hold
         teacher = self.state.teacher if job.evaluates else None
-        report = make_report(self.model, teacher, stats_store=self.stages.current, recaptured=self.captures)
+        report = make_report(self.model, teacher, stats_store=self.stages.fresh, recaptured=self.captures)
         files = artifact_files(self.state.files, report, job.recipe, job.info)
         write_artifact(self.model, job.out, manifest=manifest, report=report.to_dict(), source=job.source,
                        files=files, overwrite=job.recipe.overwrite, save_dtype=job.save_dtype)

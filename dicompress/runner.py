@@ -35,6 +35,11 @@ class CalibrationStages:
         self.recapture, self.on_stage_end = recapture, on_stage_end
         self.stage, self.stale = 0, False
 
+    @property
+    def fresh(self):
+        """The store describing the model as it is now, or None when the structure changed since the last one."""
+        return None if self.stale else self.current
+
     def store_for(self, p, index: int, state):
         if not p.reads_block_data:
             return self.original
