@@ -1,4 +1,5 @@
-"""`dicompress run | eval | inspect | kernels`: parse, call the API, print. Errors print without a traceback."""
+"""`dicompress run | eval | inspect | verify | kernels`: parse, call the API, print. Errors print without a
+traceback."""
 from __future__ import annotations
 
 import functools
@@ -10,7 +11,8 @@ import click
 
 from .errors import DicompressError
 from .eval import format_summary
-from .eval.artifact_eval import evaluate_artifact, inspect_path
+from .eval.artifact_eval import evaluate_artifact, inspect_path, verified_line
+from .io import verify_artifact
 from .kernels.dispatch import describe
 from .pipeline import run as run_recipe
 
@@ -66,10 +68,20 @@ def eval_cmd(artifact, samples_per_class, steps, json_out):
 
 @main.command()
 @click.argument("path")
+@click.option("--verify", is_flag=True, help="Also check every file of the artifact against its recorded SHA-256.")
 @_friendly
-def inspect(path):
+def inspect(path, verify):
     """Describe an artifact (manifest, footprint, report) or a model (architecture, blocks, linears)."""
-    click.echo(inspect_path(path))
+    click.echo(inspect_path(path, verify=verify))
+
+
+@main.command()
+@click.argument("artifact", type=click.Path())
+@_friendly
+def verify(artifact):
+    """Check an artifact: headers, manifest, and every file's SHA-256 against the one recorded when it was written
+    (exit 3 naming the file that differs)."""
+    click.echo(verified_line(verify_artifact(artifact, checksums=True)))
 
 
 @main.command()

@@ -337,9 +337,15 @@ def test_killed_write_leaves_nothing_that_loads(tmp_path):
     assert proc.returncode == 9, proc.stderr[-2000:]
     assert not out.exists()
     leftovers = [p for p in tmp_path.iterdir()]
-    assert all(p.name.startswith(".art.tmp-") for p in leftovers)  # hidden; a kill cannot clean up
+    assert leftovers and all(p.name.startswith(".art.incomplete-") for p in leftovers)  # a kill cannot clean up
+    assert all((p / ".dicompress-incomplete").is_file() for p in leftovers)             # ... but it is marked
     with pytest.raises(ArtifactError, match="directory missing"):
         load(out)
+    with pytest.raises(ArtifactError, match="interrupted write left this; delete it"):
+        load(leftovers[0])
+    torch.manual_seed(0)
+    write_artifact(FluxTransformer2DModel(**FLUX_CONFIG), out, manifest=[], report={}, source={})
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]      # the dead writer's temp dir is gone
 
 
 # -- (e) overwriting ---------------------------------------------------------------------------

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from ..arch import adapter_for_class
-from ..errors import DicompressError
+from ..errors import ArtifactError, DicompressError
 from ..io import load, verify_artifact
-from ..io.names import CONFIG_NAME, REPORT_NAME
+from ..io.names import CONFIG_NAME, MARKER_NAME, REPORT_NAME
 from ..io.verify import read_config
 from ..models import load_transformer, meta_model, resolve_model
 from ..nn.surgery import matches
@@ -49,22 +49,43 @@ def evaluate_artifact(artifact: str | Path, samples_per_class: int = 20, steps: 
     return report
 
 
-def inspect_path(path: str) -> str:
-    """An artifact's manifest, footprint and report, or a model's architecture, blocks and linears."""
+def inspect_path(path: str, verify: bool = False) -> str:
+    """An artifact's manifest, footprint and report (every weight file's header checked; `verify`: every file's
+    SHA-256 too), or a model's architecture, blocks and linears."""
     p = Path(path)
+    if p.is_dir() and (p / MARKER_NAME).exists():
+        verify_artifact(p)                # refuses it: an interrupted (or running) write
     if p.is_dir() and (p / CONFIG_NAME).exists() and "quantization_config" in read_config(p, require_dicompress=False):
-        return _describe_artifact(p)
+        return _describe_artifact(p, verify)
+    if verify:
+        raise ArtifactError(f"{path} is not a dicompress artifact: nothing to verify",
+                            hint="--verify checks an artifact's files against their recorded SHA-256")
     return _describe_model(path)
 
 
-def _describe_artifact(p: Path) -> str:
-    info = verify_artifact(p)
+def verified_line(summary: dict) -> str:
+    """One line saying what `verify_artifact(..., checksums=True)` checked."""
+    base = (f"{summary['n_tensors']} tensors in {len(summary['weight_files'])} weight file(s), "
+            f"manifest of {summary['manifest_length']} entries, format {summary['format_version']}")
+    sums = summary.get("checksums")
+    if sums is None:
+        return (f"OK {summary['path']}: headers and manifest check out ({base}); it records no checksums "
+                f"(written by dicompress {summary.get('dicompress_version') or '(unknown)'}, before checksums were "
+                f"recorded), so its bytes were not checked")
+    return (f"OK {summary['path']}: {sums['files']} files match their SHA-256 ({sums['bytes'] / 1e6:.1f} MB); "
+            f"{base}")
+
+
+def _describe_artifact(p: Path, verify: bool = False) -> str:
+    info = verify_artifact(p, checksums=verify)
     qcfg = read_config(p)["quantization_config"]
     ops = Counter(f"{e['op']} {e.get('codec', '')} w{e['bits']}" if "bits" in e else e["op"]
                   for e in qcfg.get("manifest", []))
     lines = [f"artifact: {p}", f"  format version: {qcfg.get('format_version')}",
              f"  source model:   {(qcfg.get('source') or {}).get('model')}"]
-    lines += [f"  {k}: {v}" for k, v in info.items() if k not in ("path",)]
+    lines += [f"  {k}: {v}" for k, v in info.items() if k not in ("path", "checksums")]
+    if verify:
+        lines.append("  verified: " + verified_line(info))
     lines.append("  manifest:")
     lines += [f"    {n:4d} x {op}" for op, n in ops.most_common()]
     rep = p / REPORT_NAME

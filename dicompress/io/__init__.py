@@ -3,8 +3,10 @@
     names.py            the file names of a model directory and an artifact
     safetensors_file.py the one safetensors header reader (with its truncation checks) and the aligned writer
     manifest.py         the versioned record of structural changes, replayed on the meta model
-    writer.py           write_artifact / write_artifact_from_shards: temp dir, fsync, verify, rename into place
-    verify.py           read_config and verify_artifact (headers and manifest, no tensor data)
+    writer.py           write_artifact / write_artifact_from_shards: temp dir, checksums, fsync, verify, rename
+    verify.py           read_config and verify_artifact (headers and manifest; checksums on request)
+    checksums.py        the SHA-256 of an artifact's files, recorded in config.json and checked
+    incomplete.py       the marker of a directory being written; refused by readers, removed when its writer died
     loader.py           load: verify, then diffusers' from_pretrained through the plug-in
     diffusers_plugin.py the "dicompress" quantizer registered with diffusers
     storage.py          the dtype kept parameters are stored in;  pluggable.py  PPCL's intervals at load time

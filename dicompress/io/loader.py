@@ -15,15 +15,19 @@ from .verify import read_config, verify_artifact
 
 
 def load(artifact_dir: str | os.PathLike, device: str | torch.device = "cpu",
-         torch_dtype: torch.dtype | None = None, plug=None) -> nn.Module:
+         torch_dtype: torch.dtype | None = None, plug=None, verify: bool = False) -> nn.Module:
     """Verify, then load through diffusers' own `from_pretrained`; returns the model in eval mode.
+
+    Every load checks config, manifest and every weight file's header (no tensor data is read for that);
+    `verify=True` also re-hashes every file against the SHA-256 recorded at write time (about 1 s per GB) and
+    refuses a file that differs. An artifact written before checksums were recorded loads either way.
 
     `torch_dtype` applies to the uncompressed parameters only; codec tensors keep their stored dtypes.
     With the default (None) those parameters are fp32, whatever dtype stores them: what CPU inference wants.
     `plug`: for `ppcl_depth` artifacts, the interval numbers to keep plugged in (None = all); the others get
     their teacher blocks back.
     """
-    summary = verify_artifact(artifact_dir)
+    summary = verify_artifact(artifact_dir, checksums=verify)
     register_with_diffusers()
     cls = getattr(diffusers, summary["class_name"])
     model = cls.from_pretrained(artifact_dir, torch_dtype=torch_dtype or torch.float32)

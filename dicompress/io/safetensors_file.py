@@ -6,6 +6,7 @@ The format: an 8-byte little-endian header length n, n bytes of JSON {name: {dty
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -62,7 +63,26 @@ def read_safetensors_header(path: str | os.PathLike, *, error: type[DicompressEr
     if need > size:
         raise error(f"{path} is truncated: {size} bytes, its header needs {need} bytes",
                     hint=hint or "the file is damaged or was cut while copying; copy or write the artifact again")
+    problem = _layout_problem(entries, 8 + n, size)
+    if problem:
+        raise error(f"{path}: malformed safetensors header: {problem}",
+                    hint=hint or "the file is damaged or was edited; copy or write the artifact again")
     return entries
+
+
+def _layout_problem(entries: dict[str, TensorEntry], data_start: int, size: int) -> str | None:
+    """What safetensors itself refuses (its loader then fails with a bare OSError): tensors whose byte ranges
+    overlap or leave a gap (the data section is the tensors back to back), or bytes after the last tensor."""
+    at, prev = data_start, None
+    for name, e in sorted(entries.items(), key=lambda kv: (kv[1].start, kv[1].stop)):
+        if e.start < at:
+            return f"tensor {name} (bytes {e.start}..{e.stop}) overlaps {prev}"
+        if e.start > at:
+            return f"{e.start - at} bytes before tensor {name} belong to no tensor"
+        at, prev = e.stop, name
+    if at != size:
+        return f"{size - at} bytes after the last tensor belong to no tensor"
+    return None
 
 
 def _entry(name: str, t: dict, data_start: int) -> TensorEntry:
@@ -78,11 +98,12 @@ def _entry(name: str, t: dict, data_start: int) -> TensorEntry:
     return TensorEntry(t["dtype"], shape, data_start + begin, data_start + end)
 
 
-def save_aligned_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+def save_aligned_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> str:
     """A safetensors file whose tensors start at 64-byte file offsets wherever their sizes allow (the header is
     padded so the data section starts aligned; tensors whose sizes are multiples of 64 bytes come first). A
     loader's memory-mapped views are then aligned as CPU GEMM wants, so `_realign_cpu_tensors` copies only the
-    few small odd-sized tensors at the end, not the weights. The format has no holes: offsets are contiguous."""
+    few small odd-sized tensors at the end, not the weights. The format has no holes: offsets are contiguous.
+    Returns the file's SHA-256 (hex), taken as the bytes are written."""
     order = sorted(tensors, key=lambda k: (_nbytes(tensors[k]) % ALIGN != 0, k))
     header, offset = {}, 0
     for k in order:
@@ -94,13 +115,18 @@ def save_aligned_safetensors(tensors: dict[str, torch.Tensor], path: str | os.Pa
         offset += _nbytes(t)
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % ALIGN)
+    digest = hashlib.sha256()
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
+        for chunk in (struct.pack("<Q", len(raw)), raw):
+            f.write(chunk)
+            digest.update(chunk)
         for k in order:
             t = tensors[k].detach().contiguous().cpu()
             if t.numel():
-                f.write(t.reshape(-1).view(torch.uint8).numpy().data)     # the tensor's bytes, not a copy
+                data = t.reshape(-1).view(torch.uint8).numpy().data     # the tensor's bytes, not a copy
+                f.write(data)
+                digest.update(data)
+    return digest.hexdigest()
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -1,11 +1,16 @@
-"""Writing an artifact: everything goes into a hidden sibling temp directory, is fsynced and verified, and only
-then renamed into place, so a crash at any point leaves the output absent (or the old artifact intact)."""
+"""Writing an artifact: everything goes into a hidden sibling temp directory (`.<name>.incomplete-XXXX/`, with a
+`.dicompress-incomplete` marker naming the writer's pid), is checksummed, fsynced and verified, and only then
+renamed into place, so a crash at any point leaves the output absent (or the old artifact intact) and nothing
+that loads. The SHA-256 of every file but config.json and report.json goes into config.json
+(`quantization_config.checksums`): taken as the bytes are written where the writer writes them (extra files,
+copied shards), else read back from the freshly written temp file before the rename (the shards diffusers'
+`save_pretrained` writes on the in-memory path; hard-linked streaming shards)."""
 from __future__ import annotations
 
 import json
 import os
+import hashlib
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +18,8 @@ import torch
 from torch import nn
 
 from ..errors import ArtifactError, ModelError
+from .checksums import complete_checksums, copy_with_sha256, sha256_file
+from .incomplete import make_temp_dir, mark_complete, remove_stale, writing
 from .manifest import FORMAT_VERSION, dicompress_version
 from .names import CONFIG_NAME, INDEX_NAME, REPORT_NAME, WEIGHTS_NAME, WEIGHTS_PREFIX, shard_name
 from .safetensors_file import read_safetensors_header
@@ -29,18 +36,19 @@ def write_artifact(model: nn.Module, out_dir: str | os.PathLike, *, manifest: li
     """Write `model` (already rewritten in place) as a dicompress artifact at `out_dir`; floating parameters
     are stored as `save_dtype` (None: as they are; see `storage.py`).
 
-    Everything goes into a hidden sibling temp directory, is fsynced and verified, and only then
+    Everything goes into a hidden sibling temp directory, is checksummed, fsynced and verified, and only then
     renamed into place: a crash at any point leaves `out_dir` absent (or, when overwriting, the old
-    artifact intact). Returns the artifact path.
+    artifact intact). The weight shards are written by diffusers' `save_pretrained`, so their SHA-256 is read
+    back from the temp files before the rename. Returns the artifact path.
     """
     out = _check_out(model, out_dir, overwrite)
     extra = _check_extra_files(files or {})
     quant_config = _quant_config(manifest, source)
 
-    def fill(tmp: Path) -> None:
+    def fill(tmp: Path, sums: dict[str, str]) -> None:
         _write_bytes(tmp / REPORT_NAME, _json_bytes(report, "report"))
         for name, data in extra.items():
-            _write_bytes(tmp / name, data)
+            _write_bytes(tmp / name, data, sums)
         with parameters_stored_as(model, save_dtype):
             model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         # Last: until config.json carries the manifest, the directory is not a dicompress artifact.
@@ -52,38 +60,38 @@ def write_artifact(model: nn.Module, out_dir: str | os.PathLike, *, manifest: li
 def write_artifact_from_shards(config_model: nn.Module, shards: list[Path], out_dir: str | os.PathLike, *,
                                manifest: list[dict], source: dict, finish, overwrite: bool = False) -> Path:
     """Write an artifact whose weights are already safetensors files (the streaming pipeline's finished
-    blocks): they become the artifact's shards (hard-linked when on the same file system, else copied), with
-    the index, and `config_model`'s config (+ the manifest). `finish(tmp_dir) -> (report, files)` runs once
+    blocks): they become the artifact's shards (hard-linked when on the same file system, hashed once then;
+    else copied, hashed while copying), with the index, and `config_model`'s config (+ the manifest). `finish(tmp_dir) -> (report, files)` runs once
     weights and config are in place (it may load the artifact from there, e.g. to evaluate it); then, as
     `write_artifact`, everything is fsynced, verified and renamed into place."""
     out = _check_out(config_model, out_dir, overwrite)
     quant_config = _quant_config(manifest, source)
 
-    def fill(tmp: Path) -> None:
-        _write_shards(shards, tmp)
+    def fill(tmp: Path, sums: dict[str, str]) -> None:
+        _write_shards(shards, tmp, sums)
         config_model.save_config(tmp)
         _add_quantization_config(tmp / CONFIG_NAME, quant_config)
         report, files = finish(tmp)
         for name, data in _check_extra_files(files or {}).items():
-            _write_bytes(tmp / name, data)
+            _write_bytes(tmp / name, data, sums)
         _write_bytes(tmp / REPORT_NAME, _json_bytes(report, "report"))
 
     return _write_atomically(out, fill)
 
 
-def _write_shards(shards: list[Path], tmp: Path) -> None:
-    """`shards` as the artifact's weight shards in `tmp`, with their index."""
+def _write_shards(shards: list[Path], tmp: Path, sums: dict[str, str]) -> None:
+    """`shards` as the artifact's weight shards in `tmp`, with their index; their digests go into `sums`."""
     weight_map, total = {}, 0
     for i, src in enumerate(shards):
         name = shard_name(i + 1, len(shards))
-        _link_or_copy(Path(src), tmp / name)
+        sums[name] = _link_or_copy(Path(src), tmp / name)
         for key in read_safetensors_header(tmp / name):
             if key in weight_map:
                 raise ArtifactError(f"tensor {key} is in two shards ({weight_map[key]}, {name})")
             weight_map[key] = name
         total += (tmp / name).stat().st_size
     _write_bytes(tmp / INDEX_NAME, _json_bytes({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                               "index"))
+                                               "index"), sums)
 
 
 def _check_out(model: nn.Module, out_dir, overwrite: bool) -> Path:
@@ -104,14 +112,21 @@ def _quant_config(manifest: list[dict], source: dict) -> dict:
 
 
 def _write_atomically(out: Path, fill) -> Path:
-    """`fill(tmp)` writes the artifact into a hidden sibling temp directory, which is fsynced, verified and only
-    then renamed to `out`: a crash at any point leaves `out` absent (or, when overwriting, the old one intact)."""
+    """`fill(tmp, sums)` writes the artifact into a hidden sibling temp directory (marked incomplete) and puts the
+    digests it took while writing into `sums`; the rest are hashed, all recorded in config.json, the directory
+    fsynced, verified, unmarked and only then renamed to `out`: a crash at any point leaves `out` absent (or,
+    when overwriting, the old one intact). Temp directories of dead writers to `out` are removed first."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale(out)
+    tmp = make_temp_dir(out, "incomplete")
     try:
-        fill(tmp)
-        _fsync_tree(tmp)
-        verify_artifact(tmp)
+        with writing(tmp):
+            sums: dict[str, str] = {}
+            fill(tmp, sums)
+            _record_checksums(tmp, sums)
+            _fsync_tree(tmp)
+            verify_artifact(tmp)
+        mark_complete(tmp)
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -119,11 +134,21 @@ def _write_atomically(out: Path, fill) -> Path:
     return out
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def _record_checksums(tmp: Path, sums: dict[str, str]) -> None:
+    """config.json's quantization_config gains {file: SHA-256} for every file but itself and report.json."""
+    config = json.loads((tmp / CONFIG_NAME).read_text())
+    config["quantization_config"]["checksums"] = complete_checksums(tmp, sums)
+    _write_bytes(tmp / CONFIG_NAME, _json_bytes(config, "checksums"))
+
+
+def _link_or_copy(src: Path, dst: Path) -> str:
+    """Hard-link `src` at `dst` (the work directory sits beside the output: no copy of the weights), else copy it;
+    returns its SHA-256 (hashed once when linked, while copying otherwise)."""
     try:
-        os.link(src, dst)          # the work directory sits beside the output: no copy of the weights
+        os.link(src, dst)
     except OSError:
-        shutil.copyfile(src, dst)
+        return copy_with_sha256(src, dst)
+    return sha256_file(dst)
 
 
 def _check_extra_files(files: dict[str, bytes]) -> dict[str, bytes]:
@@ -152,9 +177,12 @@ def _json_bytes(obj: Any, what: str) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=False, default=scalar) + "\n").encode()
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
+def _write_bytes(path: Path, data: bytes, sums: dict[str, str] | None = None) -> None:
+    """Write `data` to `path`; with `sums`, record its SHA-256 under the file's name."""
     with open(path, "wb") as f:
         f.write(data)
+    if sums is not None:
+        sums[path.name] = hashlib.sha256(data).hexdigest()
 
 
 def _fsync_tree(root: Path) -> None:
@@ -176,7 +204,7 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
     """rename(tmp -> out); an existing `out` is moved aside first and deleted only after the rename."""
     old = None
     if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old = make_temp_dir(out, "replaced")     # marked: removed by the next write if this process dies
         os.replace(out, old / out.name)
     try:
         os.replace(tmp, out)
