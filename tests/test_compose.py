@@ -14,6 +14,7 @@ from dicompress.calib import capture
 from dicompress.calib.config import CalibrationConfig
 from dicompress.arch import adapter_for
 from dicompress.errors import CalibrationError
+from dicompress.eval import format_summary
 from dicompress.passes import PASSES
 
 FAST = {"steps": 2, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 0}
@@ -69,6 +70,7 @@ def test_structural_pass_then_quantization_is_one_loadable_artifact(name, tiny_z
     assert recaptured[0]["rows"] == report["calibration"]["rows"]      # the same set, on the changed model
     assert [s["after"] for s in report["stages"]] == [f"passes[0].{name}", "passes[1].tlq"]
     assert all("psnr_db" in s["metrics"] for s in report["stages"])   # quality after each stage
+    assert f"passes[0].{name}" in format_summary(report).split("quality after each stage")[1]
     loaded = _load_in_fresh_process(tmp_path / name)
     blocks_left = report["passes"][0]["blocks_left"]
     assert (loaded["double"], loaded["single"]) == (blocks_left["transformer_blocks"],

@@ -104,6 +104,14 @@ def _metrics(m: dict) -> list[str]:
     return [f"quality ({plan})" if plan else "quality", *table(["metric", "student", "teacher"], rows)]
 
 
+def _stages(stages: list[dict]) -> list[str]:
+    """Quality after each stage of a recipe that restructured the model and went on (each vs the original)."""
+    keys = [k for k, _ in METRIC_ROWS[:3]]
+    rows = [[s["after"], *(fmt_value((s.get("metrics") or {}).get(k), k) for k in keys)] for s in stages]
+    return ["quality after each stage (vs the original model)",
+            *table(["after", *(label for _, label in METRIC_ROWS[:3])], rows)]
+
+
 def _ratio(size, bf16) -> str:
     return f"{size / bf16:.2f}x" if size and bf16 else "-"
 
@@ -161,6 +169,8 @@ def format_summary(report: dict) -> str:
         sections.append(_passes(report["passes"]))
     if report.get("metrics"):
         sections.append(_metrics(report["metrics"]))
+    if report.get("stages"):
+        sections.append(_stages(report["stages"]))
     if report.get("footprint"):
         sections.append(_footprint(report["footprint"]))
     if report.get("layers"):
