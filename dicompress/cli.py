@@ -29,6 +29,11 @@ def _friendly(fn):
             click.echo("interrupted: no artifact was written (outputs are renamed into place only when complete)",
                        err=True)
             sys.exit(130)
+        except OSError as e:   # the library maps the paths it knows (output: 3, cache: 2); anything else: 1
+            where = f": {e.filename}" if e.filename else ""
+            click.echo(f"error: {e.strerror or e}{where}\n  hint: check that the path exists and that you may read "
+                       "and write it (disk full? read-only file system?)", err=True)
+            sys.exit(1)
     return wrapper
 
 
@@ -54,8 +59,8 @@ def run(recipe, model, output, overwrite, quiet):
 
 @main.command("eval")
 @click.argument("artifact", type=click.Path())
-@click.option("--samples-per-class", default=20, show_default=True, type=int)
-@click.option("--steps", default=None, type=int, help="Sampling steps (default: the model's).")
+@click.option("--samples-per-class", default=20, show_default=True, type=click.IntRange(1, 10000))
+@click.option("--steps", default=None, type=click.IntRange(1, 1000), help="Sampling steps (default: the model's).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the metrics as JSON.")
 @_friendly
 def eval_cmd(artifact, samples_per_class, steps, json_out):

@@ -1,4 +1,12 @@
-"""Errors a user can act on. The CLI prints them without a traceback and exits with `exit_code`."""
+"""Errors a user can act on. The CLI prints them without a traceback and exits with `exit_code`:
+
+    1  anything else (DicompressError itself, an OSError the CLI caught)
+    2  the input is wrong: the recipe (RecipeError, also a work directory left by another recipe), the model
+       (ModelError, also a damaged checkpoint), the calibration (CalibrationError, also an unwritable cache),
+       distillation checkpoints (DistillError), an environment setting (SettingsError)
+    3  the artifact: incomplete, corrupt, from a newer format, or its output cannot be written (an existing
+       output, an unwritable directory, another run writing the same output)
+"""
 from __future__ import annotations
 
 
@@ -47,5 +55,11 @@ class CalibrationError(DicompressError):
 
 class DistillError(DicompressError):
     """Distillation cannot start or continue (e.g. a checkpoint left by another recipe or pass)."""
+
+    exit_code = 2
+
+
+class SettingsError(DicompressError):
+    """An environment setting (DICOMPRESS_KERNELS, DICOMPRESS_GEMM_MODE) holds a value dicompress does not know."""
 
     exit_code = 2

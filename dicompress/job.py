@@ -40,6 +40,12 @@ def work_dir_for(output: str | Path) -> Path:
     return out.with_name(out.name + ".work")
 
 
+def has_finished_work(work_dir: Path) -> bool:
+    """Whether a work directory holds something a rerun resumes: a training checkpoint (`*.pt`) or a finished
+    streamed block (`stream/records/*.json`)."""
+    return any(work_dir.rglob("*.pt")) or any((work_dir / "stream" / "records").glob("*.json"))
+
+
 def resolve_device(policy: str) -> torch.device:
     if policy == "cuda" and not torch.cuda.is_available():
         raise DicompressError("recipe asks for device: cuda but no CUDA GPU is visible",
@@ -76,6 +82,9 @@ STRUCTURAL_OPS = frozenset({"ppcl_interval", "hybrid_stream", "remove_block"})
 
 
 class Job:
+    """One recipe run on one process (each torchrun rank has its own; rank 0 leads). `run(path)` is the
+    whole run; `path` (paths.InMemory or paths.Streamed) supplies load, calibrate, compress and write."""
+
     def __init__(self, recipe, passes, info, device: torch.device, progress: bool, echo):
         self.rank = rank_world()[0]
         self.lead = self.rank == 0
@@ -111,7 +120,7 @@ class Job:
         entry = {"after": f"passes[{index}].{self.passes[index].name}",
                  "passes": [p.name for p in self.passes[:index + 1]]}
         if self.evaluates and self.lead:
-            with torch.random.fork_rng(devices=[]), self.timed("eval"):
+            with torch.random.fork_rng(devices=[]), self.timed("eval_stages"):   # (inside "passes" too)
                 entry["metrics"], _ = evaluate(state.model, state.teacher, self.info, self.recipe.eval,
                                                self.progress)
         self.stages.append(entry)

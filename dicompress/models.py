@@ -33,11 +33,14 @@ class ModelInfo:
 
 def _class_of(transformer_dir: Path) -> str:
     try:
-        cfg = json.loads((transformer_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        cfg = json.loads((transformer_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:      # ValueError: malformed JSON or not UTF-8
         raise ModelError(f"{transformer_dir}/config.json is unreadable: {e}", hint=HINT) from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{transformer_dir}/config.json is not a diffusers config (a JSON {type(cfg).__name__}, "
+                         "not a mapping)", hint=HINT)
     name = cfg.get("_class_name")
-    if not name:
+    if not name or not isinstance(name, str):
         raise ModelError(f"{transformer_dir} is not a diffusers model (config.json has no _class_name)", hint=HINT)
     return name
 

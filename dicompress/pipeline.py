@@ -1,20 +1,28 @@
 """The two entry points: `compress(model, passes)` (Python) and `run(recipe)` (a recipe, end to end)."""
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
 
 from .arch import adapter_for
+from .calibrate import cache_root, check_source
 from .distributed import init_distributed
-from .errors import ArtifactError
-from .job import Job, recipe_hash, resolve_device, work_dir_for
+from .errors import ArtifactError, CalibrationError, SettingsError
+from .job import Job, has_finished_work, recipe_hash, resolve_device, work_dir_for
+from .kernels.dispatch import check_settings
 from .models import resolve_model
 from .passes import Pass
 from .paths import InMemory, Streamed
 from .recipe import Recipe, build_passes, load_recipe
+from .runlock import output_lock
 from .runner import CalibrationStages, run_passes
 from .state import CompressionState
 from .stream import check_streamable
@@ -52,22 +60,38 @@ def run(recipe: Recipe | str | Path, progress: bool = True, echo=print, **overri
     """Run a recipe end to end: resolve the model, capture calibration, apply the passes (capturing again on
     the model as it is after each structural pass), evaluate, write the artifact. Returns the report.
 
-    Streamable recipes run block by block (`paths.Streamed`), the others on the whole model (`paths.InMemory`);
-    the two differ only in how weights arrive and leave. Under torchrun (WORLD_SIZE > 1) every rank runs the
-    passes (distillation shards its batches across them); rank 0 alone captures calibration (the others
-    wait, then read the store), prints, evaluates and writes the artifact. Training passes checkpoint into
-    `<output>.work/`, which is removed once the artifact is written and kept when the run fails, so a rerun
-    of the same recipe resumes."""
+    Everything a run reads is checked before any work (the recipe, the environment settings, the model's
+    config, the calibration's class indices and cache). `<output>.lock` then makes it the only run writing
+    `output`: a second one fails at once. Streamable recipes run block by block (`paths.Streamed`), the others
+    on the whole model (`paths.InMemory`); the two differ only in how weights arrive and leave. Under torchrun
+    (WORLD_SIZE > 1) every rank runs the passes (distillation shards its batches across them); rank 0 alone
+    takes the lock, captures calibration (the others wait, then read the store), prints, evaluates and writes
+    the artifact. Training passes checkpoint into `<output>.work/`, which is removed once the artifact is
+    written and kept when the run fails with finished work in it (a rerun of the same recipe resumes); a
+    work directory this run created that holds no finished work is removed when it fails."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, **overrides)
     elif overrides:
         recipe = recipe.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     passes = recipe.pass_objects()
+    try:
+        check_settings()
+    except ValueError as e:
+        raise SettingsError(str(e), hint="DICOMPRESS_KERNELS: auto | reference; DICOMPRESS_GEMM_MODE: decode | "
+                                         "int8 | int8_unpacked (README, Kernels)") from None
     info = resolve_model(recipe.model)               # fails fast: before any weight is read
+    check_calibration(recipe, info)
     out = Path(recipe.output)
-    if out.exists() and not recipe.overwrite:
-        raise ArtifactError(f"output {out} already exists", hint="choose another --output, delete it, "
-                            "or set `overwrite: true` in the recipe")
+    lead = int(os.environ.get("RANK", "0")) == 0     # torchrun's ranks share the output: rank 0 locks it
+    with output_lock(out, take=lead):
+        if out.exists() and not recipe.overwrite:
+            raise ArtifactError(f"output {out} already exists", hint="choose another --output, delete it, "
+                                "or set `overwrite: true` in the recipe")
+        with _work_dir_kept_only_with_work(work_dir_for(out), lead):
+            return _run(recipe, passes, info, progress, echo)
+
+
+def _run(recipe: Recipe, passes: list[Pass], info, progress: bool, echo) -> dict:
     if check_streamable(passes, recipe.streaming.enabled):
         return Job(recipe, passes, info, resolve_device(recipe.device), progress, echo).run(Streamed())
     device, owns_group = init_distributed(resolve_device(recipe.device))
@@ -76,3 +100,53 @@ def run(recipe: Recipe | str | Path, progress: bool = True, echo=print, **overri
     finally:
         if owns_group:
             dist.destroy_process_group()
+
+
+@contextmanager
+def _work_dir_kept_only_with_work(work_dir: Path, lead: bool):
+    """A failed run removes the work directory it created when nothing in it can be resumed: a corrected
+    recipe then starts clean instead of meeting a work directory it does not own."""
+    fresh = lead and not work_dir.exists()
+    try:
+        yield
+    except BaseException:
+        if fresh and work_dir.is_dir() and not has_finished_work(work_dir):
+            shutil.rmtree(work_dir, ignore_errors=True)
+        raise
+
+
+def class_rows(table: Path) -> int:
+    """Rows of a class-conditioning table (its `prompt_embeds`), read from the header only."""
+    try:
+        with safe_open(str(table), "pt") as f:
+            return f.get_slice("prompt_embeds").get_shape()[0]
+    except (OSError, SafetensorError, KeyError) as e:
+        raise CalibrationError(f"cannot read the class table {table}: {e}",
+                               hint="it must be a safetensors file with prompt_embeds and pooled_prompt_embeds") \
+            from None
+
+
+def check_calibration(recipe: Recipe, info) -> None:
+    """What the capture will read and write, before any weight is read: the source fits the model, every class
+    index is a row of the class table, and the calibration cache can be written."""
+    cfg = recipe.calibration
+    if cfg is None:
+        return
+    check_source(recipe, info)
+    if cfg.source in ("classes", "embeddings") and cfg.classes is not None:
+        table = Path(cfg.embeddings) if cfg.source == "embeddings" else info.path / "conditioning.safetensors"
+        rows = class_rows(table)
+        bad = sorted({c for c in cfg.classes if c >= rows})
+        if bad:
+            raise CalibrationError(f"calibration.classes: {bad} out of range: the class table {table} has {rows} "
+                                   f"rows (classes 0..{rows - 1})", hint="pick class indices below "
+                                   f"{rows}, or leave `classes` out to use every row")
+    root = cache_root(recipe)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as e:
+        raise CalibrationError(f"the calibration cache {root} is not writable: {e.strerror or e}",
+                               hint="set `calibration.cache_dir` or DICOMPRESS_CACHE to a writable directory") \
+            from None

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, PositiveInt, ValidationError
+from pydantic import Field, ValidationError
 
-from .calib.config import CalibrationConfig  # defined in the calibration leaf; re-exported here
+from .calib.config import MAX_SEED, CalibrationConfig  # defined in the calibration leaf; re-exported here
 from .config import StrictModel as _Strict
 from .errors import RecipeError
 from .passes import PASSES, Pass
@@ -16,9 +16,9 @@ from .passes import PASSES, Pass
 
 class EvalConfig(_Strict):
     enabled: bool = True
-    samples_per_class: PositiveInt = 20     # digits models: samples per class for PSNR / accuracy / Frechet
-    steps: PositiveInt | None = None        # default: the model's default sampling steps
-    seed: int = 1000                        # first seed; disjoint from calibration seeds
+    samples_per_class: int = Field(20, ge=1, le=10000)  # digits models: samples per class (PSNR, accuracy, Frechet)
+    steps: int | None = Field(None, ge=1, le=1000)      # default: the model's default sampling steps
+    seed: int = Field(1000, ge=0, le=MAX_SEED)          # first seed; disjoint from calibration seeds
     grid: bool = True                       # write samples.png (teacher | compressed)
 
 
@@ -33,15 +33,15 @@ class StreamingConfig(_Strict):
 
 
 class Recipe(_Strict):
-    model: str                              # zoo:NAME, a local diffusers directory, or a hub id (already downloaded)
+    model: str = Field(min_length=1)        # zoo:NAME, a local diffusers directory, or a hub id (already downloaded)
     calibration: CalibrationConfig | None = None
-    passes: list[Any]
-    output: str
+    passes: list[Any] = Field(min_length=1)  # at least one: a recipe without passes would write a plain copy
+    output: str = Field(min_length=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"   # auto: fp32 on CPU, bf16 on CUDA
     # the dtype of the artifact's kept (unquantized) parameters; auto: the checkpoint's own (bf16 for hub models)
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     overwrite: bool = False
     eval: EvalConfig = Field(default_factory=EvalConfig)
     streaming: StreamingConfig = Field(default_factory=StreamingConfig)
@@ -128,6 +128,18 @@ def resolve_path(value: str, file: str | None) -> Path:
     return p
 
 
+def read_text(path: Path, file: str | None) -> str:
+    """A YAML file's text; a binary, non-UTF-8 or unreadable file is a RecipeError naming it."""
+    what = "the file" if str(path) == file else str(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{what} is not a UTF-8 text file (byte {e.start}: {e.reason})", file=file,
+                          hint="a recipe is a YAML text file; check the path") from None
+    except OSError as e:
+        raise RecipeError(f"cannot read {what}: {e.strerror or e}", file=file) from None
+
+
 def _resolve_calibration(data: dict, file: str | None) -> None:
     """`calibration: FILE.yaml` includes a calibration set; data files named in it must exist."""
     cal = data.get("calibration")
@@ -136,7 +148,7 @@ def _resolve_calibration(data: dict, file: str | None) -> None:
         if not path.is_file():
             raise RecipeError(f"calibration set file {cal!r} not found", file=file, key="calibration")
         try:
-            cal = yaml.safe_load(path.read_text())
+            cal = yaml.safe_load(read_text(path, file))
         except yaml.YAMLError as e:
             raise RecipeError(f"malformed YAML in calibration set {path}: {e}", file=file, key="calibration") from None
         data["calibration"] = cal
@@ -183,7 +195,7 @@ def load_recipe(path: str | Path, **overrides) -> Recipe:
     if not path.is_file():
         raise RecipeError("recipe file not found", file=file, hint="check the path; ready recipes are in recipes/")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_text(path, file))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else None

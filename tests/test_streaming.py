@@ -11,7 +11,7 @@ import yaml
 from safetensors import safe_open
 
 import dicompress
-from dicompress.errors import DicompressError, ModelError, RecipeError
+from dicompress.errors import ModelError, RecipeError
 from dicompress.models import load_transformer, resolve_model
 from dicompress.passes.base import PASSES, Pass
 from dicompress.stream import Checkpoint, Sweep, offloaded, skeleton
@@ -108,12 +108,42 @@ def test_killed_run_resumes_from_finished_blocks(runs, tiny_zoo_dir, tmp_path, m
 
 
 def test_work_dir_of_another_recipe_is_refused(tiny_zoo_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(Sweep, "_compress", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    real = Sweep._compress
+
+    def killed_at_second(self, b, ref, store):
+        if b == 1:
+            raise KeyboardInterrupt
+        return real(self, b, ref, store)
+
+    monkeypatch.setattr(Sweep, "_compress", killed_at_second)
     with pytest.raises(KeyboardInterrupt):
         dicompress.run(_recipe(tmp_path / "a.yaml", tiny_zoo_dir, tmp_path / "out"), progress=False)
     other = W4A8[:2] + [{"tlq": {"bits": 3, "gptq": True}}] + W4A8[3:]
-    with pytest.raises(DicompressError, match="different recipe"):
+    with pytest.raises(RecipeError, match="different recipe") as err:       # a finished block of recipe a
         dicompress.run(_recipe(tmp_path / "b.yaml", tiny_zoo_dir, tmp_path / "out", passes=other), progress=False)
+    assert err.value.exit_code == 2
+    assert (tmp_path / "out.work" / "stream" / "records" / "transformer_blocks.0.json").exists()   # kept
+
+
+def test_failure_before_a_finished_block_leaves_no_work_dir(tiny_zoo_dir, tmp_path, monkeypatch):
+    """Nothing finished: the run removes the work directory it made, so a corrected recipe starts clean."""
+    monkeypatch.setattr(Sweep, "_compress", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError):
+        dicompress.run(_recipe(tmp_path / "a.yaml", tiny_zoo_dir, tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out.work").exists() and not (tmp_path / "out.lock").exists()
+
+
+def test_work_dir_without_a_finished_block_is_reset(tmp_path):
+    """A leftover of another recipe with no finished block (a run killed too hard to clean up) is reset."""
+    from dicompress.stream.journal import Journal
+    root = tmp_path / "out.work" / "stream"
+    (root / "shards").mkdir(parents=True)
+    (root / "key.json").write_text('{"key": "old"}\n')
+    (root / "shards" / "_root.safetensors").write_text("stale")
+    j = Journal(root, "new")
+    assert not (root / "key.json").exists() and not (root / "shards" / "_root.safetensors").exists()
+    j.finish_block("b0", {"w": torch.zeros(2)}, {"block": "b0"})
+    assert json.loads((root / "key.json").read_text())["key"] == "new" and j.record("b0") == {"block": "b0"}
 
 
 def test_propagating_compressed_outputs_changes_later_blocks_only(runs, tiny_zoo_dir, tmp_path):

@@ -2,31 +2,34 @@
 calibration code, recipes and passes can all read it without importing each other)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Field, model_validator
 
 from ..config import StrictModel
+
+MAX_SEED = 2**32 - 1                    # seeds are 32-bit (as numpy and most samplers take them)
 
 
 class CalibrationConfig(StrictModel):
     """What the calibration capture runs: every sampling timestep of every (condition, seed) pair."""
 
     source: Literal["classes", "embeddings", "prompts", "synthetic"] = "classes"
-    classes: list[int] | None = None        # classes: which class rows (default: all)
+    # classes: which class rows (default: all); each must be a row of the model's class table (checked by `run`)
+    classes: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, min_length=1)
     prompts: str | None = None              # prompts: text file, one prompt per line
     embeddings: str | None = None           # embeddings: safetensors with prompt_embeds, pooled_prompt_embeds
-    seeds: list[int] = Field(default_factory=lambda: [0])
-    steps: PositiveInt = 16                 # sampling steps (all captured)
-    batch_size: PositiveInt = 20
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(default_factory=lambda: [0], min_length=1)
+    steps: int = Field(16, ge=1, le=1000)   # sampling steps (all captured)
+    batch_size: int = Field(20, ge=1, le=4096)
     # samples each block runs at once during the capture, and rows per stored chunk (what block-by-block
     # work reads at once); null: the whole batch. A large batch_size with a small block_batch runs the
     # sampling loop's model calls on many samples while bounding activation memory: streaming reads every
     # block from the checkpoint once per model call, so this divides the reads by batch_size / block_batch.
-    block_batch: PositiveInt | None = None
-    guidance_scale: float = 3.5             # prompts source
-    height: PositiveInt = 1024              # prompts source, pixels
-    width: PositiveInt = 1024
+    block_batch: int | None = Field(None, ge=1, le=4096)
+    guidance_scale: float = Field(3.5, ge=0, le=100)           # prompts source
+    height: int = Field(1024, ge=16, le=8192, multiple_of=16)   # prompts source, pixels (multiples of 16)
+    width: int = Field(1024, ge=16, le=8192, multiple_of=16)
     block_inputs: Literal["auto"] | bool = "auto"   # auto: captured when a pass needs them
     cache_dir: str | None = None            # default: $DICOMPRESS_CACHE or ~/.cache/dicompress
 

@@ -37,6 +37,13 @@ def _choice(var: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def check_settings() -> None:
+    """Both variables' values (ValueError naming the variable when one is unknown): a run checks them first,
+    so a typo fails before the compression work rather than when the first quantized linear runs."""
+    _choice("DICOMPRESS_KERNELS", BACKENDS)
+    _choice("DICOMPRESS_GEMM_MODE", MODES)
+
+
 def force_reference() -> bool:
     return _choice("DICOMPRESS_KERNELS", BACKENDS) == "reference"
 
