@@ -61,9 +61,10 @@ def write_artifact_from_shards(config_model: nn.Module, shards: list[Path], out_
                                manifest: list[dict], source: dict, finish, overwrite: bool = False) -> Path:
     """Write an artifact whose weights are already safetensors files (the streaming pipeline's finished
     blocks): they become the artifact's shards (hard-linked when on the same file system, hashed once then;
-    else copied, hashed while copying), with the index, and `config_model`'s config (+ the manifest). `finish(tmp_dir) -> (report, files)` runs once
-    weights and config are in place (it may load the artifact from there, e.g. to evaluate it); then, as
-    `write_artifact`, everything is fsynced, verified and renamed into place."""
+    else copied, hashed while copying), with the index, and `config_model`'s config (+ the manifest).
+    `finish(tmp_dir) -> (report, files)` runs once weights and config are in place (it may load the artifact
+    from there despite its incomplete marker, e.g. to evaluate it); then, as `write_artifact`, everything is
+    checksummed, fsynced, verified and renamed into place."""
     out = _check_out(config_model, out_dir, overwrite)
     quant_config = _quant_config(manifest, source)
 
