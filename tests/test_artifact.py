@@ -337,7 +337,7 @@ def test_killed_write_leaves_nothing_that_loads(tmp_path):
     assert proc.returncode == 9, proc.stderr[-2000:]
     assert not out.exists()
     leftovers = [p for p in tmp_path.iterdir()]
-    assert leftovers and all(p.name.startswith(".art.incomplete-") for p in leftovers)  # a kill cannot clean up
+    assert leftovers and all(p.name.startswith(".art.tmp-incomplete-") for p in leftovers)  # a kill cannot clean up
     assert all((p / ".dicompress-incomplete").is_file() for p in leftovers)             # ... but it is marked
     with pytest.raises(ArtifactError, match="directory missing"):
         load(out)

@@ -191,8 +191,8 @@ def test_a_marked_directory_is_refused(art, tmp_path):
 
 def test_the_next_write_removes_dead_writers_temp_dirs(art, tmp_path):
     model, _, manifest = art
-    dead, live = tmp_path / ".out.incomplete-dead", tmp_path / ".out.replaced-live"
-    unmarked = tmp_path / ".out.incomplete-x"
+    dead, live = tmp_path / ".out.tmp-incomplete-dead", tmp_path / ".out.tmp-replaced-live"
+    unmarked = tmp_path / ".out.tmp-incomplete-x"
     for d in (dead, live, unmarked):
         d.mkdir()
     mark(dead, dead_pid())

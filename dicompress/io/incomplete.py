@@ -19,7 +19,7 @@ _WRITING: set[Path] = set()    # temp directories this process is writing now
 
 
 def make_temp_dir(out: Path, kind: str) -> Path:
-    """A hidden sibling of `out` named `.<out>.<kind>-XXXX`, its marker written first, with an artifact's
+    """A hidden sibling of `out` named `.<out>.tmp-<kind>-XXXX`, its marker written first, with an artifact's
     normal permissions (0o777 minus the umask; mkdtemp makes 0o700)."""
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name, kind), dir=out.parent))
     marker = {"pid": os.getpid(), "host": socket.gethostname(), "output": out.name}

@@ -5,7 +5,7 @@ An artifact is laid out as diffusers' `save_pretrained` writes a model, plus two
     diffusion_pytorch_model.safetensors  (or -0000i-of-0000n shards + diffusion_pytorch_model.safetensors.index.json)
     report.json                          what the passes measured
     <extra files>                        samples.png, conditioning.safetensors, ppcl_intervals.safetensors ...
-While it is written it is a hidden sibling `.<name>.incomplete-XXXX/` holding a `.dicompress-incomplete` marker.
+While it is written it is a hidden sibling `.<name>.tmp-incomplete-XXXX/` holding a `.dicompress-incomplete` marker.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ WEIGHTS_GLOB = WEIGHTS_PREFIX + "*.safetensors"   # the weight files, single or 
 REPORT_NAME = "report.json"                       # the run report
 INTERVALS_NAME = "ppcl_intervals.safetensors"     # ppcl_depth's teacher blocks, for unplugging intervals
 MARKER_NAME = ".dicompress-incomplete"            # in a directory still being written (holds the writer's pid)
-TEMP_KINDS = ("incomplete", "replaced")           # `.<out>.incomplete-XXXX`: being written; `.replaced-`: the
+TEMP_KINDS = ("incomplete", "replaced")           # `.<out>.tmp-incomplete-XXXX`: being written; `-replaced-`: the
                                                   # previous artifact, moved aside for the rename, then deleted
 
 
@@ -28,4 +28,4 @@ def shard_name(i: int, n: int) -> str:
 
 def temp_prefix(out_name: str, kind: str) -> str:
     """The name prefix of the writer's sibling temp directories for output `out_name` (`kind` in TEMP_KINDS)."""
-    return f".{out_name}.{kind}-"
+    return f".{out_name}.tmp-{kind}-"

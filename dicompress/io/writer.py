@@ -1,4 +1,4 @@
-"""Writing an artifact: everything goes into a hidden sibling temp directory (`.<name>.incomplete-XXXX/`, with a
+"""Writing an artifact: everything goes into a hidden sibling temp directory (`.<name>.tmp-incomplete-XXXX/`, with a
 `.dicompress-incomplete` marker naming the writer's pid), is checksummed, fsynced and verified, and only then
 renamed into place, so a crash at any point leaves the output absent (or the old artifact intact) and nothing
 that loads. The SHA-256 of every file but config.json and report.json goes into config.json
