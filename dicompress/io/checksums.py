@@ -1,8 +1,8 @@
 """SHA-256 of an artifact's files: recorded in config.json (`quantization_config.checksums`, {file name: hex})
 when the artifact is written, checked by `dicompress verify`, `inspect --verify` and `load(..., verify=True)`.
 
-Hashing reads each file once (about 1 s per GB here; see the README); where the writer produces the bytes itself
-(extra files, copied shards, `save_aligned_safetensors`) the digest is taken as they are written instead.
+Hashing reads each file once (about 0.8 s per GiB here; see the README); where the writer produces the bytes
+itself (extra files, copied shards, `save_aligned_safetensors`) the digest is taken as they are written instead.
 config.json cannot hold its own digest and report.json is informational: neither is covered.
 """
 from __future__ import annotations

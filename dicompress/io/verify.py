@@ -23,7 +23,7 @@ def verify_artifact(path: str | os.PathLike, *, checksums: bool = False) -> dict
     """Check an artifact without reading tensor data (every weight file's header: offsets inside the file, no
     overlap, dtype x shape = bytes; the index; the manifest); returns a summary or raises ArtifactError.
 
-    `checksums=True` also re-hashes every file config.json has a SHA-256 for (about 1 s per GB) and raises
+    `checksums=True` also re-hashes every file config.json has a SHA-256 for (about 0.8 s per GiB) and raises
     naming each file that differs; the summary's `checksums` says what was checked, or None for an artifact
     written before dicompress recorded checksums (it is otherwise checked as usual)."""
     root = Path(path)
