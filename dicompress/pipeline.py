@@ -13,6 +13,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 
 from .arch import adapter_for
+from .calib.sources import read_prompts
 from .calibrate import cache_root, check_source
 from .distributed import init_distributed
 from .errors import ArtifactError, CalibrationError, SettingsError
@@ -126,6 +127,17 @@ def class_rows(table: Path) -> int:
             from None
 
 
+def _check_prompts(path: str) -> None:
+    try:
+        prompts = read_prompts(path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise CalibrationError(f"calibration.prompts: cannot read {path} as UTF-8 text: {e}",
+                               hint="a prompt file is text, one prompt per line") from None
+    if not prompts:
+        raise CalibrationError(f"calibration.prompts: {path} holds no prompts",
+                               hint="one prompt per line; blank lines and # comments are skipped")
+
+
 def check_calibration(recipe: Recipe, info) -> None:
     """What the capture will read and write, before any weight is read: the source fits the model, every class
     index is a row of the class table, and the calibration cache can be written."""
@@ -133,10 +145,12 @@ def check_calibration(recipe: Recipe, info) -> None:
     if cfg is None:
         return
     check_source(recipe, info)
-    if cfg.source in ("classes", "embeddings") and cfg.classes is not None:
+    if cfg.source == "prompts":
+        _check_prompts(cfg.prompts)
+    if cfg.source in ("classes", "embeddings"):
         table = Path(cfg.embeddings) if cfg.source == "embeddings" else info.path / "conditioning.safetensors"
         rows = class_rows(table)
-        bad = sorted({c for c in cfg.classes if c >= rows})
+        bad = sorted({c for c in cfg.classes or () if c >= rows})
         if bad:
             raise CalibrationError(f"calibration.classes: {bad} out of range: the class table {table} has {rows} "
                                    f"rows (classes 0..{rows - 1})", hint="pick class indices below "

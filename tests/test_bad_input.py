@@ -95,6 +95,16 @@ def test_truncated_model_is_a_model_error(tmp_path, tiny_zoo_dir):
     assert "artifact" not in r.output.lower()
 
 
+@pytest.mark.parametrize("source, content, needle", [
+    ("prompts", b"\xff\xfe\x00p", "calibration.prompts"), ("prompts", b"# only a comment\n\n", "holds no prompts"),
+    ("embeddings", b"not a safetensors file", "cannot read the class table")])
+def test_unreadable_calibration_inputs(tmp_path, tiny_zoo_dir, source, content, needle):
+    f = tmp_path / "inputs.bin"
+    f.write_bytes(content)
+    r = invoke("run", recipe(tmp_path, tiny_zoo_dir, cal_source=source, cal_classes=None, **{f"cal_{source}": str(f)}))
+    check(r, 2, needle, out=tmp_path / "art")
+
+
 def _unwritable(tmp_path: Path) -> Path:
     """A directory this process cannot create files in (as root, chmod does not stop writes: /sys does)."""
     if os.geteuid() != 0:
