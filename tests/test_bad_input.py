@@ -191,3 +191,11 @@ def test_lock_is_taken_by_rank_0_only(tmp_path):
     with output_lock(out), pytest.raises(Exception, match="another dicompress run"):
         with output_lock(out):
             pass
+
+
+def test_as_a_user_runs_it(tmp_path, tiny_zoo_dir):
+    """The installed entry point, in its own process: message on stderr, exit code, no traceback."""
+    out = _unwritable(tmp_path) / "art"
+    p = subprocess.run([sys.executable, "-m", "dicompress.cli", "run", str(recipe(tmp_path, tiny_zoo_dir,
+                        output=str(out))), "--quiet"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 3 and "cannot write beside the output" in p.stderr and "Traceback" not in p.stderr
