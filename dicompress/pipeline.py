@@ -3,20 +3,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError, safe_open
 
 from .arch import adapter_for
-from .calib.sources import read_prompts
-from .calibrate import cache_root, check_source
+from .calibrate import check_calibration
 from .distributed import init_distributed
-from .errors import ArtifactError, CalibrationError, SettingsError
+from .errors import ArtifactError, SettingsError
 from .job import Job, has_finished_work, recipe_hash, resolve_device, work_dir_for
 from .kernels.dispatch import check_settings
 from .models import resolve_model
@@ -114,53 +111,3 @@ def _work_dir_kept_only_with_work(work_dir: Path, lead: bool):
         if fresh and work_dir.is_dir() and not has_finished_work(work_dir):
             shutil.rmtree(work_dir, ignore_errors=True)
         raise
-
-
-def class_rows(table: Path) -> int:
-    """Rows of a class-conditioning table (its `prompt_embeds`), read from the header only."""
-    try:
-        with safe_open(str(table), "pt") as f:
-            return f.get_slice("prompt_embeds").get_shape()[0]
-    except (OSError, SafetensorError, KeyError) as e:
-        raise CalibrationError(f"cannot read the class table {table}: {e}",
-                               hint="it must be a safetensors file with prompt_embeds and pooled_prompt_embeds") \
-            from None
-
-
-def _check_prompts(path: str) -> None:
-    try:
-        prompts = read_prompts(path)
-    except (OSError, UnicodeDecodeError) as e:
-        raise CalibrationError(f"calibration.prompts: cannot read {path} as UTF-8 text: {e}",
-                               hint="a prompt file is text, one prompt per line") from None
-    if not prompts:
-        raise CalibrationError(f"calibration.prompts: {path} holds no prompts",
-                               hint="one prompt per line; blank lines and # comments are skipped")
-
-
-def check_calibration(recipe: Recipe, info) -> None:
-    """What the capture will read and write, before any weight is read: the source fits the model, every class
-    index is a row of the class table, and the calibration cache can be written."""
-    cfg = recipe.calibration
-    if cfg is None:
-        return
-    check_source(recipe, info)
-    if cfg.source == "prompts":
-        _check_prompts(cfg.prompts)
-    if cfg.source in ("classes", "embeddings"):
-        table = Path(cfg.embeddings) if cfg.source == "embeddings" else info.path / "conditioning.safetensors"
-        rows = class_rows(table)
-        bad = sorted({c for c in cfg.classes or () if c >= rows})
-        if bad:
-            raise CalibrationError(f"calibration.classes: {bad} out of range: the class table {table} has {rows} "
-                                   f"rows (classes 0..{rows - 1})", hint="pick class indices below "
-                                   f"{rows}, or leave `classes` out to use every row")
-    root = cache_root(recipe)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=root):
-            pass
-    except OSError as e:
-        raise CalibrationError(f"the calibration cache {root} is not writable: {e.strerror or e}",
-                               hint="set `calibration.cache_dir` or DICOMPRESS_CACHE to a writable directory") \
-            from None
