@@ -14,7 +14,9 @@ from safetensors import SafetensorError, safe_open
 from .calib import CalibrationStore, capture
 from .calib.sources import calls_per_step, read_prompts
 from .distributed import barrier
+from .records import passes_digest
 from .errors import CalibrationError
+from .zoo import CONDITIONING_NAME
 
 
 def cache_root(recipe) -> Path:
@@ -100,9 +102,8 @@ def stage_store(recipe, passes, info, state, stage: int, index: int, dtype, prog
     need = any(p.needs_block_inputs for p in rest[:nxt + 1])
     block_inputs = need if cfg.block_inputs == "auto" else bool(cfg.block_inputs)
     base = _calib_key(info, recipe, block_inputs, dtype)
-    done = [{p.name: p.config.model_dump(mode="json")} for p in passes[:index]]
-    key = hashlib.sha256(json.dumps([base, stage, done, model_digest(state.model)], sort_keys=True,
-                                    default=str).encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{base}:{stage}:{passes_digest(passes[:index])}:{model_digest(state.model)}".encode()
+                         ).hexdigest()[:16]
     root = cache_root(recipe) / f"{base}-stage{stage}-{key}"
     echo(f"calibration: stage {stage}: the model changed structure; capturing {cfg.source} calibration on it")
     model = state.model.eval()
@@ -158,7 +159,7 @@ def check_calibration(recipe, info) -> None:
     if cfg.source == "prompts":
         _check_prompts(cfg.prompts)
     if cfg.source in ("classes", "embeddings"):
-        table = Path(cfg.embeddings) if cfg.source == "embeddings" else info.path / "conditioning.safetensors"
+        table = Path(cfg.embeddings) if cfg.source == "embeddings" else info.path / CONDITIONING_NAME
         rows = class_rows(table)
         bad = sorted({c for c in cfg.classes or () if c >= rows})
         if bad:

@@ -21,6 +21,7 @@ from .eval import (
 )
 from .errors import CalibrationError
 from .version import __version__
+from .zoo import ZOO_FILES
 
 CALIBRATION_KEYS = ("source", "seeds", "steps", "samples", "rows", "block_inputs")
 
@@ -157,5 +158,3 @@ def artifact_files(files: dict[str, bytes], report: Report, recipe, info) -> dic
             files[name] = (info.path / name).read_bytes()
     return files
 
-
-ZOO_FILES = ("conditioning.safetensors", "classifier.safetensors")

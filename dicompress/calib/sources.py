@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..errors import CalibrationError
-from ..zoo import Conditioning, load_conditioning
+from ..zoo import CONDITIONING_NAME, Conditioning, load_conditioning
 from .capture import Capture, StopForward, chunked_blocks
 from .config import CalibrationConfig
 from .store import CalibrationStore, StoreWriter
@@ -79,7 +79,7 @@ def calls_per_step(cfg, model_info: dict) -> tuple[int, int] | None:
         prompts = read_prompts(cfg.prompts)
         per_seed = -(-len(prompts) // cfg.batch_size)
         return per_seed * len(cfg.seeds), len(prompts) * len(cfg.seeds)
-    path = Path(cfg.embeddings) if cfg.source == "embeddings" else Path(model_info["path"]) / "conditioning.safetensors"
+    path = Path(cfg.embeddings) if cfg.source == "embeddings" else Path(model_info["path"]) / CONDITIONING_NAME
     with safe_open(str(path), "pt") as f:
         rows = f.get_slice("prompt_embeds").get_shape()[0]
     samples = (len(cfg.classes) if cfg.classes is not None else rows) * len(cfg.seeds)

@@ -12,6 +12,9 @@ from .conditioning import Conditioning
 ZOO_DIR = Path(__file__).parent
 ZOO = {"tiny-flux-digits": ZOO_DIR / "tiny_flux_digits"}
 PREFIX = "zoo:"
+CONDITIONING_NAME = "conditioning.safetensors"   # the class-conditioning table
+CLASSIFIER_NAME = "classifier.safetensors"       # the digit classifier that scores samples
+ZOO_FILES = (CONDITIONING_NAME, CLASSIFIER_NAME)  # what makes a directory a zoo model (artifacts copy them)
 
 
 def zoo_path(name: str) -> Path:
@@ -27,16 +30,16 @@ def zoo_path(name: str) -> Path:
 
 
 def is_zoo_dir(path: str | Path) -> bool:
-    return (Path(path) / "conditioning.safetensors").exists() and (Path(path) / "classifier.safetensors").exists()
+    return all((Path(path) / name).exists() for name in ZOO_FILES)
 
 
 def load_conditioning(path: str | Path):
-    t = load_file(str(Path(path) / "conditioning.safetensors"))
+    t = load_file(str(Path(path) / CONDITIONING_NAME))
     return Conditioning(t["prompt_embeds"], t["pooled_prompt_embeds"])
 
 
 def load_classifier(path: str | Path):
     clf = DigitClassifier()
-    clf.load_state_dict(load_file(str(Path(path) / "classifier.safetensors")))
+    clf.load_state_dict(load_file(str(Path(path) / CLASSIFIER_NAME)))
     return clf.eval().requires_grad_(False)
 
