@@ -16,6 +16,7 @@ from .distributed import barrier
 from .errors import DicompressError, ModelError
 from .eval import dir_bytes
 from .io.storage import stored_dtype
+from .io.manifest import STRUCTURAL_OPS
 from .io.verify import read_config
 from .models import load_transformer
 from .records import combine
@@ -77,9 +78,6 @@ def source_manifest(model_dir: Path) -> list[dict]:
     return manifest
 
 
-# manifest ops of restructured (not rewritten) models: an artifact holding only these can be a recipe's model
-STRUCTURAL_OPS = frozenset({"ppcl_interval", "hybrid_stream", "remove_block"})
-
 
 class Job:
     """One recipe run on one process (each torchrun rank has its own; rank 0 leads). `run(path)` is the
@@ -100,10 +98,6 @@ class Job:
         self.timings: dict[str, float] = {}
         self.base_manifest = source_manifest(info.path)
         self.stages: list[dict] = []          # quality after each structural stage that more passes follow
-
-    @staticmethod
-    def passes_hash(passes) -> str:
-        return _digest([{p.name: p.config.model_dump(mode="json")} for p in passes])
 
     @contextmanager
     def timed(self, key: str):

@@ -20,6 +20,7 @@ from .models import resolve_model
 from .passes import Pass
 from .paths import InMemory, Streamed
 from .recipe import Recipe, build_passes, load_recipe
+from .records import passes_digest
 from .runlock import output_lock
 from .runner import CalibrationStages, run_passes
 from .state import CompressionState
@@ -49,7 +50,7 @@ def compress(model, passes: Iterable[Pass | dict], calibration=None, teacher=Non
                              teacher_factory=factory, progress=progress,
                              device=torch.device(device) if device else next(model.parameters()).device,
                              work_dir=Path(work_dir) if work_dir is not None else None,
-                             recipe_hash=Job.passes_hash(passes))
+                             recipe_hash=passes_digest(passes))
     run_passes(state, passes, stages=CalibrationStages(calibration))
     return state
 

@@ -8,6 +8,8 @@ into the manifest and the report's `passes` / `layers` lists, the same way for b
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -34,6 +36,17 @@ class PassRecord:
         return cls(**data)
 
 
+def passes_digest(passes) -> str:
+    """16 hex digits of the passes' names and configs: what a checkpoint or a per-stage capture was made under."""
+    blob = json.dumps([{p.name: p.config.model_dump(mode="json")} for p in passes], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def pass_entry(name: str, summary: dict | None, seconds: float, config: dict) -> dict:
+    """One pass's row of the report's `passes` list."""
+    return {"pass": name, **(summary or {}), "seconds": round(seconds, 3), "config": config}
+
+
 def _per_pass(records: list[PassRecord]) -> dict[int, list[PassRecord]]:
     by_index: dict[int, list[PassRecord]] = {}
     for r in records:
@@ -51,9 +64,8 @@ def pass_summary(p, recs: list[PassRecord]) -> dict:
                               hint="check its include / keep patterns")
         summary = p.summarize(rows)
     else:
-        summary = recs[-1].summary or {}
-    return {"pass": p.name, **summary, "seconds": round(sum(r.seconds for r in recs), 3),
-            "config": recs[0].config}
+        summary = recs[-1].summary
+    return pass_entry(p.name, summary, sum(r.seconds for r in recs), recs[0].config)
 
 
 def combine(passes, records: list[PassRecord]) -> tuple[list[dict], dict]:

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .records import PassRecord
+from .records import PassRecord, pass_entry
 
 
 @dataclass
@@ -86,8 +86,7 @@ class CompressionState:
         """The passes' part of the report so far (read-only view: `passes`, `layers`, sections)."""
         rep: dict[str, Any] = {"passes": [], "layers": []}
         for r in self.records:
-            rep["passes"].append({"pass": r.name, **(r.summary or {}), "seconds": round(r.seconds, 3),
-                                  "config": r.config})
+            rep["passes"].append(pass_entry(r.name, r.summary, r.seconds, r.config))
             rep["layers"] += r.layers
             rep.update(r.sections)
         return rep
