@@ -81,17 +81,23 @@ def test_streamed_artifact_equals_in_memory_bit_for_bit(runs):
     assert type(loaded.transformer_blocks[0].attn.to_q).__name__ == "QuantLinear"
 
 
-def test_killed_run_resumes_from_finished_blocks(runs, tiny_zoo_dir, tmp_path, monkeypatch):
-    d, _, _ = runs
-    recipe = _recipe(tmp_path / "r.yaml", tiny_zoo_dir, tmp_path / "out", streaming={"enabled": True})
+def _kill_at_block(monkeypatch, killed: int):
+    """Make the sweep stop (as Ctrl-C would) when it reaches block `killed`; returns the real `_compress`."""
     real = Sweep._compress
 
-    def killed_at_third(self, b, ref, store):
-        if b == 2:
+    def compress(self, b, ref, store):
+        if b == killed:
             raise KeyboardInterrupt
         return real(self, b, ref, store)
 
-    monkeypatch.setattr(Sweep, "_compress", killed_at_third)
+    monkeypatch.setattr(Sweep, "_compress", compress)
+    return real
+
+
+def test_killed_run_resumes_from_finished_blocks(runs, tiny_zoo_dir, tmp_path, monkeypatch):
+    d, _, _ = runs
+    recipe = _recipe(tmp_path / "r.yaml", tiny_zoo_dir, tmp_path / "out", streaming={"enabled": True})
+    real = _kill_at_block(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         dicompress.run(recipe, progress=False)
     assert not (tmp_path / "out").exists()                      # nothing that could load as complete
@@ -109,14 +115,7 @@ def test_killed_run_resumes_from_finished_blocks(runs, tiny_zoo_dir, tmp_path, m
 
 
 def test_work_dir_of_another_recipe_is_refused(tiny_zoo_dir, tmp_path, monkeypatch):
-    real = Sweep._compress
-
-    def killed_at_second(self, b, ref, store):
-        if b == 1:
-            raise KeyboardInterrupt
-        return real(self, b, ref, store)
-
-    monkeypatch.setattr(Sweep, "_compress", killed_at_second)
+    _kill_at_block(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         dicompress.run(_recipe(tmp_path / "a.yaml", tiny_zoo_dir, tmp_path / "out"), progress=False)
     other = W4A8[:2] + [{"tlq": {"bits": 3, "gptq": True}}] + W4A8[3:]
