@@ -2,11 +2,14 @@
 a recipe are reported at once, before any work starts."""
 from __future__ import annotations
 
+import copy
+import json
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, PrivateAttr, ValidationError
 
 from .calib.config import MAX_SEED, CalibrationConfig  # defined in the calibration leaf; re-exported here
 from .config import StrictModel as _Strict
@@ -46,6 +49,12 @@ class Recipe(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     streaming: StreamingConfig = Field(default_factory=StreamingConfig)
     source_file: str | None = Field(default=None, exclude=True)
+    # the `--set KEY=VALUE` texts applied to the file's mapping (private: a recipe file cannot claim any)
+    _overrides: tuple[str, ...] = PrivateAttr(default=())
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        return self._overrides
 
     def pass_objects(self) -> list[Pass]:
         return build_passes(self.passes, self.source_file)
@@ -104,13 +113,15 @@ def build_passes(specs: list, file: str | None = None) -> list[Pass]:
     return objs
 
 
-def _recipe_error(problems: list[tuple[str, str]], file: str | None) -> RecipeError:
+def _recipe_error(problems: list[tuple[str, str]], file: str | None, hint: str | None = None) -> RecipeError:
     if len(problems) == 1:
         key, msg = problems[0]
-        return RecipeError(msg, file=file, key=key)
-    lines = "\n".join(f"  {file + ':' if file else ''}{k}: {m}" for k, m in problems)
-    err = RecipeError(f"{len(problems)} problems in the recipe:\n{lines}")
-    err.file, err.key = file, problems[0][0]
+        err = RecipeError(msg, file=file, key=key, hint=hint)
+    else:
+        lines = "\n".join(f"  {file + ':' if file else ''}{k}: {m}" for k, m in problems)
+        err = RecipeError(f"{len(problems)} problems in the recipe:\n{lines}", hint=hint)
+        err.file, err.key = file, problems[0][0]
+    err.problems = problems          # (key, message) pairs: `_with_origin` annotates them one by one
     return err
 
 
@@ -188,10 +199,142 @@ def parse_recipe(data: Any, file: str | None = None) -> Recipe:
     return recipe
 
 
-def load_recipe(path: str | Path, **overrides) -> Recipe:
-    """Read and validate a YAML recipe; `overrides` (e.g. model=..., output=...) replace keys first."""
+# --- `--set KEY=VALUE`: keys of the recipe's mapping replaced before validation --------------------------
+
+SET_HINT = ("KEY is a dotted path with 0-based list indices and VALUE a YAML value, e.g. "
+            "--set passes[0].tlq.bits=3 --set 'calibration.seeds=[0, 1]' (README, Overriding recipe keys)")
+_KEY = re.compile(r"[^.\[\]\s]+(?:\.[^.\[\]\s]+|\[\d+\])*")
+_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def parse_key(key: str) -> list[str | int] | None:
+    """`passes[2].tlq.bits` -> ["passes", 2, "tlq", "bits"]; None when it is not such a path."""
+    if not _KEY.fullmatch(key):
+        return None
+    return [name if name else int(index) for name, index in _PART.findall(key)]
+
+
+def _set_error(text: str, what: str, file: str | None, key: str | None = None) -> RecipeError:
+    err = RecipeError(f"--set {text}: {what}", file=file, hint=SET_HINT)
+    err.key = key
+    return err
+
+
+def parse_override(text: str, file: str | None = None) -> tuple[list[str | int], Any]:
+    """`KEY=VALUE` -> (key path, value); VALUE is read as YAML (`256`, `true`, `[0, 1]`, `{bits: 3}`, `null`)."""
+    key, eq, value = text.partition("=")
+    if not eq:
+        raise _set_error(text, "no `=`: write KEY=VALUE", file)
+    key = key.strip()
+    if not key:
+        raise _set_error(text, "the key before `=` is empty", file)
+    path = parse_key(key)
+    if path is None:
+        raise _set_error(text, f"{key!r} is not a key path: names joined by `.`, list indices 0-based in brackets ([0], [1] ...)", file)
+    try:
+        return path, yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise _set_error(text, f"the value is not valid YAML ({getattr(e, 'problem', None) or e})", file,
+                         _loc(tuple(path))) from None
+
+
+def _what(node) -> str:
+    if isinstance(node, dict):
+        return "a mapping"
+    if isinstance(node, list):
+        return f"a list ({len(node)} entries)"
+    return f"the value {json.dumps(node, default=str)}"
+
+
+def _set(root: dict, path: list[str | int], value, text: str, file: str | None) -> None:
+    node = root
+    for depth, part in enumerate(path):
+        here, where = _loc(tuple(path[:depth])), _loc(tuple(path[:depth + 1]))
+        if isinstance(part, int):
+            if not isinstance(node, list):
+                raise _set_error(text, f"{here} is {_what(node)}, not a list: it has no index [{part}]", file, where)
+            if part >= len(node):
+                last = f"the last is {here}[{len(node) - 1}]" if node else "it is empty"
+                raise _set_error(text, f"{where} is past the end of {here}: indices are 0-based and {last}",
+                                 file, where)
+        elif not isinstance(node, dict):
+            raise _set_error(text, f"{here} is {_what(node)}, not a mapping: it has no key {part!r}", file, where)
+        if depth == len(path) - 1:
+            node[part] = value
+            return
+        child = node[part] if isinstance(part, int) else node.get(part)
+        nxt = path[depth + 1]
+        if child is None and isinstance(nxt, str):
+            child = node[part] = {}               # a section the file leaves out (or empty, as `- tlq:`)
+        elif isinstance(node, list) and child == nxt:
+            child = node[part] = {nxt: {}}        # a pass by its name alone (`- tlq`) is `{tlq: {}}`
+        elif child is None:
+            raise _set_error(text, f"{where} is not set, so it has no index [{nxt}]", file, where)
+        node = child
+
+
+def apply_overrides(data: dict, overrides: Iterable[str], file: str | None = None) -> dict:
+    """A copy of the recipe mapping `data` with each `KEY=VALUE` of `overrides` set in turn (a later one wins).
+
+    KEY addresses the mapping as the file writes it: `calibration.height`, `passes[2].tlq.bits` (indices are
+    0-based; a pass is a one-key mapping `{tlq: {...}}`). A new key inside a mapping (and a section the file
+    leaves out) may be set: validation then says whether it is a known key. Indexing past a list's end,
+    indexing a non-list and descending into a value are RecipeErrors naming the override; `file` is named
+    in them."""
+    if not isinstance(data, dict):
+        raise RecipeError("a recipe must be a YAML mapping with keys model, passes, output ...", file=file)
+    out = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text, file)
+        _set(out, path, value, text, file)
+    return out
+
+
+def _related(a: list, b: list) -> bool:
+    """Whether one key path lies inside the other (`calibration` and `calibration.source`)."""
+    n = min(len(a), len(b))
+    return n > 0 and a[:n] == b[:n]
+
+
+def _with_origin(err: RecipeError, overrides: list[str], file: str | None) -> RecipeError:
+    """`err` with each problem whose key an override set (or lies inside, or holds) saying so: the value
+    came from the command line, not from `file`."""
+    problems = getattr(err, "problems", None)
+    if problems is None:                # a single error raised directly: its message without "file:key: "
+        where = ":".join(p for p in (file, err.key) if p)
+        msg = str(err.args[0])
+        problems = [(err.key, msg[len(where) + 2:] if where and msg.startswith(where + ": ") else msg)]
+    paths = [(_override_path(t), t) for t in overrides]
+    out, changed = [], False
+    for key, msg in problems:
+        keyp = parse_key(key) if key else None
+        texts = [t for p, t in paths if keyp and p and _related(keyp, p)]
+        if texts:
+            msg, changed = f"{msg} (set on the command line: {', '.join('--set ' + t for t in texts)})", True
+        out.append((key, msg))
+    return _recipe_error(out, file, err.hint) if changed else err
+
+
+def _override_path(text: str) -> list[str | int]:
+    return parse_key(text.partition("=")[0].strip()) or []
+
+
+def _check_options(options: dict, overrides: list[str], file: str | None) -> None:
+    """--model/--output/--overwrite and a --set of the same key: refused rather than one silently winning."""
+    for text in overrides:
+        path = _override_path(text)
+        if path and options.get(path[0]) is not None:
+            raise RecipeError(f"`{path[0]}` is given twice: by --{path[0]} and by --set {text}", file=file,
+                              hint=f"give it once: --{path[0]} VALUE or --set {path[0]}=VALUE")
+
+
+def load_recipe(path: str | Path, overrides: Iterable[str] = (), **options) -> Recipe:
+    """Read and validate a YAML recipe. `options` (e.g. model=..., output=...; None: not given) replace
+    top-level keys; then `overrides` (`KEY=VALUE` texts, as `--set`) set keys anywhere (`apply_overrides`).
+    The recipe records them (`Recipe.overrides`); errors in values they set say so."""
     path = Path(path)
     file = str(path)
+    overrides = list(overrides or ())
     if not path.is_file():
         raise RecipeError("recipe file not found", file=file, hint="check the path; ready recipes are in recipes/")
     try:
@@ -201,5 +344,32 @@ def load_recipe(path: str | Path, **overrides) -> Recipe:
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else None
         raise RecipeError(f"malformed YAML: {getattr(e, 'problem', None) or e}", file=file, key=where) from None
     if isinstance(data, dict):
-        data.update({k: v for k, v in overrides.items() if v is not None})
-    return parse_recipe(data, file)
+        data.update({k: v for k, v in options.items() if v is not None})
+        if overrides:
+            _check_options(options, overrides, file)
+            if any(len(p) > 1 and p[0] == "calibration" for p in map(_override_path, overrides)):
+                _resolve_calibration(data, file)    # `calibration: FILE.yaml`: set keys inside what it includes
+            data = apply_overrides(data, overrides, file)
+    try:
+        recipe = parse_recipe(data, file)
+    except RecipeError as e:
+        if not overrides:
+            raise
+        raise _with_origin(e, overrides, file) from None
+    recipe._overrides = tuple(overrides)
+    return recipe
+
+
+def override_recipe(recipe: Recipe, overrides: Iterable[str], **options) -> Recipe:
+    """`recipe` (validated, e.g. built in Python) with `options` and then `overrides` applied as `load_recipe`
+    applies them, and validated again."""
+    overrides, file = list(overrides), recipe.source_file
+    data = recipe.model_dump(exclude_unset=True)
+    data.update({k: v for k, v in options.items() if v is not None})
+    _check_options(options, overrides, file)
+    try:
+        new = parse_recipe(apply_overrides(data, overrides, file), file)
+    except RecipeError as e:
+        raise _with_origin(e, overrides, file) from None
+    new._overrides = recipe.overrides + tuple(overrides)
+    return new
