@@ -230,7 +230,8 @@ def parse_override(text: str, file: str | None = None) -> tuple[list[str | int],
         raise _set_error(text, "the key before `=` is empty", file)
     path = parse_key(key)
     if path is None:
-        raise _set_error(text, f"{key!r} is not a key path: names joined by `.`, list indices 0-based in brackets ([0], [1] ...)", file)
+        raise _set_error(text, f"{key!r} is not a key path: names joined by `.`, list indices 0-based in "
+                               "brackets ([0], [1] ...)", file)
     try:
         return path, yaml.safe_load(value)
     except yaml.YAMLError as e:
