@@ -48,11 +48,16 @@ def main():
 @click.option("--model", help="Override the recipe's model: a local diffusers directory or zoo:NAME.")
 @click.option("--output", help="Override the recipe's output directory.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output directory.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Set a recipe key before validation (repeatable): KEY a dotted path with 0-based list indices "
+                   "(passes[0].tlq.bits), VALUE a YAML value (3, true, '[0, 1]'). A key --model, --output or "
+                   "--overwrite also sets is refused.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_friendly
-def run(recipe, model, output, overwrite, quiet):
+def run(recipe, model, output, overwrite, overrides, quiet):
     """Compress a model as RECIPE (a YAML file) says and write the artifact."""
-    report = run_recipe(recipe, progress=not quiet, model=model, output=output, overwrite=overwrite)
+    report = run_recipe(recipe, progress=not quiet, overrides=overrides, model=model, output=output,
+                        overwrite=overwrite)
     if report.get("rank", 0) == 0:   # under torchrun, rank 0 alone reports
         click.echo(format_summary(report))
 

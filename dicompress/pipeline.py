@@ -5,7 +5,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -19,7 +19,7 @@ from .kernels.dispatch import check_settings
 from .models import resolve_model
 from .passes import Pass
 from .paths import InMemory, Streamed
-from .recipe import Recipe, build_passes, load_recipe
+from .recipe import Recipe, build_passes, load_recipe, override_recipe
 from .records import passes_digest
 from .runlock import output_lock
 from .runner import CalibrationStages, run_passes
@@ -55,7 +55,8 @@ def compress(model, passes: Iterable[Pass | dict], calibration=None, teacher=Non
     return state
 
 
-def run(recipe: Recipe | str | Path, progress: bool = True, echo=print, **overrides) -> dict:
+def run(recipe: Recipe | str | Path, progress: bool = True, echo=print, overrides: Sequence[str] = (),
+        **options) -> dict:
     """Run a recipe end to end: resolve the model, capture calibration, apply the passes (capturing again on
     the model as it is after each structural pass), evaluate, write the artifact. Returns the report.
 
@@ -67,11 +68,17 @@ def run(recipe: Recipe | str | Path, progress: bool = True, echo=print, **overri
     takes the lock, captures calibration (the others wait, then read the store), prints, evaluates and writes
     the artifact. Training passes checkpoint into `<output>.work/`, which is removed once the artifact is
     written and kept when the run fails with finished work in it (a rerun of the same recipe resumes); a
-    work directory this run created that holds no finished work is removed when it fails."""
+    work directory this run created that holds no finished work is removed when it fails.
+
+    `options` (model=, output=, overwrite= ...; None: not given) replace top-level keys; `overrides` are
+    `--set` texts (`"passes[0].tlq.bits=3"`, see `recipe.apply_overrides`), applied before validation so the
+    recipe hash, the calibration cache key and the report all see the recipe as run."""
     if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe, **overrides)
+        recipe = load_recipe(recipe, overrides, **options)
     elif overrides:
-        recipe = recipe.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+        recipe = override_recipe(recipe, overrides, **options)
+    elif options:
+        recipe = recipe.model_copy(update={k: v for k, v in options.items() if v is not None})
     passes = recipe.pass_objects()
     try:
         check_settings()
