@@ -37,6 +37,8 @@ class Report:
     layers: list[dict]
     footprint: dict
     seconds: dict[str, float] = field(default_factory=dict)
+    # the run's `--set KEY=VALUE` texts: `recipe` names the file, these changed it (the command reruns it)
+    overrides: list[str] | None = None
     calibration: dict | None = None
     metrics: dict | None = None
     stages: list[dict] | None = None
@@ -48,7 +50,8 @@ class Report:
     def to_dict(self) -> dict:
         out = {"passes": self.passes, "layers": self.layers, **self.sections,
                "dicompress_version": self.dicompress_version, "model": self.model, "model_class": self.model_class,
-               "recipe": self.recipe, "output": self.output, "device": self.device}
+               "recipe": self.recipe, **({"overrides": self.overrides} if self.overrides else {}),
+               "output": self.output, "device": self.device}
         for key in ("calibration", "streaming", "stages"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
@@ -129,6 +132,7 @@ def build_report(*, model, part: dict, recipe, info, device, timings: dict, stor
         calibration = calibration_summary(store) | ({"recaptured": recaptured} if recaptured else {})
     rep = Report(model=info.name, model_class=info.class_name, recipe=recipe.source_file, output=recipe.output,
                  device=str(device), passes=passes, layers=layers, footprint=footprint(model),
+                 overrides=list(getattr(recipe, "overrides", ())) or None,
                  calibration=calibration, stages=stages or None, sections=part)
     timings = dict(timings)
     if teacher is not None:
