@@ -71,3 +71,17 @@ def tiny_qwen_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_qwen")
     QwenImageTransformer2DModel(**TINY_QWEN).save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_pipeline_dir(tmp_path_factory):
+    """A random FLUX.1-dev-shaped pipeline directory (model_index.json, CLIP + T5, VAE, bf16 weights)."""
+    from dicompress.zoo.pipelines import make_tiny_flux_pipeline
+    return make_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny_flux_pipeline"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwenimage_pipeline_dir(tmp_path_factory):
+    """A random Qwen-Image-shaped pipeline directory (model_index.json, Qwen2.5-VL, Qwen VAE, bf16 weights)."""
+    from dicompress.zoo.pipelines import make_tiny_qwenimage_pipeline
+    return make_tiny_qwenimage_pipeline(tmp_path_factory.mktemp("tiny_qwenimage_pipeline"))
