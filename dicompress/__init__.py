@@ -8,9 +8,11 @@
 from .arch import register_arch
 from .errors import ArtifactError, CalibrationError, DicompressError, DistillError, ModelError, RecipeError
 from .io import load, register_manifest_op, register_with_diffusers, verify_artifact, write_artifact
+from .io.load_check import LoadCheck
 from .io.storage import round_parameters
 from .passes import ARS, RTN, TLQ, ActQuant, Pass, PassConfig, Smooth, register_pass
 from .pipeline import compress, run
+from .probes import model_probes
 from .recipe import Recipe, load_recipe
 from .version import __version__
 
@@ -25,9 +27,12 @@ def save(state, out_dir, report: dict | None = None, overwrite: bool = False, fi
     if save_dtype is not None:
         round_parameters(state.model, save_dtype)
     rep = dict(report or state.report)
+    p = next(state.model.parameters())
+    check = LoadCheck(model_probes(state.model, state.adapter), dtype=p.dtype, device=p.device)
     return write_artifact(state.model, out_dir, manifest=state.manifest, report=rep,
                           source={"model": getattr(getattr(state.model, "config", None), "_name_or_path", None)},
-                          files={**state.files, **(files or {})}, overwrite=overwrite, save_dtype=save_dtype)
+                          files={**state.files, **(files or {})}, overwrite=overwrite, save_dtype=save_dtype,
+                          check=check)
 
 
 __all__ = ["__version__", "compress", "run", "load", "save", "verify_artifact", "Recipe", "load_recipe", "Pass",

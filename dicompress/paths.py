@@ -8,8 +8,10 @@ from __future__ import annotations
 from .arch import adapter_for
 from .calibrate import hint_block_batch, recipe_store, stage_store
 from .io import load, write_artifact, write_artifact_from_shards
+from .io.load_check import LoadCheck
 from .io.storage import round_parameters
 from .models import load_transformer
+from .probes import model_probes
 from .report import artifact_files
 from .runner import CalibrationStages, run_passes
 from .state import CompressionState
@@ -52,8 +54,10 @@ class InMemory:
         teacher = self.state.teacher if job.evaluates else None
         report = make_report(self.model, teacher, stats_store=self.stages.fresh, recaptured=self.captures)
         files = artifact_files(self.state.files, report, job.recipe, job.info)
+        check = LoadCheck(model_probes(self.model, self.adapter), dtype=job.dtype, device=job.device)
         write_artifact(self.model, job.out, manifest=manifest, report=report.to_dict(), source=job.source,
-                       files=files, overwrite=job.recipe.overwrite, save_dtype=job.save_dtype)
+                       files=files, overwrite=job.recipe.overwrite, save_dtype=job.save_dtype, check=check)
+        report.sections["load_check"] = check.result
         return report
 
 
@@ -90,6 +94,8 @@ class Streamed:
             written["report"] = report
             return report.to_dict(), artifact_files(self.sweep.state.files, report, job.recipe, job.info)
 
+        check = LoadCheck(self.sweep.probes(), dtype=job.dtype, device=job.device)
         write_artifact_from_shards(self.sweep.model, self.sweep.shards(), job.out, manifest=manifest,
-                                   source=job.source, finish=finish, overwrite=job.recipe.overwrite)
+                                   source=job.source, finish=finish, overwrite=job.recipe.overwrite, check=check)
+        written["report"].sections["load_check"] = check.result
         return written["report"]

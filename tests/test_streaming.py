@@ -335,3 +335,17 @@ def test_streamed_capture_says_when_fewer_model_calls_would_do(tiny_zoo_dir, tmp
     dicompress.run(tmp_path / "r.yaml", progress=False, echo=said.append, output=str(tmp_path / "o3"))
     assert any("calibration: reusing" in s for s in said)
     assert not [s for s in said if "model calls per sampling step" in s]
+
+
+def test_both_paths_check_the_artifact_as_users_load_it(runs):
+    """The write-time check loads the temp directory with from_pretrained and reruns probes taken in memory: the
+    whole model and its first and last blocks (in memory), the first and last blocks on a calibration row
+    (streamed); all reproduce the model in memory bit for bit."""
+    d, mem, streamed = runs
+    names = {"(whole model)", "transformer_blocks.0", "single_transformer_blocks.1"}
+    assert {p["module"] for p in mem["load_check"]["probes"]} == names
+    assert {p["module"] for p in streamed["load_check"]["probes"]} == names - {"(whole model)"}
+    for rep in (mem, streamed):
+        assert rep["load_check"]["loaded"] == "whole model"
+        assert all(p["bit_exact"] and p["max_abs_diff"] == 0 for p in rep["load_check"]["probes"])
+    assert json.loads((d / "st" / "report.json").read_text())["load_check"] == streamed["load_check"]

@@ -3,7 +3,9 @@
     names.py            the file names of a model directory and an artifact
     safetensors_file.py the one safetensors header reader (with its truncation checks) and the aligned writer
     manifest.py         the versioned record of structural changes, replayed on the meta model
-    writer.py           write_artifact / write_artifact_from_shards: temp dir, checksums, fsync, verify, rename
+    writer.py           write_artifact / write_artifact_from_shards: temp dir, checksums, fsync, verify, the
+                        user's-load check, rename
+    load_check.py       that check: the temp dir loaded with from_pretrained must reproduce probes of the model
     verify.py           read_config and verify_artifact (headers and manifest; checksums on request)
     checksums.py        the SHA-256 of an artifact's files, recorded in config.json and checked
     incomplete.py       the marker of a directory being written; refused by readers, removed when its writer died

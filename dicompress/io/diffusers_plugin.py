@@ -23,6 +23,7 @@ from ..errors import ArtifactError, ModelError
 from ..nn.act import TransformedLinear
 from ..nn.qlinear import QuantLinear
 from ..nn.surgery import set_module
+from .incomplete import refuse_unfinished_config
 from .manifest import FORMAT_VERSION, ORIGINAL_MODEL_OPS, replay
 
 DIFFUSERS_RANGE = ">=0.35,<0.43"
@@ -55,7 +56,9 @@ class DicompressConfig(QuantizationConfigMixin):
 
     def __init__(self, manifest: list[dict] | None = None, format_version: int = FORMAT_VERSION,
                  dicompress_version: str | None = None, source: dict | None = None,
-                 quant_method: str = DicompressMethod.DICOMPRESS.value, **extra):
+                 quant_method: str = DicompressMethod.DICOMPRESS.value, incomplete: dict | None = None, **extra):
+        if incomplete is not None:        # a temp directory's config.json, read before the write finished
+            refuse_unfinished_config(incomplete)
         if not isinstance(format_version, int) or format_version < 1:
             raise ArtifactError(f"quantization_config.format_version is {format_version!r}, not a positive int",
                                 hint="config.json was edited or damaged; re-run the compression")

@@ -1,5 +1,7 @@
 """Directories being written: the writer's temp directories carry a marker file (`.dicompress-incomplete`, with
-the writer's host and pid), written first and removed just before the rename into place. Readers refuse a
+the writer's host and pid), written first and removed just before the rename into place; their config.json
+carries the same identity (`quantization_config.incomplete`, dropped just before the marker), so diffusers'
+own `from_pretrained` pointed at a temp directory refuses it too (the quantizer config's check). Readers refuse a
 directory with the marker (unless this very process is writing it: a streaming write evaluates the artifact
 from its temp directory); the next write to the same output removes those whose writer is dead."""
 from __future__ import annotations
@@ -13,16 +15,22 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import ArtifactError
-from .names import MARKER_NAME, TEMP_KINDS, temp_prefix
+from .names import CONFIG_NAME, MARKER_NAME, TEMP_KINDS, temp_prefix
 
+CONFIG_KEY = "incomplete"      # quantization_config key of an artifact being written: its writer's identity
 _WRITING: set[Path] = set()    # temp directories this process is writing now
+
+
+def writer_identity() -> dict:
+    """Who is writing: what the marker file holds, and what an unfinished config.json carries (`CONFIG_KEY`)."""
+    return {"pid": os.getpid(), "host": socket.gethostname()}
 
 
 def make_temp_dir(out: Path, kind: str) -> Path:
     """A hidden sibling of `out` named `.<out>.tmp-<kind>-XXXX`, its marker written first, with an artifact's
     normal permissions (0o777 minus the umask; mkdtemp makes 0o700)."""
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name, kind), dir=out.parent))
-    marker = {"pid": os.getpid(), "host": socket.gethostname(), "output": out.name}
+    marker = {**writer_identity(), "output": out.name}
     (tmp / MARKER_NAME).write_text(json.dumps(marker) + "\n")
     os.chmod(tmp, 0o777 & ~_umask())
     return tmp
@@ -46,8 +54,38 @@ def writing(tmp: Path):
 
 
 def mark_complete(tmp: Path) -> None:
-    """Remove the marker: the last step before the rename into place."""
+    """Drop config.json's `CONFIG_KEY`, then the marker: the last steps before the rename into place."""
+    cfg = tmp / CONFIG_NAME
+    config = json.loads(cfg.read_text())
+    if config.get("quantization_config", {}).pop(CONFIG_KEY, None) is not None:
+        part = cfg.with_name(CONFIG_NAME + ".part")
+        with open(part, "w") as f:
+            f.write(json.dumps(config, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, cfg)
     (tmp / MARKER_NAME).unlink()
+    _fsync(tmp)
+
+
+def _fsync(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def refuse_unfinished_config(owner) -> None:
+    """ArtifactError for a config.json still carrying `CONFIG_KEY` (read by diffusers' `from_pretrained` straight
+    from a temp directory, where no marker file is looked at), unless this process is the writer."""
+    mine = (isinstance(owner, dict) and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname()
+            and bool(_WRITING))
+    if not mine:
+        raise ArtifactError(
+            f"this artifact's config.json is marked unfinished ({CONFIG_KEY}: {owner}): it is the temp directory of "
+            "a write that is still running or was interrupted",
+            hint="load the finished output directory instead; an interrupted write's temp directory can be deleted")
 
 
 def refuse_incomplete(root: Path) -> None:

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import ArtifactError
 from .checksums import check_checksums
-from .incomplete import refuse_incomplete
+from .incomplete import CONFIG_KEY, refuse_incomplete, refuse_unfinished_config
 from .manifest import FORMAT_VERSION, replay
 from .names import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
 from .safetensors_file import ST_DTYPES, TensorEntry, read_safetensors_header
@@ -85,6 +85,8 @@ def _check_quantization_config(root: Path, config: dict) -> None:
                             f"upgrade dicompress",
                             hint=f"it was written by dicompress {qc.get('dicompress_version') or '(unknown)'}; "
                                  f"`pip install -U dicompress`")
+    if CONFIG_KEY in qc:                 # the marker file is gone but the config is a temp directory's
+        refuse_unfinished_config(qc[CONFIG_KEY])
     if not isinstance(qc.get("manifest"), list) or not isinstance(config.get("_class_name"), str):
         raise ArtifactError(f"{cfg_path} lacks a manifest list or _class_name", hint="re-run the compression")
 

@@ -19,7 +19,8 @@ from torch import nn
 
 from ..errors import ArtifactError, ModelError
 from .checksums import complete_checksums, copy_with_sha256, sha256_file
-from .incomplete import make_temp_dir, mark_complete, remove_stale, writing
+from .incomplete import CONFIG_KEY, make_temp_dir, mark_complete, remove_stale, writer_identity, writing
+from .load_check import LoadCheck
 from .manifest import FORMAT_VERSION, dicompress_version
 from .names import CONFIG_NAME, INDEX_NAME, REPORT_NAME, WEIGHTS_NAME, WEIGHTS_PREFIX, shard_name
 from .safetensors_file import read_safetensors_header
@@ -32,33 +33,36 @@ _RESERVED = {CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME, INDEX_NAME}
 
 def write_artifact(model: nn.Module, out_dir: str | os.PathLike, *, manifest: list[dict], report: dict,
                    source: dict, files: dict[str, bytes] | None = None, overwrite: bool = False,
-                   max_shard_size: int | str = DEFAULT_SHARD_SIZE, save_dtype: torch.dtype | None = None) -> Path:
+                   max_shard_size: int | str = DEFAULT_SHARD_SIZE, save_dtype: torch.dtype | None = None,
+                   check: LoadCheck | None = None) -> Path:
     """Write `model` (already rewritten in place) as a dicompress artifact at `out_dir`; floating parameters
     are stored as `save_dtype` (None: as they are; see `storage.py`).
 
     Everything goes into a hidden sibling temp directory, is checksummed, fsynced and verified, and only then
     renamed into place: a crash at any point leaves `out_dir` absent (or, when overwriting, the old
     artifact intact). The weight shards are written by diffusers' `save_pretrained`, so their SHA-256 is read
-    back from the temp files before the rename. Returns the artifact path.
+    back from the temp files before the rename. With `check`, the temp directory is first loaded as users load
+    it and must reproduce `check.probes` (load_check.py). Returns the artifact path.
     """
     out = _check_out(model, out_dir, overwrite)
     extra = _check_extra_files(files or {})
     quant_config = _quant_config(manifest, source)
 
-    def fill(tmp: Path, sums: dict[str, str]) -> None:
-        _write_bytes(tmp / REPORT_NAME, _json_bytes(report, "report"))
+    def fill(tmp: Path, sums: dict[str, str]) -> dict:
         for name, data in extra.items():
             _write_bytes(tmp / name, data, sums)
         with parameters_stored_as(model, save_dtype):
             model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         # Last: until config.json carries the manifest, the directory is not a dicompress artifact.
         _add_quantization_config(tmp / CONFIG_NAME, quant_config)
+        return report
 
-    return _write_atomically(out, fill)
+    return _write_atomically(out, fill, check)
 
 
 def write_artifact_from_shards(config_model: nn.Module, shards: list[Path], out_dir: str | os.PathLike, *,
-                               manifest: list[dict], source: dict, finish, overwrite: bool = False) -> Path:
+                               manifest: list[dict], source: dict, finish, overwrite: bool = False,
+                               check: LoadCheck | None = None) -> Path:
     """Write an artifact whose weights are already safetensors files (the streaming pipeline's finished
     blocks): they become the artifact's shards (hard-linked when on the same file system, hashed once then;
     else copied, hashed while copying), with the index, and `config_model`'s config (+ the manifest).
@@ -68,16 +72,16 @@ def write_artifact_from_shards(config_model: nn.Module, shards: list[Path], out_
     out = _check_out(config_model, out_dir, overwrite)
     quant_config = _quant_config(manifest, source)
 
-    def fill(tmp: Path, sums: dict[str, str]) -> None:
+    def fill(tmp: Path, sums: dict[str, str]) -> dict:
         _write_shards(shards, tmp, sums)
         config_model.save_config(tmp)
         _add_quantization_config(tmp / CONFIG_NAME, quant_config)
         report, files = finish(tmp)
         for name, data in _check_extra_files(files or {}).items():
             _write_bytes(tmp / name, data, sums)
-        _write_bytes(tmp / REPORT_NAME, _json_bytes(report, "report"))
+        return report
 
-    return _write_atomically(out, fill)
+    return _write_atomically(out, fill, check)
 
 
 def _write_shards(shards: list[Path], tmp: Path, sums: dict[str, str]) -> None:
@@ -109,24 +113,30 @@ def _check_out(model: nn.Module, out_dir, overwrite: bool) -> Path:
 
 def _quant_config(manifest: list[dict], source: dict) -> dict:
     return {"quant_method": "dicompress", "format_version": FORMAT_VERSION,
-            "dicompress_version": dicompress_version(), "manifest": list(manifest), "source": dict(source)}
+            "dicompress_version": dicompress_version(), "manifest": list(manifest), "source": dict(source),
+            CONFIG_KEY: writer_identity()}      # dropped by mark_complete, just before the rename
 
 
-def _write_atomically(out: Path, fill) -> Path:
-    """`fill(tmp, sums)` writes the artifact into a hidden sibling temp directory (marked incomplete) and puts the
-    digests it took while writing into `sums`; the rest are hashed, all recorded in config.json, the directory
-    fsynced, verified, unmarked and only then renamed to `out`: a crash at any point leaves `out` absent (or,
-    when overwriting, the old one intact). Temp directories of dead writers to `out` are removed first."""
+def _write_atomically(out: Path, fill, check: LoadCheck | None = None) -> Path:
+    """`fill(tmp, sums) -> report` writes the artifact but its report into a hidden sibling temp directory (marked
+    incomplete) and puts the digests it took while writing into `sums`; the rest are hashed, all recorded in
+    config.json, the artifact verified (with `check`: loaded as users load it and compared with the probes; the
+    result goes into the report), the report written, the directory fsynced, unmarked and only then renamed to
+    `out`: a crash at any point leaves `out` absent (or, when overwriting, the old one intact). Temp directories of
+    dead writers to `out` are removed first."""
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out)
     tmp = make_temp_dir(out, "incomplete")
     try:
         with writing(tmp):
             sums: dict[str, str] = {}
-            fill(tmp, sums)
+            report = fill(tmp, sums)
             _record_checksums(tmp, sums)
-            _fsync_tree(tmp)
             verify_artifact(tmp)
+            if check is not None:
+                report = {**report, "load_check": check.run(tmp)}
+            _write_bytes(tmp / REPORT_NAME, _json_bytes(report, "report"))
+            _fsync_tree(tmp)
         mark_complete(tmp)
         _swap_into_place(tmp, out)
     except BaseException:

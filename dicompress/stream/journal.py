@@ -7,6 +7,7 @@
     records/<block>.json          ... its manifest entries and report rows per pass; written last, so a
                                   block counts as finished only when both are complete
     acts/<block>/                 the inputs of the next block to compress (`blockdata.run_over`)
+    probes/<block>.safetensors    the first and last blocks' outputs on one input row, for the write-time check
 Files are written to a temporary name and renamed, so a kill never leaves a half-written one in place.
 """
 from __future__ import annotations
@@ -55,6 +56,10 @@ class Journal:
 
     def shard(self, name: str) -> Path:
         return self.root / "shards" / f"{_safe(name)}.safetensors"
+
+    def probe(self, block: str) -> Path:
+        """The block's write-time check probe (io/load_check.py), taken while it was in memory."""
+        return self.root / "probes" / f"{_safe(block)}.safetensors"
 
     def acts(self, block: str) -> Path:
         return self.root / "acts" / _safe(block)

@@ -26,9 +26,11 @@ from tqdm.auto import tqdm
 
 from ..arch import adapter_for
 from ..errors import DicompressError, RecipeError
+from ..io.load_check import Probe, load_probes, save_probes
 from ..io.manifest import replay
 from ..io.storage import round_parameters, stored_state_dict
 from ..passes.base import select_layers
+from ..probes import block_probe
 from ..records import PassRecord
 from ..report import attach_activation_stats
 from ..runner import run_passes
@@ -149,6 +151,10 @@ class Sweep:
         if self.save_dtype is not None:     # the values the artifact holds (and, `compressed`, propagates)
             round_parameters(self.model.get_submodule(name), self.save_dtype)
         if store is not None:
+            if b == 0 or last:            # what the write-time check reruns on the artifact as loaded
+                probe = block_probe(block, name, self.adapter, inputs, self.device, self.dtype)
+                if probe is not None:
+                    save_probes(self.journal.probe(name), [probe])
             stats = st.calibration.linear_stats()
             for rec in records:
                 attach_activation_stats(rec.layers, stats)
@@ -168,6 +174,11 @@ class Sweep:
     def _replay(self, record: dict) -> None:
         """A block finished by an earlier run: rebuild its modules on the meta device (footprint, config)."""
         replay(self.model, [e for p in record["passes"] for e in p["manifest"]], device="meta")
+
+    def probes(self) -> list[Probe]:
+        """The first and last blocks' probes (none for a run without calibration inputs)."""
+        paths = [self.journal.probe(n) for n in dict.fromkeys([self.names[0], self.names[-1]])]
+        return [p for path in paths if path.exists() for p in load_probes(path)]
 
     def shards(self) -> list[Path]:
         return [self.journal.shard(ROOT)] + [self.journal.shard(n) for n in self.names]
