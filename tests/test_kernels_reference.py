@@ -21,6 +21,14 @@ from dicompress.quant.activation import quantize_per_token
 from dicompress.quant.tlq import tlq_quantize
 from dicompress.quant.uniform import rtn_quantize
 
+
+@pytest.fixture(autouse=True)
+def _decode_by_default(monkeypatch):
+    """These tests compare against the exact decode path; the default, auto, picks int8 for 8-bit activation
+    codes on a CPU whose int8 GEMM is faster (AVX-512 VNNI), so they name decode (test_gemm_mode.py tests auto)."""
+    monkeypatch.setenv("DICOMPRESS_GEMM_MODE", "decode")
+
+
 K, N = 48, 20          # 48 = 12 x 4: a Hadamard order with a dense Paley factor
 
 

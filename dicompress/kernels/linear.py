@@ -101,22 +101,24 @@ def act_forward(act, x: torch.Tensor) -> torch.Tensor:
     return x if act.act_bits is None else quantize_per_token(x, act.act_bits)
 
 
-def _weight_args(q) -> tuple:
-    """The ops' weight arguments from a QuantLinear; get_codec raises for an unregistered codec."""
+def _weight_args(q, int8_gemm: bool) -> tuple:
+    """The ops' weight arguments from a QuantLinear; get_codec raises for an unregistered codec. The mode is
+    resolved for the layer's device and for whether this call can take the int8 GEMM: the ops never see
+    "auto"."""
     scales, aux, eta = get_codec(q.codec).kernel_args.of(q)
-    return q.qweight, scales, aux, eta, q.bias, q.codec, q.bits, q.group_size or 0, current_mode()
+    return (q.qweight, scales, aux, eta, q.bias, q.codec, q.bits, q.group_size or 0,
+            current_mode(q.qweight.device, int8_gemm))
 
 
 def quant_linear_forward(q, x: torch.Tensor) -> torch.Tensor:
     """QuantLinear.forward: y = act(x) · decode(qweight)ᵀ + bias, in x's dtype."""
-    weight = _weight_args(q)
     if _needs_grad(x, q.bias):                   # the differentiable torch composition
         if q.act is not None:
             x = act_forward(q.act, x)
-        return reference.qlinear(x, None, *weight, x.dtype)
+        return reference.qlinear(x, None, *_weight_args(q, False), x.dtype)
     if _fused(q.act):
         codes, steps = act_codes(q.act, x)
-        return ops.qlinear(codes, steps, *weight, x.dtype)
+        return ops.qlinear(codes, steps, *_weight_args(q, not q.group_size), x.dtype)
     if q.act is not None:
         x = act_forward(q.act, x)
-    return ops.qlinear(x, None, *weight, x.dtype)
+    return ops.qlinear(x, None, *_weight_args(q, False), x.dtype)
