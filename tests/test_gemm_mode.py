@@ -206,3 +206,47 @@ def test_compiled_auto_resolves_at_trace_time(monkeypatch):
             assert torch.equal(out, q(x))
     assert calls == [1]
     torch._dynamo.reset()
+
+
+# -- the run report names the mode its latency was measured in -------------------------------------
+def _fake_latency(monkeypatch) -> list[str]:
+    """latency_ms_per_step that records the mode the CPU's int8-GEMM layers run at the time it is called."""
+    from dicompress.eval import digits_eval
+    modes = []
+
+    def fake(model, conditioning):
+        modes.append(dispatch.current_mode("cpu"))
+        return {"decode": 10.0, "int8": 4.0}[modes[-1]]
+    monkeypatch.setattr(digits_eval, "latency_ms_per_step", fake)
+    return modes
+
+
+@pytest.mark.parametrize("capability, speedup, mode", [("AVX2", None, "decode"), ("AVX512", 6.0, "int8")])
+def test_latency_metrics_name_the_mode_measured(monkeypatch, capability, speedup, mode):
+    from dicompress.eval.digits_eval import latency_metrics
+    cpu(monkeypatch, capability, speedup, vnni=True)
+    modes = _fake_latency(monkeypatch)
+    out = latency_metrics(torch.nn.Sequential(layer()), torch.nn.Linear(K, N), conditioning=None)
+    assert out["latency_gemm_mode"] == mode and out["latency_ms_per_step"] == {"decode": 10.0, "int8": 4.0}[mode]
+    if mode == "decode":                                    # the int8 GEMM, forced, measured beside it
+        assert out["latency_ms_per_step_int8"] == 4.0 and modes == ["decode", "decode", "int8"]
+    else:                                                   # already measured in int8: not twice
+        assert "latency_ms_per_step_int8" not in out and modes == ["int8", "int8"]
+
+
+def test_latency_metrics_without_quantized_linears_name_no_mode(monkeypatch):
+    from dicompress.eval.digits_eval import latency_metrics
+    cpu(monkeypatch, "AVX2")
+    _fake_latency(monkeypatch)
+    out = latency_metrics(torch.nn.Linear(K, N), torch.nn.Linear(K, N), conditioning=None)
+    assert "latency_gemm_mode" not in out and "latency_ms_per_step_int8" not in out
+
+
+def test_summary_labels_the_latency_lines():
+    from dicompress.eval.summary import format_summary
+    metrics = {"latency_ms_per_step": 10.0, "latency_ms_per_step_teacher": 5.0, "latency_ratio": 2.0,
+               "latency_gemm_mode": "decode", "latency_ms_per_step_int8": 4.0}
+    lines = format_summary({"metrics": metrics}).splitlines()
+    assert [line.split()[-2:] for line in lines if "latency ms/step (GEMM mode decode)" in line] == [["10.00", "5.00"]]
+    assert [line.split()[-2:] for line in lines if "latency ms/step, forced GEMM mode int8" in line] == [["4.00", "-"]]
+    assert not [line for line in lines if "latency_gemm_mode" in line]      # a label, not a row of its own

@@ -1,13 +1,15 @@
 """Quality of a compressed embedded-digits model against its teacher (see DESIGN.md, "how quality is
 measured here"): fidelity (PSNR of samples from the same noise), task quality (class accuracy and a
-Frechet distance in the classifier's feature space), and cost (CPU latency per sampling step; for a student
-with 8-bit activation codes also in GEMM mode int8, kernels/int8_mm.py)."""
+Frechet distance in the classifier's feature space), and cost (CPU latency per sampling step in the GEMM mode
+the student's quantized linears run now, `latency_gemm_mode`: DICOMPRESS_GEMM_MODE with auto resolved; for a
+student with 8-bit activation codes measured in decode, also forced into GEMM mode int8, kernels/int8_mm.py)."""
 from __future__ import annotations
 
 import torch
 from tqdm.auto import tqdm
 
-from ..kernels import gemm_mode
+from ..kernels import current_mode, gemm_mode
+from ..kernels.dispatch import INT8_MODES
 from ..kernels.int8_mm import int8_gemm_layers
 from ..zoo import load_classifier, load_conditioning
 from ..zoo.digits import load_digits_tensors
@@ -64,21 +66,40 @@ def evaluate_digits(student, teacher, zoo_dir, samples_per_class: int = 20, step
     real_feats = classifier.features(load_digits_tensors("all")[0])
     acc_s, fd_s = _scores(classifier, student_samples, labels, real_feats)
     acc_t, fd_t = _scores(classifier, teacher_samples, labels, real_feats)
-    lat_s = latency_ms_per_step(student, conditioning)
-    lat_t = latency_ms_per_step(teacher, conditioning)
-    lat_int8 = {}
-    if int8_gemm_layers(student):           # the same student with its A8 linears on the int8 GEMM
-        with gemm_mode("int8"):
-            lat_int8["latency_ms_per_step_int8"] = latency_ms_per_step(student, conditioning)
     metrics = {
         "psnr_db": psnr_db(student_samples, teacher_samples),
         "class_acc": acc_s, "class_acc_teacher": acc_t,
         "frechet": fd_s, "frechet_teacher": fd_t,
-        "latency_ms_per_step": lat_s, "latency_ms_per_step_teacher": lat_t,
-        "latency_ratio": lat_s / lat_t, **lat_int8,
+        **latency_metrics(student, teacher, conditioning),
         "samples": len(seeds), "steps": steps,
     }
     return metrics, {"teacher": teacher_samples, "student": student_samples, "labels": labels}
+
+
+def measured_gemm_mode(model) -> str | None:
+    """The concrete GEMM mode `model`'s quantized linears run now on its device (auto resolved): the mode of
+    its int8-GEMM layers (8-bit activation codes, per-channel) where it has some, else of its other quantized
+    linears; None without quantized linears (no GEMM mode to name)."""
+    quantized = [m for m in model.modules() if getattr(m, "codec", None) is not None]
+    if not quantized:
+        return None
+    return current_mode(quantized[0].qweight.device, int8_gemm=int8_gemm_layers(model) > 0)
+
+
+def latency_metrics(student, teacher, conditioning) -> dict:
+    """ms per sampling step of both models, with the GEMM mode the student's was measured in; a student with
+    8-bit activation codes measured in decode is measured again forced into int8 (on CPU the int8 GEMM, which
+    auto takes only where it is faster: both numbers side by side show what the choice was worth here)."""
+    mode = measured_gemm_mode(student)
+    lat_s = latency_ms_per_step(student, conditioning)
+    lat_t = latency_ms_per_step(teacher, conditioning)
+    out = {"latency_ms_per_step": lat_s, "latency_ms_per_step_teacher": lat_t, "latency_ratio": lat_s / lat_t}
+    if mode is not None:
+        out["latency_gemm_mode"] = mode
+    if int8_gemm_layers(student) and mode not in INT8_MODES:
+        with gemm_mode("int8"):
+            out["latency_ms_per_step_int8"] = latency_ms_per_step(student, conditioning)
+    return out
 
 
 @torch.no_grad()

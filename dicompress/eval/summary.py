@@ -14,9 +14,9 @@ LABELS = {  # column / row names; unknown keys are shown as they are
 METRIC_ROWS = [  # (key, label); `key + "_teacher"` is the teacher column
     ("psnr_db", "PSNR vs teacher dB"), ("class_acc", "class accuracy"), ("frechet", "Frechet distance"),
     ("latency_ms_per_step", "latency ms/step"),
-    ("latency_ms_per_step_int8", "latency ms/step, GEMM mode int8"),
+    ("latency_ms_per_step_int8", "latency ms/step, forced GEMM mode int8"),
 ]
-METRIC_META = {"samples", "steps", "latency_ratio"}
+METRIC_META = {"samples", "steps", "latency_ratio", "latency_gemm_mode"}
 
 
 def fmt_value(v, key: str = "") -> str:
@@ -93,10 +93,18 @@ def _passes(passes: list[dict]) -> list[str]:
     return lines
 
 
+def _metric_label(m: dict, key: str, label: str) -> str:
+    """The latency row names the GEMM mode the student was measured in (auto resolves per machine, so the
+    number means little without it)."""
+    if key == "latency_ms_per_step" and m.get("latency_gemm_mode"):
+        return f"{label} (GEMM mode {m['latency_gemm_mode']})"
+    return label
+
+
 def _metrics(m: dict) -> list[str]:
     extra = [(k, k) for k in m if k not in METRIC_META and not k.endswith("_teacher")
              and k not in {key for key, _ in METRIC_ROWS}]
-    rows = [[label, fmt_value(m.get(k), k), fmt_value(m.get(k + "_teacher"), k)]
+    rows = [[_metric_label(m, k, label), fmt_value(m.get(k), k), fmt_value(m.get(k + "_teacher"), k)]
             for k, label in METRIC_ROWS + extra if k in m or k + "_teacher" in m]
     if "latency_ratio" in m:
         rows.append(["latency student/teacher", fmt_value(m["latency_ratio"], "latency_ratio") + "x", ""])
