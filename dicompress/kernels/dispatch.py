@@ -16,9 +16,9 @@
 
 Why auto is not simply int8 on CPU: torch._int_mm is fast only where the CPU has int8 dot instructions. On
 AVX-512 VNNI (the CPU of bench/cpu.md) it is 5-9x an fp32 matmul at FLUX shapes; on an AVX2-only AMD
-EPYC it is 30-40x slower (256x3072 @ 3072x3072, one thread: 1.9-2.8 s with the weight laid out as int8_mm.py
-passes it, 7.2 s with a contiguous [K, N] weight, vs 0.065 s fp32). x86 CPUs below AVX-512 therefore get
-decode without a probe; every other CPU times both GEMMs once on a small shape (PROBE_SHAPE, a few ms,
+EPYC it is 29x slower (256x3072 @ 3072x3072, one thread, median: 1.95 s with the weight laid out as
+int8_mm.py passes it, 8.75 s with a contiguous [K, N] weight, vs 0.067 s fp32). x86 CPUs below AVX-512
+therefore get decode without a probe; every other CPU times both GEMMs once on a small shape (PROBE_SHAPE, a few ms,
 cached per process and thread count) and takes int8 when it is at least MIN_INT8_SPEEDUP faster.
 
 Both variables are read at call time, so they can be changed without re-importing; `gemm_mode(...)`
@@ -43,7 +43,7 @@ INT8_MODES = ("int8", "int8_unpacked")      # modes computing with the int8-mapp
 _mode_override: list[str | None] = [None]
 
 # x86 dispatch levels below AVX-512 (torch.backends.cpu.get_cpu_capability, which names no VNNI / AMX level:
-# those come from torch.cpu's feature queries): torch._int_mm measured 30-40x slower than the fp32 matmul on
+# those come from torch.cpu's feature queries): torch._int_mm measured 29x slower than the fp32 matmul on
 # AVX2, so these skip the probe
 SLOW_INT8_CAPABILITIES = ("DEFAULT", "NO AVX", "AVX2")
 PROBE_SHAPE = (128, 512, 512)               # M, K, N: ~1 ms of fp32 matmul, large enough for the GEMM kernels
@@ -117,7 +117,7 @@ def resolve_cpu_mode() -> tuple[str, str]:
 def _resolve_cpu_mode(threads: int) -> tuple[str, str]:
     cap = torch.backends.cpu.get_cpu_capability()
     if cap in SLOW_INT8_CAPABILITIES:
-        return "decode", (f"cpu capability {cap}: below AVX-512 torch._int_mm has no fast kernel (30-40x slower "
+        return "decode", (f"cpu capability {cap}: below AVX-512 torch._int_mm has no fast kernel (29x slower "
                           "than the fp32 matmul on an AVX2 EPYC, README: Kernels), so no probe")
     where = f"cpu capability {cap}{_int8_features()}"
     try:
