@@ -87,6 +87,7 @@ def _cached(root: Path, lead: bool, echo, take):
         store = CalibrationStore(root)
         echo(f"calibration: reusing {root}")
     else:
+        _require_writable(root.parent)
         store = take()
     barrier()
     return store
@@ -167,6 +168,13 @@ def check_calibration(recipe, info) -> None:
                                    f"rows (classes 0..{rows - 1})", hint="pick class indices below "
                                    f"{rows}, or leave `classes` out to use every row")
     root = cache_root(recipe)
+    # a read-only cache that already holds finished captures (a shared, pre-filled cache) may hold this one:
+    # `_cached` refuses it only if this run's capture is missing
+    if not any(root.glob("*/meta.json")):
+        _require_writable(root)
+
+
+def _require_writable(root: Path) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=root):
