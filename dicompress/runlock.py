@@ -2,7 +2,8 @@
 
 flock locks belong to the open file: the kernel drops them when the owning process exits, however it exits,
 so a lock left by a killed run is stale by construction and the next run simply takes it. The file holds the
-owner's pid (for the message a second run prints) and is removed when the run ends.
+owner's pid (for the message a second run prints) and is removed when the run ends. A process that holds
+the lock may take it again (the artifact writer takes it for callers of the Python API that did not).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ArtifactError
+
+_HELD: set[str] = set()        # lock files this process holds (real paths)
 
 
 def lock_path(output: str | Path) -> Path:
@@ -55,11 +58,12 @@ def _acquire(path: Path, output: Path) -> int:
 @contextmanager
 def output_lock(output: str | Path, take: bool = True):
     """Hold `<output>.lock` for the block (nothing when `take` is false: torchrun's ranks other than 0)."""
-    if not take:
-        yield
-        return
     output = Path(output)
     path = lock_path(output)
+    key = os.path.realpath(path)
+    if not take or key in _HELD:
+        yield
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = _acquire(path, output)
@@ -67,9 +71,11 @@ def output_lock(output: str | Path, take: bool = True):
         raise ArtifactError(f"cannot write beside the output {output}: {e.strerror or e}",
                             hint=f"choose an --output in a directory you can write ({path.parent} is not "
                                  "writable here)") from None
+    _HELD.add(key)
     try:
         yield
     finally:
+        _HELD.discard(key)
         try:
             path.unlink()
         except OSError:

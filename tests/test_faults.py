@@ -7,8 +7,9 @@
 2. Two runs on one output: the second exits at once (code 3, naming the first's pid); the first is unharmed.
 3. Read-only destinations and a full disk: a named error, the documented exit code, no traceback, nothing
    half-written.
-4. One flipped byte in any tensor kind of a W4A8 artifact, its index or its config: `verify`, `load(verify=True)` and
-   `inspect --verify` refuse it naming the file; an overlapping header is refused by every load.
+4. One flipped byte in any tensor kind of a W4A8 artifact (both paths' layouts) or in its index: `verify`,
+   `inspect --verify` and `load(verify=True)` refuse it naming the file (overlapping and trailing bytes in a
+   header: tests/test_trust.py).
 
 The runs are child processes of a fork server (tests/faults_helpers.py): each is killed by a hook that the child
 installs itself on the production function of the phase (no production hook), at a call counted from the start.
@@ -39,14 +40,6 @@ PASSES = [{"smooth": {"alpha": 0.5}}, {"ars": {"threshold": 1.0}},
           {"tlq": {"bits": 4, "gptq": True, "etas": [0.0, 0.01], "percentiles": [1.0]}}, {"act_quant": {"bits": 8}}]
 CAL = {"source": "classes", "classes": [0, 1, 2], "seeds": [0], "steps": 3, "batch_size": 3}
 N_BLOCKS = 4           # tiny_zoo_dir: 2 double + 2 single blocks
-
-
-class KnownGap(AssertionError):
-    """A promise this suite finds broken; raised last, after every other check of the test passed."""
-
-
-def gap(reason: str):
-    return pytest.mark.xfail(strict=True, raises=KnownGap, reason=reason)
 
 
 # ------------------------------------------------------------------------------------------------ fixtures, helpers
@@ -100,7 +93,7 @@ def temp_dirs(out: Path) -> list[Path]:
 
 def refuse_all(d: Path) -> list[str]:
     """Check that nothing loads `d` as an artifact: dicompress.load (ArtifactError), `dicompress verify` (exit 3,
-    no traceback); returns the broken promises of diffusers' own from_pretrained (for KnownGap)."""
+    no traceback); returns the broken promises of diffusers' own from_pretrained."""
     from diffusers import FluxTransformer2DModel
     with pytest.raises(ArtifactError):
         dicompress.load(d)
@@ -112,6 +105,15 @@ def refuse_all(d: Path) -> list[str]:
         return []
     return [f"FluxTransformer2DModel.from_pretrained loads the leftover {d.name} "
             f"({'marked' if (d / MARKER_NAME).exists() else 'unmarked'}) as a complete model"]
+
+
+def refused_by_name(d: Path, art: Path) -> None:
+    """An unmarked temp directory (a complete artifact under its temp name) is refused by dicompress's readers,
+    naming the output it was written for; diffusers' own from_pretrained would load it (it is complete)."""
+    with pytest.raises(ArtifactError, match=f"temp directory of a dicompress write to {art}"):
+        dicompress.load(d)
+    r = cli("verify", d)
+    assert r.exit_code == 3 and "Traceback" not in r.output, r.output
 
 
 def lock_is_free(out: Path) -> None:
@@ -126,11 +128,6 @@ def resumed_blocks(art: Path) -> int | None:
 
 # ------------------------------------------------------------------------------------------------ 1. kill and resume
 WQ = "dicompress.passes._weight_quant"
-UNMARKED_GAP = ("dicompress/io/writer.py _write_atomically: mark_complete(tmp) removes the marker (and config.json's "
-                "`incomplete` key) before _swap_into_place renames; a SIGKILL between the two leaves "
-                ".<name>.tmp-incomplete-XXXX unmarked: it loads as a complete artifact and remove_stale never deletes "
-                "it (no marker -> left alone), so a rerun leaves a full stale copy beside the output")
-
 # phase -> (hook arguments, finished blocks a streamed rerun resumes); mem / st: whole-model / streamed path
 KILLS = {
     "capture": (dict(target="dicompress.calib.store:StoreWriter.write_chunk", at=3, action="kill"), 0),
@@ -152,10 +149,9 @@ KILLS = {
 }
 
 CASES = [("mem", "capture"), ("mem", "first_pass"), ("mem", "later_pass_mem"), ("mem", "shard_write_mem"),
-         ("mem", "before_unmark"), pytest.param("mem", "before_rename", marks=gap(UNMARKED_GAP)),
+         ("mem", "before_unmark"), ("mem", "before_rename"),
          ("st", "capture"), ("st", "first_pass"), ("st", "later_pass_st"), ("st", "block_shard_write_st"),
-         ("st", "artifact_link_st"), ("st", "before_unmark"),
-         pytest.param("st", "before_rename", marks=gap(UNMARKED_GAP))]
+         ("st", "artifact_link_st"), ("st", "before_unmark"), ("st", "before_rename")]
 
 
 @pytest.mark.parametrize("path, phase", CASES)
@@ -179,9 +175,11 @@ def test_killed_run_leaves_nothing_loadable_and_the_rerun_writes_the_same_artifa
     for d in left:
         if (d / MARKER_NAME).exists() or not (d / CONFIG_NAME).exists():
             gaps += refuse_all(d)
-        else:                                 # an unmarked, complete temp dir: see UNMARKED_GAP
-            gaps.append(f"the unmarked leftover {d.name} loads as a complete artifact")
-    if phase in ("artifact_link_st", "shard_write_mem", "before_unmark"):
+        else:       # killed between the unmark and the rename: the verified artifact, under its temp name
+            assert phase == "before_rename", d
+            refused_by_name(d, art)
+            assert_identical(refs[path], d)
+    if phase in ("artifact_link_st", "shard_write_mem", "before_unmark", "before_rename"):
         assert left, "the kill during the write should have left the temp directory to clean up"
 
     # (b) the lock is free (its file may remain, naming the dead run)
@@ -205,5 +203,192 @@ def test_killed_run_leaves_nothing_loadable_and_the_rerun_writes_the_same_artifa
     stale = temp_dirs(art)
     if stale:
         gaps.append(f"after the rerun {[d.name for d in stale]} remain beside the output")
-    if gaps:
-        raise KnownGap("; ".join(gaps))
+    assert not gaps, gaps
+
+
+def exchange_supported(d: Path) -> bool:
+    from dicompress.io.writer import _exchange
+    (d / "x").mkdir(parents=True)
+    (d / "y").mkdir()
+    return _exchange(d / "x", d / "y")
+
+
+@pytest.mark.parametrize("when", ["kill", "kill_after"])
+def test_overwrite_killed_at_the_exchange_leaves_the_old_or_the_new_artifact(server, refs, tiny_zoo_dir, tmp_path,
+                                                                              when):
+    """With --overwrite the new artifact and the old one swap places in one step (renameat2 RENAME_EXCHANGE): a
+    kill just before it leaves the old artifact at the output, just after it the new one; the other lies in an
+    unmarked temp directory that dicompress refuses and the rerun removes."""
+    if not exchange_supported(tmp_path / "probe"):
+        pytest.skip("this file system cannot exchange two directories (renameat2 RENAME_EXCHANGE)")
+    recipe = recipe_in(tmp_path / "job", tiny_zoo_dir, streaming=False)
+    art = tmp_path / "job" / "art"
+    shutil.copytree(refs["st"], art)                 # the old artifact: another layout, easy to tell apart
+    killed = server.run(run_argv(recipe, "--overwrite"),
+                        hook=hook("dicompress.io.writer:_exchange", 1, when, tmp_path / "flags"))
+    assert killed.rc == -9 and killed.fired is not None, killed
+    (at_output, aside) = (refs["st"], refs["mem"]) if when == "kill" else (refs["mem"], refs["st"])
+    assert_identical(at_output, art)
+    dicompress.load(art, verify=True)
+    left = temp_dirs(art)
+    assert len(left) == 1 and not (left[0] / MARKER_NAME).exists(), left
+    assert_identical(aside, left[0])
+    refused_by_name(left[0], art)
+    lock_is_free(art)
+    ok(server.run(run_argv(recipe, "--overwrite")))
+    assert_identical(refs["mem"], art)
+    assert not temp_dirs(art)
+
+
+# ------------------------------------------------------------------------------------------------ 2. concurrent runs
+@pytest.mark.parametrize("path", ["mem", "st"])
+def test_second_run_on_the_same_output_exits_at_once_and_the_first_finishes(server, refs, tiny_zoo_dir, tmp_path,
+                                                                            path):
+    recipe = recipe_in(tmp_path / "job", tiny_zoo_dir, streaming=path == "st")
+    art = tmp_path / "job" / "art"
+    flags = tmp_path / "flags"
+    first = server.start(run_argv(recipe), hook=hook(f"{WQ}:gptq_codes", 5, "pause", flags))
+    try:
+        deadline = time.monotonic() + 120
+        while not (flags / "fired.json").exists():        # the first run is inside the tlq pass, holding the lock
+            assert time.monotonic() < deadline, "the first run never reached its pause"
+            time.sleep(0.05)
+        before = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "job").rglob("*"))
+        t0 = time.monotonic()
+        second = server.run(run_argv(recipe))
+        assert time.monotonic() - t0 < 20
+        assert second.rc == 3, second
+        assert second.output.startswith(f"error: another dicompress run (pid {first.pid}) is writing {art}"), second
+        assert "hint:" in second.output and "Traceback" not in second.output
+        after = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "job").rglob("*"))
+        assert after == before                               # the second run touched nothing of the first's
+        assert json.loads(lock_path(art).read_text()) == first.pid
+    finally:
+        (flags / "go").write_text("")
+    ok(first.wait())
+    assert_identical(refs[path], art)
+    assert not lock_path(art).exists() and not temp_dirs(art) and not (tmp_path / "job" / "art.work").exists()
+
+
+# ------------------------------------------------------------------------------------------------ 3. unwritable places
+@pytest.mark.parametrize("path, target, path_arg", [
+    ("mem", "safetensors.torch:save_file", 1),            # diffusers' save_pretrained writing the shard
+    ("st", "dicompress.io.writer:_write_bytes", 0),       # the index, after the shards were linked
+])
+def test_disk_full_during_the_artifact_write(server, refs, tiny_zoo_dir, tmp_path, path, target, path_arg):
+    recipe = recipe_in(tmp_path / "job", tiny_zoo_dir, streaming=path == "st")
+    art, work = tmp_path / "job" / "art", tmp_path / "job" / "art.work"
+    full = server.run(run_argv(recipe), hook=hook(target, 1, "enospc", tmp_path / "flags", path_arg=path_arg))
+    assert full.fired is not None and ".art.tmp-incomplete-" in full.fired["path"], full
+    assert full.rc == 3, full
+    assert full.output.startswith(f"error: cannot write the artifact {art}: No space left on device"), full
+    assert "nothing was written" in full.output and "hint: free space" in full.output, full
+    assert "Traceback" not in full.output
+    assert not art.exists() and not temp_dirs(art) and not lock_path(art).exists()      # nothing half-written
+    if path == "st":      # finished blocks are kept for the rerun
+        assert len(list((work / "stream" / "records").glob("*.json"))) == N_BLOCKS
+    else:
+        assert not work.exists()
+    again = server.run(run_argv(recipe))
+    ok(again)
+    assert_identical(refs[path], art)
+    if path == "st":
+        assert resumed_blocks(art) == N_BLOCKS
+
+
+@pytest.fixture
+def ro(server):
+    if server.ro_mode is None:
+        pytest.skip("no way to make a directory read-only for this process: root ignores file modes, and "
+                    "`unshare -rm` (a user + mount namespace for a read-only bind mount) is not permitted here")
+    return server.ro_mode
+
+
+def nothing_written(job: Path, art: Path) -> None:
+    assert not art.exists() and not temp_dirs(art) and not lock_path(art).exists()
+    assert not art.with_name(art.name + ".work").exists()
+
+
+def test_read_only_output_directory(server, ro, tiny_zoo_dir, tmp_path):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    recipe = recipe_in(tmp_path / "job", tiny_zoo_dir, streaming=True, output=str(parent / "art"))
+    r = server.run(run_argv(recipe), ro=[parent])
+    assert r.rc == 3, r
+    assert r.output.startswith(f"error: cannot write beside the output {parent / 'art'}") and "hint:" in r.output, r
+    assert "Traceback" not in r.output
+    assert list(parent.iterdir()) == []
+    nothing_written(tmp_path / "job", parent / "art")
+
+
+def test_read_only_calibration_cache(server, ro, tiny_zoo_dir, tmp_path):
+    recipe = recipe_in(tmp_path / "job", tiny_zoo_dir, streaming=True)
+    cache = tmp_path / "job" / "cache"
+    cache.mkdir()
+    r = server.run(run_argv(recipe), ro=[cache])
+    assert r.rc == 2, r
+    assert r.output.startswith(f"error: the calibration cache {cache / 'calib'} is not writable"), r
+    assert "cache_dir" in r.output and "Traceback" not in r.output
+    assert list(cache.iterdir()) == []
+    nothing_written(tmp_path / "job", tmp_path / "job" / "art")
+
+
+def test_read_only_cache_holding_the_capture_is_reused(server, ro, refs, tiny_zoo_dir, tmp_path):
+    recipe = recipe_in(tmp_path / "job", tiny_zoo_dir, streaming=True)
+    cache = tmp_path / "job" / "cache"
+    ok(server.run(run_argv(recipe, "--output", tmp_path / "job" / "first")))      # fills the cache
+    r = server.run(run_argv(recipe), ro=[cache])
+    ok(r)
+    assert "calibration: reusing" in r.output
+    assert_identical(refs["st"], tmp_path / "job" / "art")
+
+
+# ------------------------------------------------------------------------------------------------ 4. rot on disk
+def one_of_each_kind(art: Path) -> list[tuple[str, str]]:
+    """(file, tensor) for the first tensor of every (file kind, name suffix, dtype) in the artifact: fp32
+    weights and biases, smoothing vectors, TLQ's packed codes, grids, scales and etas, the rotation signs; the
+    extra files' tensors."""
+    seen, out = set(), []
+    for f in sorted(art.glob("*.safetensors")):
+        for key, entry in read_safetensors_header(f).items():
+            kind = ("weights" if f.match(WEIGHTS_GLOB) else f.name, key.rsplit(".", 1)[-1], entry.dtype)
+            if kind not in seen and entry.stop > entry.start:
+                seen.add(kind)
+                out.append((f.name, key))
+    return out
+
+
+def flip(path: Path, offset: int, mask: int = 0x10) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ mask]))
+
+
+@pytest.mark.parametrize("path", ["mem", "st"])
+def test_a_flipped_byte_in_any_tensor_kind_or_the_index_is_refused_naming_the_file(refs, tmp_path, path):
+    targets = one_of_each_kind(refs[path])
+    kinds = {t.rsplit(".", 1)[-1] for f, t in targets if f.startswith("diffusion")}
+    assert {"weight", "bias", "smooth", "qweight", "grid", "scales", "eta", "signs"} <= kinds, kinds
+    if path == "st":
+        targets.append((INDEX_NAME, None))
+    for i, (name, tensor) in enumerate(targets):
+        dst = tmp_path / str(i)
+        shutil.copytree(refs[path], dst)
+        if tensor is None:      # the last digit of the index's total_size, to another digit: still valid JSON
+            text = (dst / name).read_bytes()
+            start = text.index(b'"total_size": ') + len(b'"total_size": ')
+            while text[start + 1:start + 2].isdigit():
+                start += 1
+            flip(dst / name, start, mask=0x01)
+        else:
+            entry = read_safetensors_header(dst / name)[tensor]
+            flip(dst / name, (entry.start + entry.stop) // 2)
+        for args in (("verify", dst), ("inspect", dst, "--verify")):
+            r = cli(*args)
+            assert r.exit_code == 3 and "Traceback" not in r.output, (name, tensor, r.output)
+            assert f"{name} differs from its recorded SHA-256" in r.output, (name, tensor, r.output)
+        with pytest.raises(ArtifactError, match=f"{name} differs"):
+            dicompress.load(dst, verify=True)
+        shutil.rmtree(dst)

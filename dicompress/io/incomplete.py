@@ -1,13 +1,16 @@
 """Directories being written: the writer's temp directories carry a marker file (`.dicompress-incomplete`, with
 the writer's host and pid), written first and removed just before the rename into place; their config.json
 carries the same identity (`quantization_config.incomplete`, dropped just before the marker), so diffusers'
-own `from_pretrained` pointed at a temp directory refuses it too (the quantizer config's check). Readers refuse a
-directory with the marker (unless this very process is writing it: a streaming write evaluates the artifact
-from its temp directory); the next write to the same output removes those whose writer is dead."""
+own `from_pretrained` pointed at a temp directory refuses it too (the quantizer config's check). dicompress's
+readers refuse a directory with the marker, and any directory named as a temp directory (`.<out>.tmp-<kind>-*`,
+marked or not: a write killed between the unmark and the rename, or an old artifact moved aside), unless this very
+process is writing it (a streaming write evaluates the artifact from its temp directory). The next write to the
+same output, holding its lock, removes every temp directory of that output that no live writer owns."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -88,9 +91,28 @@ def refuse_unfinished_config(owner) -> None:
             hint="load the finished output directory instead; an interrupted write's temp directory can be deleted")
 
 
+_TEMP_NAME = re.compile(r"^\.(?P<out>.+)\.tmp-(?:%s)-" % "|".join(TEMP_KINDS))
+
+
+def temp_dir_output(d: Path) -> Path | None:
+    """The output `d` is a writer's temp directory of, judged by its name; None for any other directory."""
+    m = _TEMP_NAME.match(d.name)
+    return d.with_name(m["out"]) if m else None
+
+
 def refuse_incomplete(root: Path) -> None:
-    """ArtifactError if `root` holds a marker (an interrupted or running write) that is not this process's own."""
-    if (root / MARKER_NAME).exists() and root.resolve() not in _WRITING:
+    """ArtifactError if `root` holds a marker (an interrupted or running write) that is not this process's own,
+    or is named as a writer's temp directory."""
+    resolved = root.resolve()
+    if resolved in _WRITING:
+        return
+    out = temp_dir_output(resolved)
+    if out is not None and not (root / MARKER_NAME).exists():
+        raise ArtifactError(
+            f"{root} is the temp directory of a dicompress write to {out}, not an artifact: its write was "
+            "interrupted between the last check and the rename, or it is an old artifact moved aside",
+            hint=f"load {out}; the next write to it removes this directory (or delete it)")
+    if (root / MARKER_NAME).exists():
         owner = _read_marker(root)
         alive = owner is not None and _alive(owner)
         who = f"process {owner['pid']} on {owner['host']}" if owner else "a writer"
@@ -102,16 +124,31 @@ def refuse_incomplete(root: Path) -> None:
 
 
 def remove_stale(out: Path) -> list[Path]:
-    """Delete the temp directories of `out` left by dead writers on this host; returns what was removed.
-    A directory without a readable marker, or whose writer may be alive, is left alone."""
+    """Delete the temp directories of `out` that no live writer owns; returns what was removed. Call it holding
+    `out`'s run lock (runlock.py), which no other writer of `out` can hold meanwhile: then an unmarked one is a
+    dead write's (killed between its unmark and rename, or an old artifact it moved aside). A marked one is kept
+    while its writer may be alive (another host's is always assumed to be)."""
     removed = []
     for kind in TEMP_KINDS:
         for d in out.parent.glob(temp_prefix(out.name, kind) + "*"):
-            owner = _read_marker(d) if d.is_dir() else None
-            if owner is not None and owner["host"] == socket.gethostname() and not _alive(owner):
-                shutil.rmtree(d, ignore_errors=True)
-                removed.append(d)
+            if not d.is_dir():
+                continue
+            owner = _read_marker(d)
+            if (d / MARKER_NAME).exists() and (owner is None or _alive(owner)):
+                continue
+            discard(d)
+            removed.append(d)
     return removed
+
+
+def discard(d: Path) -> None:
+    """Delete an artifact directory so that it stops loading first: config.json goes before the rest (a kill
+    during the tree removal leaves nothing diffusers would load)."""
+    try:
+        (d / CONFIG_NAME).unlink()
+    except OSError:
+        pass
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def _read_marker(d: Path) -> dict | None:

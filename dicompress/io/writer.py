@@ -1,15 +1,19 @@
 """Writing an artifact: everything goes into a hidden sibling temp directory (`.<name>.tmp-incomplete-XXXX/`, with a
 `.dicompress-incomplete` marker naming the writer's pid), is checksummed, fsynced and verified, and only then
-renamed into place, so a crash at any point leaves the output absent (or the old artifact intact) and nothing
-that loads. The SHA-256 of every file but config.json and report.json goes into config.json
+renamed into place (over an old artifact: exchanged with it in one step, where the OS can), so a crash at any
+point leaves the output absent, the old artifact, or the new one complete; what else it leaves is a temp
+directory that dicompress refuses to load and the next write to that output removes. An OSError on the way
+(a full disk, a read-only file system) becomes an ArtifactError (exit 3) naming the output and the file. The SHA-256 of every file but config.json and report.json goes into config.json
 (`quantization_config.checksums`): taken as the bytes are written where the writer writes them (extra files,
 copied shards), else read back from the freshly written temp file before the rename (the shards diffusers'
 `save_pretrained` writes on the in-memory path; hard-linked streaming shards)."""
 from __future__ import annotations
 
+import ctypes
+import errno
+import hashlib
 import json
 import os
-import hashlib
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,8 +22,9 @@ import torch
 from torch import nn
 
 from ..errors import ArtifactError, ModelError
+from ..runlock import output_lock
 from .checksums import complete_checksums, copy_with_sha256, sha256_file
-from .incomplete import CONFIG_KEY, make_temp_dir, mark_complete, remove_stale, writer_identity, writing
+from .incomplete import CONFIG_KEY, discard, make_temp_dir, mark_complete, remove_stale, writer_identity, writing
 from .load_check import LoadCheck
 from .manifest import FORMAT_VERSION, dicompress_version
 from .names import CONFIG_NAME, INDEX_NAME, REPORT_NAME, WEIGHTS_NAME, WEIGHTS_PREFIX, shard_name
@@ -122,27 +127,42 @@ def _write_atomically(out: Path, fill, check: LoadCheck | None = None) -> Path:
     incomplete) and puts the digests it took while writing into `sums`; the rest are hashed, all recorded in
     config.json, the artifact verified (with `check`: loaded as users load it and compared with the probes; the
     result goes into the report), the report written, the directory fsynced, unmarked and only then renamed to
-    `out`: a crash at any point leaves `out` absent (or, when overwriting, the old one intact). Temp directories of
-    dead writers to `out` are removed first."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(out)
-    tmp = make_temp_dir(out, "incomplete")
-    try:
-        with writing(tmp):
-            sums: dict[str, str] = {}
-            report = fill(tmp, sums)
-            _record_checksums(tmp, sums)
-            verify_artifact(tmp)
-            if check is not None:
-                report = {**report, "load_check": check.run(tmp)}
-            _write_bytes(tmp / REPORT_NAME, _json_bytes(report, "report"))
-            _fsync_tree(tmp)
-        mark_complete(tmp)
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    `out`. Holds `out`'s run lock (taken here unless this process holds it): the temp directories no live writer
+    owns are removed first."""
+    with output_lock(out):
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale(out)
+            tmp = make_temp_dir(out, "incomplete")
+        except OSError as e:
+            raise _cannot_write(out, e) from None
+        try:
+            with writing(tmp):
+                sums: dict[str, str] = {}
+                report = fill(tmp, sums)
+                _record_checksums(tmp, sums)
+                verify_artifact(tmp)
+                if check is not None:
+                    report = {**report, "load_check": check.run(tmp)}
+                _write_bytes(tmp / REPORT_NAME, _json_bytes(report, "report"))
+                _fsync_tree(tmp)
+            mark_complete(tmp)
+            _swap_into_place(tmp, out)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _cannot_write(out, e) from e
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out
+
+
+def _cannot_write(out: Path, e: OSError) -> ArtifactError:
+    where = f" ({e.filename})" if e.filename else ""
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return ArtifactError(f"cannot write the artifact {out}: {e.strerror or e}{where}; nothing was written",
+                         hint=f"free space on the disk holding {out.parent} and run again (finished work is kept)"
+                         if full else f"check that {out.parent} is writable, or choose another --output")
 
 
 def _record_checksums(tmp: Path, sums: dict[str, str]) -> None:
@@ -212,18 +232,40 @@ def fsync_dir(path: Path) -> None:
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
-    """rename(tmp -> out); an existing `out` is moved aside first and deleted only after the rename."""
-    old = None
-    if out.exists():
-        old = make_temp_dir(out, "replaced")     # marked: removed by the next write if this process dies
-        os.replace(out, old / out.name)
+    """rename(tmp -> out). An existing `out` is exchanged with `tmp` in one step (Linux renameat2), so `out` is
+    always the old artifact or the new one, then deleted; where the OS cannot exchange, it is moved aside first
+    (a marked temp directory) and deleted after the rename."""
+    if not out.exists():
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+        return
+    if _exchange(tmp, out):          # tmp now holds the old artifact
+        fsync_dir(out.parent)
+        discard(tmp)
+        return
+    old = make_temp_dir(out, "replaced")     # marked: removed by the next write if this process dies
+    os.replace(out, old / out.name)
     try:
         os.replace(tmp, out)
     except BaseException:
-        if old is not None:  # put the previous artifact back
-            os.replace(old / out.name, out)
-            shutil.rmtree(old, ignore_errors=True)
+        os.replace(old / out.name, out)      # put the previous artifact back
+        shutil.rmtree(old, ignore_errors=True)
         raise
     fsync_dir(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (renameat2 RENAME_EXCHANGE); False where the OS, libc or file system cannot."""
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
