@@ -83,8 +83,8 @@ def run(recipe: Recipe | str | Path, progress: bool = True, echo=print, override
     try:
         check_settings()
     except ValueError as e:
-        raise SettingsError(str(e), hint="DICOMPRESS_KERNELS: auto | reference; DICOMPRESS_GEMM_MODE: decode | "
-                                         "int8 | int8_unpacked (README, Kernels)") from None
+        raise SettingsError(str(e), hint="DICOMPRESS_KERNELS: auto | reference; DICOMPRESS_GEMM_MODE: auto | "
+                                         "decode | int8 | int8_unpacked (README, Kernels)") from None
     info = resolve_model(recipe.model)               # fails fast: before any weight is read
     check_calibration(recipe, info)
     out = Path(recipe.output)

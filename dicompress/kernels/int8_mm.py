@@ -3,10 +3,12 @@ weight, unpacked once and cached, with the per-token step, the row scale and the
 
 This is what CPU tensors run in the int8 modes with int8 activation codes (ops.qlinear's CPU kernel): the
 same mapped levels as the reference, summed exactly in int32 where the reference sums fp32 products, so
-the two differ by fp32 rounding (~1e-7 relative). On this project's CPU (2 cores, AVX-512 VNNI) the int8
-GEMM alone is 5-9x an fp32 matmul at FLUX shapes, and the whole W4A8 layer about 4-5x the fp32 linear where
-the reference, decoding the weight on every call, is about 0.6x (tools/bench_cpu.py, bench/cpu.md). Group
-scales multiply partial sums inside K, which one int GEMM cannot: those layers keep the reference.
+the two differ by fp32 rounding (~1e-7 relative). Where the CPU has AVX-512 VNNI or AMX (one of this project's
+machines), the int8 GEMM alone is 5-9x an fp32 matmul at FLUX shapes, and the whole W4A8 layer about 4-5x the
+fp32 linear where the reference, decoding the weight on every call, is about 0.6x (tools/bench_cpu.py,
+bench/cpu.md). On an AVX2-only CPU (another of them) torch._int_mm is ~30x *slower* than the fp32 matmul, so
+GEMM mode `auto` (dispatch.resolve_cpu_mode) takes these modes only where the CPU can gain. Group scales
+multiply partial sums inside K, which one int GEMM cannot: those layers keep the reference.
 """
 from __future__ import annotations
 
