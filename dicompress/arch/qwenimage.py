@@ -36,8 +36,11 @@ class QwenImageAdapter(ArchAdapter):
     }
 
     def run_block(self, block, inputs):
+        # the model hands its blocks a bool mask; captured inputs are stored as floats, and a float mask would be
+        # added to the attention scores (+0 / +1) instead of masking the padded text tokens out
+        mask = inputs.get("encoder_hidden_states_mask")
         enc, hid = block(hidden_states=inputs["hidden_states"], encoder_hidden_states=inputs["encoder_hidden_states"],
-                         encoder_hidden_states_mask=inputs.get("encoder_hidden_states_mask"),
+                         encoder_hidden_states_mask=None if mask is None else mask.bool(),
                          temb=inputs["temb"], image_rotary_emb=inputs.get("image_rotary_emb"))
         return {"hidden_states": hid, "encoder_hidden_states": enc}
 
