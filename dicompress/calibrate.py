@@ -12,6 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .calib import CalibrationStore, capture
+from .calib.prompt_encoding import check_prompt_pipeline, prompt_embeddings, text_stamp
 from .calib.sources import calls_per_step, read_prompts
 from .distributed import barrier
 from .records import passes_digest
@@ -30,9 +31,28 @@ def _calib_key(info, recipe, block_inputs, dtype) -> str:
     stamp = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in weights]
     # block inputs come with the model's own inputs (and one chunk per model call): older stores are not reused
     what = block_inputs if isinstance(block_inputs, str) else ("block+model_inputs:per_call" if block_inputs else False)
-    blob = json.dumps([str(info.path.resolve()), stamp, recipe.calibration.model_dump(mode="json"),
-                       what, str(dtype)], sort_keys=True)
+    cfg = recipe.calibration
+    # keys added later leave the blob as it was while unset, and classes / synthetic captures stamp no inputs:
+    # their cached stores stay valid
+    later = {"max_sequence_length"} if cfg.max_sequence_length is None else set()
+    parts = [str(info.path.resolve()), stamp, cfg.model_dump(mode="json", exclude=later), what, str(dtype)]
+    inputs = _inputs_stamp(cfg, info)
+    if inputs is not None:
+        parts.append(inputs)
+    blob = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _inputs_stamp(cfg, info):
+    """What a capture reads besides the transformer and the recipe's keys: the prompts themselves and the text
+    encoders' files (`prompts`), the embeddings file (`embeddings`), so an edited file is not served a stale
+    capture."""
+    if cfg.source == "prompts":
+        return ["prompts", read_prompts(cfg.prompts), text_stamp(info.pipeline_root)]
+    if cfg.source == "embeddings":
+        st = Path(cfg.embeddings).stat()
+        return ["embeddings", st.st_size, int(st.st_mtime)]
+    return None
 
 
 def model_digest(model: torch.nn.Module) -> str:
@@ -48,6 +68,22 @@ def model_digest(model: torch.nn.Module) -> str:
 def capture_info(info) -> dict:
     """What a capture records of the model (and what its sources read: the class table, the pipeline)."""
     return {"name": info.name, "path": info.path, "pipeline_root": info.pipeline_root}
+
+
+def source_info(recipe, info, device, dtype, echo) -> dict:
+    """`capture_info`, and for the `prompts` source the prompts' embeddings file (encoded now by the pipeline's
+    text encoders alone, or found in the cache): what the capture samples from."""
+    out = capture_info(info)
+    cfg = recipe.calibration
+    if cfg.source == "prompts":
+        out["prompt_embeddings"] = prompt_embeddings(info.pipeline_root, read_prompts(cfg.prompts),
+                                                     cache_root(recipe) / "prompt_embeddings", device, dtype,
+                                                     cfg.max_sequence_length, echo)
+    return out
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def check_source(recipe, info) -> None:
@@ -74,8 +110,8 @@ def recipe_store(recipe, passes, info, model, adapter, dtype, progress, echo, le
     def take():
         if before_capture is not None:
             before_capture()
-        return capture(model, adapter, cfg, capture_info(info), root, block_inputs=block_inputs, progress=progress,
-                       first_block_only=first_block_only)
+        return capture(model, adapter, cfg, source_info(recipe, info, _device_of(model), dtype, echo), root,
+                       block_inputs=block_inputs, progress=progress, first_block_only=first_block_only)
     return _cached(root, lead, echo, take)
 
 
@@ -108,8 +144,9 @@ def stage_store(recipe, passes, info, state, stage: int, index: int, dtype, prog
     root = cache_root(recipe) / f"{base}-stage{stage}-{key}"
     echo(f"calibration: stage {stage}: the model changed structure; capturing {cfg.source} calibration on it")
     model = state.model.eval()
-    return _cached(root, lead, echo, lambda: capture(model, state.adapter, cfg, capture_info(info), root,
-                                                     block_inputs=block_inputs, progress=progress))
+    return _cached(root, lead, echo, lambda: capture(model, state.adapter, cfg,
+                                                     source_info(recipe, info, _device_of(model), dtype, echo),
+                                                     root, block_inputs=block_inputs, progress=progress))
 
 
 def hint_block_batch(recipe, info, n_blocks: int, echo) -> None:
@@ -159,6 +196,7 @@ def check_calibration(recipe, info) -> None:
     check_source(recipe, info)
     if cfg.source == "prompts":
         _check_prompts(cfg.prompts)
+        check_prompt_pipeline(info.pipeline_root, info.path)     # the text encoders are there (listing only)
     if cfg.source in ("classes", "embeddings"):
         table = Path(cfg.embeddings) if cfg.source == "embeddings" else info.path / CONDITIONING_NAME
         rows = class_rows(table)

@@ -30,6 +30,9 @@ class CalibrationConfig(StrictModel):
     guidance_scale: float = Field(3.5, ge=0, le=100)           # prompts source
     height: int = Field(1024, ge=16, le=8192, multiple_of=16)   # prompts source, pixels (multiples of 16)
     width: int = Field(1024, ge=16, le=8192, multiple_of=16)
+    # prompts source: text tokens per prompt (longer prompts are truncated, as diffusers does); null: the
+    # pipeline's own default (512 for FLUX.1-dev and Qwen-Image; FLUX.1-schnell is run with 256)
+    max_sequence_length: int | None = Field(None, ge=1, le=8192)
     block_inputs: Literal["auto"] | bool = "auto"   # auto: captured when a pass needs them
     cache_dir: str | None = None            # default: $DICOMPRESS_CACHE or ~/.cache/dicompress
 

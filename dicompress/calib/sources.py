@@ -2,8 +2,9 @@
 
 - classes:    the embedded digits model; its per-class conditioning table x seeds, FluxPipeline loop.
 - embeddings: a safetensors file of precomputed prompt_embeds / pooled_prompt_embeds, same loop.
-- prompts:    a text file of prompts through the model's full diffusers pipeline (text encoders from
-              the model's own repository); for users who have the real weights.
+- prompts:    a text file of prompts, encoded once by the pipeline's own text encoders (prompt_encoding.py,
+              before the capture), then sampled from the embeddings with the transformer alone in the
+              family's pipeline (FluxPipeline, QwenImagePipeline); streamed or not.
 - synthetic:  random latents and text embeddings of the right shapes, a spread of timesteps;
               plumbing-grade (data-free, fine for weight-only quantization, not for activations).
 """
@@ -110,26 +111,32 @@ def _run_table(model, adapter, cfg, model_info, cap, progress):
 
 
 def _run_prompts(model, adapter, cfg, model_info, cap, progress):
-    from diffusers import DiffusionPipeline  # lazy: diffusers' pipelines and transformers load in seconds
-    root = model_info.get("pipeline_root")
-    if root is None:
-        raise CalibrationError("calibration source 'prompts' needs the model's full pipeline (text encoders)",
-                               hint="point `model` at a diffusers pipeline directory or hub id, or use "
-                                    "source: embeddings / synthetic")
-    prompts = read_prompts(cfg.prompts)
-    pipe = DiffusionPipeline.from_pretrained(root, transformer=model, torch_dtype=next(model.parameters()).dtype)
-    pipe.to(next(model.parameters()).device)
-    pipe.set_progress_bar_config(disable=True)
-    bar = tqdm(total=len(prompts) * len(cfg.seeds), desc="calibration", unit="prompt", disable=not progress)
+    """Sample from the prompts' embeddings (encoded beforehand by the pipeline's text encoders alone:
+    prompt_encoding.prompt_embeddings, recorded in `model_info`) with the transformer alone, in the family's
+    own pipeline; the transformer may be streamed (meta but for the block running)."""
+    from .prompt_encoding import PromptEmbeddings, sampling_pipeline  # lazy: diffusers' pipelines load in seconds
+    path = model_info.get("prompt_embeddings")
+    if not path:
+        raise CalibrationError("calibration source 'prompts' samples from the prompts' embeddings, and none were "
+                               "given to this capture", hint="run it through `dicompress run` (or "
+                               "dicompress.calibrate.recipe_store), which encodes the prompts first")
+    emb = PromptEmbeddings(path)
+    pipe = sampling_pipeline(model, model_info["pipeline_root"], emb.family)
+    param = next(model.parameters())
+    rows = {k: v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device)
+            for k, v in emb.rows(cfg.batch_size).items()}
+    n = len(emb.prompts)
+    bar = tqdm(total=n * len(cfg.seeds), desc="calibration", unit="prompt", disable=not progress)
     for seed in cfg.seeds:
-        for i in range(0, len(prompts), cfg.batch_size):
-            chunk = prompts[i:i + cfg.batch_size]
+        for i in range(0, n, cfg.batch_size):
+            chunk = {k: v[i:i + cfg.batch_size] for k, v in rows.items()}
             gen = torch.Generator("cpu").manual_seed(seed)
-            pipe(prompt=chunk, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+            pipe(**emb.family.call_kwargs(pipe, chunk, cfg, emb.max_len), num_inference_steps=cfg.steps,
                  height=cfg.height, width=cfg.width, generator=gen, output_type="latent")
-            bar.update(len(chunk))
+            bar.update(min(cfg.batch_size, n - i))
     bar.close()
-    return {"prompts": len(prompts), "samples": len(prompts) * len(cfg.seeds)}
+    return {"prompts": n, "samples": n * len(cfg.seeds), "rows": n * len(cfg.seeds) * cfg.steps,
+            "prompt_embeddings": str(path)}
 
 
 def _run_synthetic(model, adapter, cfg, model_info, cap, progress):
