@@ -5,7 +5,11 @@ own `from_pretrained` pointed at a temp directory refuses it too (the quantizer 
 readers refuse a directory with the marker, and any directory named as a temp directory (`.<out>.tmp-<kind>-*`,
 marked or not: a write killed between the unmark and the rename, or an old artifact moved aside), unless this very
 process is writing it (a streaming write evaluates the artifact from its temp directory). The next write to the
-same output, holding its lock, removes every temp directory of that output that no live writer owns."""
+same output, holding its lock, removes every temp directory of that output that no live writer owns.
+
+In the pipeline layout the temp directory holds the artifact in `transformer/`, which carries its own marker and
+`incomplete` config key while it is written: a reader refuses the pipeline directory, its transformer/, and any
+directory whose parent is a marked or temp-named directory."""
 from __future__ import annotations
 
 import json
@@ -18,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import ArtifactError
-from .names import CONFIG_NAME, MARKER_NAME, TEMP_KINDS, temp_prefix
+from .names import CONFIG_NAME, MARKER_NAME, PIPELINE_INDEX, TEMP_KINDS, TRANSFORMER_DIR, temp_prefix
 
 CONFIG_KEY = "incomplete"      # quantization_config key of an artifact being written: its writer's identity
 _WRITING: set[Path] = set()    # temp directories this process is writing now
@@ -33,10 +37,20 @@ def make_temp_dir(out: Path, kind: str) -> Path:
     """A hidden sibling of `out` named `.<out>.tmp-<kind>-XXXX`, its marker written first, with an artifact's
     normal permissions (0o777 minus the umask; mkdtemp makes 0o700)."""
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name, kind), dir=out.parent))
-    marker = {**writer_identity(), "output": out.name}
-    (tmp / MARKER_NAME).write_text(json.dumps(marker) + "\n")
+    _write_marker(tmp, out)
     os.chmod(tmp, 0o777 & ~_umask())
     return tmp
+
+
+def make_marked_dir(d: Path, out: Path) -> Path:
+    """A new directory `d` inside a temp directory (the pipeline layout's transformer/), marked as it is."""
+    d.mkdir()
+    _write_marker(d, out)
+    return d
+
+
+def _write_marker(d: Path, out: Path) -> None:
+    (d / MARKER_NAME).write_text(json.dumps({**writer_identity(), "output": out.name}) + "\n")
 
 
 def _umask() -> int:
@@ -57,9 +71,10 @@ def writing(tmp: Path):
 
 
 def mark_complete(tmp: Path) -> None:
-    """Drop config.json's `CONFIG_KEY`, then the marker: the last steps before the rename into place."""
+    """Drop config.json's `CONFIG_KEY` (where `tmp` has a config.json: not a pipeline directory's top), then the
+    marker: the last steps before the rename into place."""
     cfg = tmp / CONFIG_NAME
-    config = json.loads(cfg.read_text())
+    config = json.loads(cfg.read_text()) if cfg.is_file() else {}
     if config.get("quantization_config", {}).pop(CONFIG_KEY, None) is not None:
         part = cfg.with_name(CONFIG_NAME + ".part")
         with open(part, "w") as f:
@@ -102,10 +117,17 @@ def temp_dir_output(d: Path) -> Path | None:
 
 def refuse_incomplete(root: Path) -> None:
     """ArtifactError if `root` holds a marker (an interrupted or running write) that is not this process's own,
-    or is named as a writer's temp directory."""
+    or is named as a writer's temp directory; the same for its parent (a pipeline-layout temp directory's
+    transformer/ is refused even once it is unmarked itself)."""
     resolved = root.resolve()
     if resolved in _WRITING:
         return
+    _refuse_marked_or_temp(root, resolved)
+    if resolved.parent not in _WRITING:
+        _refuse_marked_or_temp(resolved.parent, resolved.parent)
+
+
+def _refuse_marked_or_temp(root: Path, resolved: Path) -> None:
     out = temp_dir_output(resolved)
     if out is not None and not (root / MARKER_NAME).exists():
         raise ArtifactError(
@@ -142,12 +164,14 @@ def remove_stale(out: Path) -> list[Path]:
 
 
 def discard(d: Path) -> None:
-    """Delete an artifact directory so that it stops loading first: config.json goes before the rest (a kill
-    during the tree removal leaves nothing diffusers would load)."""
-    try:
-        (d / CONFIG_NAME).unlink()
-    except OSError:
-        pass
+    """Delete an artifact directory so that it stops loading first: model_index.json and config.json (a pipeline
+    layout's transformer/config.json) go before the rest (a kill during the tree removal leaves nothing diffusers
+    would load). Hard-linked files are unlinked: the source's copies stay."""
+    for first in (PIPELINE_INDEX, CONFIG_NAME, f"{TRANSFORMER_DIR}/{CONFIG_NAME}"):
+        try:
+            (d / first).unlink()
+        except OSError:
+            pass
     shutil.rmtree(d, ignore_errors=True)
 
 

@@ -3,7 +3,6 @@ quantizer replays the manifest on the meta model before weights are read)."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import diffusers
 import torch
@@ -11,7 +10,7 @@ from torch import nn
 
 from .diffusers_plugin import register_with_diffusers
 from .pluggable import plug_intervals
-from .verify import read_config, verify_artifact
+from .verify import artifact_root, read_config, verify_artifact
 
 
 def load(artifact_dir: str | os.PathLike, device: str | torch.device = "cpu",
@@ -25,12 +24,14 @@ def load(artifact_dir: str | os.PathLike, device: str | torch.device = "cpu",
     `torch_dtype` applies to the uncompressed parameters only; codec tensors keep their stored dtypes.
     With the default (None) those parameters are fp32, whatever dtype stores them: what CPU inference wants.
     `plug`: for `ppcl_depth` artifacts, the interval numbers to keep plugged in (None = all); the others get
-    their teacher blocks back.
+    their teacher blocks back. `artifact_dir` may be a pipeline directory of the pipeline layout: its transformer/
+    is loaded (the whole pipeline loads with diffusers' `DiffusionPipeline.from_pretrained`).
     """
-    summary = verify_artifact(artifact_dir, checksums=verify)
+    root = artifact_root(artifact_dir)
+    summary = verify_artifact(root, checksums=verify)
     register_with_diffusers()
     cls = getattr(diffusers, summary["class_name"])
-    model = cls.from_pretrained(artifact_dir, torch_dtype=torch_dtype or torch.float32)
+    model = cls.from_pretrained(root, torch_dtype=torch_dtype or torch.float32)
     if plug is not None:
-        plug_intervals(model, artifact_dir, read_config(Path(artifact_dir)), plug)
+        plug_intervals(model, root, read_config(root), plug)
     return model.to(device).eval()

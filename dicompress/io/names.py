@@ -6,6 +6,11 @@ An artifact is laid out as diffusers' `save_pretrained` writes a model, plus two
     report.json                          what the passes measured
     <extra files>                        samples.png, conditioning.safetensors, ppcl_intervals.safetensors ...
 While it is written it is a hidden sibling `.<name>.tmp-incomplete-XXXX/` holding a `.dicompress-incomplete` marker.
+
+In the pipeline layout (the model was a diffusers pipeline directory) the output is a complete pipeline:
+    model_index.json                     the source pipeline's, unchanged
+    transformer/                         the artifact, laid out as above
+    vae/, text_encoder/, tokenizer/ ...  the source's other components, hard-linked file by file (or copied)
 """
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ WEIGHTS_GLOB = WEIGHTS_PREFIX + "*.safetensors"   # the weight files, single or 
 REPORT_NAME = "report.json"                       # the run report
 INTERVALS_NAME = "ppcl_intervals.safetensors"     # ppcl_depth's teacher blocks, for unplugging intervals
 MARKER_NAME = ".dicompress-incomplete"            # in a directory still being written (holds the writer's pid)
+PIPELINE_INDEX = "model_index.json"               # a diffusers pipeline directory's list of components
+TRANSFORMER_DIR = "transformer"                   # the pipeline's transformer folder: the artifact, in that layout
 TEMP_KINDS = ("incomplete", "replaced")           # `.<out>.tmp-incomplete-XXXX`: being written; `-replaced-`: the
                                                   # previous artifact, moved aside for the rename, then deleted
 

@@ -1,6 +1,7 @@
 """Checking an artifact without reading tensor data: its config and manifest, the weight files' headers and
 index, and that the tensors are exactly what the manifest, replayed on the meta model, expects; with
-`checksums=True`, also every file's SHA-256 against the digests config.json recorded when it was written."""
+`checksums=True`, also every file's SHA-256 against the digests config.json recorded when it was written. A pipeline
+directory written in the pipeline layout is read through its transformer/ (`artifact_root`)."""
 from __future__ import annotations
 
 import json
@@ -15,8 +16,18 @@ from ..errors import ArtifactError
 from .checksums import check_checksums
 from .incomplete import CONFIG_KEY, refuse_incomplete, refuse_unfinished_config
 from .manifest import FORMAT_VERSION, replay
-from .names import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
+from .names import CONFIG_NAME, INDEX_NAME, PIPELINE_INDEX, TRANSFORMER_DIR, WEIGHTS_NAME
 from .safetensors_file import ST_DTYPES, TensorEntry, read_safetensors_header
+
+
+def artifact_root(path: str | os.PathLike) -> Path:
+    """Where an artifact's config.json and weights are: `path/transformer` for a pipeline directory (the pipeline
+    output layout: model_index.json beside transformer/; also a pipeline temp directory not yet holding
+    model_index.json), else `path` itself. Every reader (load, verify, inspect, eval) starts here."""
+    p = Path(path)
+    if (p / TRANSFORMER_DIR).is_dir() and ((p / PIPELINE_INDEX).is_file() or not (p / CONFIG_NAME).is_file()):
+        return p / TRANSFORMER_DIR
+    return p
 
 
 def verify_artifact(path: str | os.PathLike, *, checksums: bool = False) -> dict:
@@ -25,8 +36,10 @@ def verify_artifact(path: str | os.PathLike, *, checksums: bool = False) -> dict
 
     `checksums=True` also re-hashes every file config.json has a SHA-256 for (about 0.8 s per GiB) and raises
     naming each file that differs; the summary's `checksums` says what was checked, or None for an artifact
-    written before dicompress recorded checksums (it is otherwise checked as usual)."""
-    root = Path(path)
+    written before dicompress recorded checksums (it is otherwise checked as usual). `path` may be a pipeline
+    directory of the pipeline layout: its transformer/ is checked (the summary's `path`); the other components
+    are the source pipeline's files, not checked here."""
+    root = artifact_root(path)
     config = read_config(root)
     qc = config["quantization_config"]
     headers = _read_weight_headers(root)
