@@ -6,7 +6,12 @@ directory that dicompress refuses to load and the next write to that output remo
 (a full disk, a read-only file system) becomes an ArtifactError (exit 3) naming the output and the file. The SHA-256 of every file but config.json and report.json goes into config.json
 (`quantization_config.checksums`): taken as the bytes are written where the writer writes them (extra files,
 copied shards), else read back from the freshly written temp file before the rename (the shards diffusers'
-`save_pretrained` writes on the in-memory path; hard-linked streaming shards)."""
+`save_pretrained` writes on the in-memory path; hard-linked streaming shards).
+
+With `pipeline` (a `PipelineOutput`: the model was a diffusers pipeline directory) the output is a complete pipeline:
+the artifact is written, checksummed, verified and load-checked in `tmp/transformer/` (marked itself), then the
+source's other components are hard-linked (or copied) in file by file and its model_index.json copied, and the
+whole tree is fsynced, unmarked (transformer/, then the top) and renamed into place as one directory."""
 from __future__ import annotations
 
 import ctypes
@@ -15,6 +20,8 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +31,12 @@ from torch import nn
 from ..errors import ArtifactError, ModelError
 from ..runlock import output_lock
 from .checksums import complete_checksums, copy_with_sha256, sha256_file
-from .incomplete import CONFIG_KEY, discard, make_temp_dir, mark_complete, remove_stale, writer_identity, writing
+from .incomplete import (CONFIG_KEY, discard, make_marked_dir, make_temp_dir, mark_complete, remove_stale,
+                         writer_identity, writing)
 from .load_check import LoadCheck
 from .manifest import FORMAT_VERSION, dicompress_version
-from .names import CONFIG_NAME, INDEX_NAME, REPORT_NAME, WEIGHTS_NAME, WEIGHTS_PREFIX, shard_name
+from .names import (CONFIG_NAME, INDEX_NAME, PIPELINE_INDEX, REPORT_NAME, TRANSFORMER_DIR, WEIGHTS_NAME,
+                    WEIGHTS_PREFIX, shard_name)
 from .safetensors_file import read_safetensors_header
 from .storage import parameters_stored_as
 from .verify import verify_artifact
@@ -36,10 +45,41 @@ DEFAULT_SHARD_SIZE = "5GB"
 _RESERVED = {CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME, INDEX_NAME}
 
 
+@dataclass
+class PipelineOutput:
+    """Write the artifact as `transformer/` of a complete pipeline directory: beside it `source`'s model_index.json
+    (copied unchanged) and its other components, hard-linked file by file (`copy`: copied), never re-encoded. The
+    writer sets `result` (what was placed: the report's `pipeline_output`)."""
+    source: Path
+    copy: bool = False
+    result: dict | None = None
+
+
+def pipeline_components(root: Path) -> list[str]:
+    """The component folders `root`'s model_index.json names (non-null entries), the transformer excepted;
+    ModelError when the index is unreadable or a folder it names is missing."""
+    index = Path(root) / PIPELINE_INDEX
+    try:
+        entries = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{index} is unreadable: {e}", hint="the pipeline directory is damaged; download it again") \
+            from None
+    if not isinstance(entries, dict):
+        raise ModelError(f"{index} is not a diffusers pipeline index (a JSON mapping)", hint="download it again")
+    names = [k for k, v in entries.items() if not k.startswith("_") and k != TRANSFORMER_DIR
+             and isinstance(v, list) and v and v[0] is not None]
+    missing = [n for n in names if not (Path(root) / n).is_dir()]
+    if missing:
+        raise ModelError(f"{root}: model_index.json names components without a folder: {', '.join(missing)}",
+                         hint="the pipeline directory is incomplete; download it again, or set "
+                              "`output_layout: transformer` to write the transformer alone")
+    return names
+
+
 def write_artifact(model: nn.Module, out_dir: str | os.PathLike, *, manifest: list[dict], report: dict,
                    source: dict, files: dict[str, bytes] | None = None, overwrite: bool = False,
                    max_shard_size: int | str = DEFAULT_SHARD_SIZE, save_dtype: torch.dtype | None = None,
-                   check: LoadCheck | None = None) -> Path:
+                   check: LoadCheck | None = None, pipeline: PipelineOutput | None = None) -> Path:
     """Write `model` (already rewritten in place) as a dicompress artifact at `out_dir`; floating parameters
     are stored as `save_dtype` (None: as they are; see `storage.py`).
 
@@ -47,7 +87,8 @@ def write_artifact(model: nn.Module, out_dir: str | os.PathLike, *, manifest: li
     renamed into place: a crash at any point leaves `out_dir` absent (or, when overwriting, the old
     artifact intact). The weight shards are written by diffusers' `save_pretrained`, so their SHA-256 is read
     back from the temp files before the rename. With `check`, the temp directory is first loaded as users load
-    it and must reproduce `check.probes` (load_check.py). Returns the artifact path.
+    it and must reproduce `check.probes` (load_check.py). With `pipeline`, `out_dir` becomes a complete pipeline
+    directory whose transformer/ is the artifact. Returns `out_dir`.
     """
     out = _check_out(model, out_dir, overwrite)
     extra = _check_extra_files(files or {})
@@ -62,18 +103,18 @@ def write_artifact(model: nn.Module, out_dir: str | os.PathLike, *, manifest: li
         _add_quantization_config(tmp / CONFIG_NAME, quant_config)
         return report
 
-    return _write_atomically(out, fill, check)
+    return _write_atomically(out, fill, check, pipeline)
 
 
 def write_artifact_from_shards(config_model: nn.Module, shards: list[Path], out_dir: str | os.PathLike, *,
                                manifest: list[dict], source: dict, finish, overwrite: bool = False,
-                               check: LoadCheck | None = None) -> Path:
+                               check: LoadCheck | None = None, pipeline: PipelineOutput | None = None) -> Path:
     """Write an artifact whose weights are already safetensors files (the streaming pipeline's finished
     blocks): they become the artifact's shards (hard-linked when on the same file system, hashed once then;
     else copied, hashed while copying), with the index, and `config_model`'s config (+ the manifest).
     `finish(tmp_dir) -> (report, files)` runs once weights and config are in place (it may load the artifact
-    from there despite its incomplete marker, e.g. to evaluate it); then, as `write_artifact`, everything is
-    checksummed, fsynced, verified and renamed into place."""
+    from there despite its incomplete marker, e.g. to evaluate it; with `pipeline` it is the temp directory's
+    transformer/); then, as `write_artifact`, everything is checksummed, fsynced, verified and renamed into place."""
     out = _check_out(config_model, out_dir, overwrite)
     quant_config = _quant_config(manifest, source)
 
@@ -86,7 +127,7 @@ def write_artifact_from_shards(config_model: nn.Module, shards: list[Path], out_
             _write_bytes(tmp / name, data, sums)
         return report
 
-    return _write_atomically(out, fill, check)
+    return _write_atomically(out, fill, check, pipeline)
 
 
 def _write_shards(shards: list[Path], tmp: Path, sums: dict[str, str]) -> None:
@@ -122,13 +163,15 @@ def _quant_config(manifest: list[dict], source: dict) -> dict:
             CONFIG_KEY: writer_identity()}      # dropped by mark_complete, just before the rename
 
 
-def _write_atomically(out: Path, fill, check: LoadCheck | None = None) -> Path:
-    """`fill(tmp, sums) -> report` writes the artifact but its report into a hidden sibling temp directory (marked
-    incomplete) and puts the digests it took while writing into `sums`; the rest are hashed, all recorded in
-    config.json, the artifact verified (with `check`: loaded as users load it and compared with the probes; the
-    result goes into the report), the report written, the directory fsynced, unmarked and only then renamed to
-    `out`. Holds `out`'s run lock (taken here unless this process holds it): the temp directories no live writer
-    owns are removed first."""
+def _write_atomically(out: Path, fill, check: LoadCheck | None = None,
+                      pipeline: PipelineOutput | None = None) -> Path:
+    """`fill(art, sums) -> report` writes the artifact but its report into `art` (a hidden sibling temp directory,
+    marked incomplete; with `pipeline`, that directory's transformer/, marked too) and puts the digests it took
+    while writing into `sums`; the rest are hashed, all recorded in config.json, the artifact verified (with
+    `check`: loaded as users load it and compared with the probes; the result goes into the report); with
+    `pipeline` the source's other components and model_index.json are placed beside it; the report is written,
+    the tree fsynced, unmarked and only then renamed to `out`. Holds `out`'s run lock (taken here unless this
+    process holds it): the temp directories no live writer owns are removed first."""
     with output_lock(out):
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -137,15 +180,21 @@ def _write_atomically(out: Path, fill, check: LoadCheck | None = None) -> Path:
         except OSError as e:
             raise _cannot_write(out, e) from None
         try:
-            with writing(tmp):
+            art = tmp if pipeline is None else make_marked_dir(tmp / TRANSFORMER_DIR, out)
+            with writing(tmp), (writing(art) if art != tmp else nullcontext()):
                 sums: dict[str, str] = {}
-                report = fill(tmp, sums)
-                _record_checksums(tmp, sums)
-                verify_artifact(tmp)
+                report = fill(art, sums)
+                _record_checksums(art, sums)
+                verify_artifact(art)
                 if check is not None:
-                    report = {**report, "load_check": check.run(tmp)}
-                _write_bytes(tmp / REPORT_NAME, _json_bytes(report, "report"))
+                    report = {**report, "load_check": check.run(art)}
+                if pipeline is not None:
+                    pipeline.result = _place_components(pipeline, tmp)
+                    report = {**report, "pipeline_output": pipeline.result}
+                _write_bytes(art / REPORT_NAME, _json_bytes(report, "report"))
                 _fsync_tree(tmp)
+            if art != tmp:
+                mark_complete(art)
             mark_complete(tmp)
             _swap_into_place(tmp, out)
         except OSError as e:
@@ -180,6 +229,44 @@ def _link_or_copy(src: Path, dst: Path) -> str:
     except OSError:
         return copy_with_sha256(src, dst)
     return sha256_file(dst)
+
+
+def _place_components(pipeline: PipelineOutput, tmp: Path) -> dict:
+    """The source pipeline's components but the transformer into `tmp`, file by file: hard links to the real files
+    (symlinks followed, as a hub snapshot's point into its blob store), a copy where linking fails (another file
+    system) or `pipeline.copy` asks; hidden files are left out. model_index.json is copied last: until then the
+    temp directory is no pipeline. Returns what was placed, for the report."""
+    src = Path(pipeline.source)
+    placed = {"source": str(src), "mode": "copy" if pipeline.copy else "link", "components": {}, "linked": 0,
+              "copied": 0, "bytes": 0}
+    for name in pipeline_components(src):
+        files = 0
+        for dirpath, dirnames, filenames in os.walk(src / name, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            rel = Path(dirpath).relative_to(src)
+            (tmp / rel).mkdir(exist_ok=True)
+            for fname in sorted(f for f in filenames if not f.startswith(".")):
+                real = Path(os.path.realpath(Path(dirpath) / fname))
+                how = _link_or_copy_file(real, tmp / rel / fname, pipeline.copy)
+                placed[how] += 1
+                placed["bytes"] += real.stat().st_size
+                files += 1
+        placed["components"][name] = files
+    shutil.copyfile(src / PIPELINE_INDEX, tmp / PIPELINE_INDEX)
+    return placed
+
+
+def _link_or_copy_file(src: Path, dst: Path, copy: bool) -> str:
+    """Hard-link `src` at `dst` unless `copy`; a copy (contents and mode) where the link fails. Returns "linked" or
+    "copied"."""
+    if not copy:
+        try:
+            os.link(src, dst)
+            return "linked"
+        except OSError:          # EXDEV (another file system), EPERM (protected_hardlinks), EMLINK ...
+            pass
+    shutil.copy2(src, dst)
+    return "copied"
 
 
 def _check_extra_files(files: dict[str, bytes]) -> dict[str, bytes]:
@@ -217,7 +304,11 @@ def _write_bytes(path: Path, data: bytes, sums: dict[str, str] | None = None) ->
 
 
 def _fsync_tree(root: Path) -> None:
+    """fsync every file under `root` (recursively), then each directory."""
     for p in root.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            _fsync_tree(p)
+            continue
         with open(p, "rb") as f:
             os.fsync(f.fileno())
     fsync_dir(root)
