@@ -1,5 +1,5 @@
 """`dicompress run | eval | inspect | verify | kernels`: parse, call the API, print. Errors print without a
-traceback."""
+traceback. An ARTIFACT may be a pipeline directory written in the pipeline layout: its transformer/ is the artifact."""
 from __future__ import annotations
 
 import functools
@@ -13,6 +13,7 @@ from .errors import DicompressError
 from .eval import format_summary
 from .eval.artifact_eval import evaluate_artifact, inspect_path, verified_line
 from .io import verify_artifact
+from .io.verify import artifact_root, read_config
 from .kernels.dispatch import describe
 from .pipeline import run as run_recipe
 
@@ -60,6 +61,26 @@ def run(recipe, model, output, overwrite, overrides, quiet):
                         overwrite=overwrite)
     if report.get("rank", 0) == 0:   # under torchrun, rank 0 alone reports
         click.echo(format_summary(report))
+        if report.get("pipeline_output"):
+            click.echo(_pipeline_line(report))
+
+
+def _pipeline_line(report: dict) -> str:
+    p = report["pipeline_output"]
+    how = "copied" if p["mode"] == "copy" else "hard-linked" + (f", {p['copied']} copied" if p["copied"] else "")
+    return (f"pipeline: {report.get('output')} loads with DiffusionPipeline.from_pretrained (after import "
+            f"dicompress); transformer/ is the artifact, {', '.join(p['components'])} from {p['source']} "
+            f"({p['linked'] + p['copied']} files, {p['bytes'] / 1e6:.1f} MB, {how})")
+
+
+def _artifact_path(path: str) -> str:
+    """A pipeline directory's transformer/ when that is a dicompress artifact (or an unfinished write, which the
+    reader then refuses); any other path as given."""
+    root = artifact_root(path)
+    if root == Path(path):
+        return path
+    plain = "quantization_config" not in read_config(root, require_dicompress=False)
+    return path if plain else str(root)
 
 
 @main.command("eval")
@@ -70,7 +91,7 @@ def run(recipe, model, output, overwrite, overrides, quiet):
 @_friendly
 def eval_cmd(artifact, samples_per_class, steps, json_out):
     """Evaluate an artifact against the model it was made from."""
-    report = evaluate_artifact(artifact, samples_per_class=samples_per_class, steps=steps)
+    report = evaluate_artifact(_artifact_path(artifact), samples_per_class=samples_per_class, steps=steps)
     click.echo(format_summary(report))
     if json_out:
         Path(json_out).write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -82,7 +103,7 @@ def eval_cmd(artifact, samples_per_class, steps, json_out):
 @_friendly
 def inspect(path, verify):
     """Describe an artifact (manifest, footprint, report) or a model (architecture, blocks, linears)."""
-    click.echo(inspect_path(path, verify=verify))
+    click.echo(inspect_path(_artifact_path(path), verify=verify))
 
 
 @main.command()

@@ -1,9 +1,11 @@
 """One recipe run, the same steps whichever way the weights arrive and leave (`paths.InMemory` or
-`paths.Streamed`): load -> calibration -> passes -> evaluation and report -> artifact -> clean-up."""
+`paths.Streamed`): load -> calibration -> passes -> evaluation and report -> artifact -> clean-up. The artifact is
+written alone or, when the model is a diffusers pipeline directory, as a complete pipeline (`output_layout`)."""
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -13,11 +15,12 @@ import torch
 
 from .distill import rank_world
 from .distributed import barrier
-from .errors import DicompressError, ModelError
+from .errors import DicompressError, ModelError, RecipeError
 from .eval import dir_bytes
 from .io.storage import stored_dtype
 from .io.manifest import STRUCTURAL_OPS
-from .io.verify import read_config
+from .io.verify import artifact_root, read_config
+from .io.writer import PipelineOutput, pipeline_components
 from .models import load_transformer
 from .records import combine
 from .report import Report, build_report, evaluate
@@ -79,6 +82,33 @@ def source_manifest(model_dir: Path) -> list[dict]:
 
 
 
+def _given_pipeline_dir(info) -> bool:
+    """Whether the recipe's `model` named a pipeline directory itself (or a hub id: its snapshot is one), not the
+    transformer folder inside one."""
+    if info.pipeline_root is None:
+        return False
+    given = Path(os.path.expanduser(info.name))
+    return not given.is_dir() or given.resolve() == Path(info.pipeline_root).resolve()
+
+
+def output_layout(recipe, info) -> PipelineOutput | None:
+    """What the run writes: a PipelineOutput (the output is a complete pipeline directory whose transformer/ is the
+    artifact) or None (the artifact alone). `auto`: a pipeline when the recipe's model is a pipeline directory.
+    Checked before any work: `pipeline` needs a pipeline to take the other components from, and that pipeline's
+    model_index.json must name folders that exist."""
+    layout = recipe.output_layout
+    if layout == "transformer" or (layout == "auto" and not _given_pipeline_dir(info)):
+        return None
+    if info.pipeline_root is None:
+        raise RecipeError(f"`pipeline` writes a complete pipeline directory, but the model {info.name} is a "
+                          f"transformer alone ({info.path}), with no model_index.json, text encoders or VAE "
+                          "to put beside it", file=recipe.source_file, key="output_layout",
+                          hint="set `output_layout: auto` or `transformer`, or give a diffusers pipeline directory "
+                               "as the model (--model PATH)")
+    pipeline_components(info.pipeline_root)
+    return PipelineOutput(Path(info.pipeline_root), copy=recipe.copy_components)
+
+
 class Job:
     """One recipe run on one process (each torchrun rank has its own; rank 0 leads). `run(path)` is the
     whole run; `path` (paths.InMemory or paths.Streamed) supplies load, calibrate, compress and write."""
@@ -97,6 +127,7 @@ class Job:
         self.evaluates = bool(recipe.eval.enabled and info.is_zoo)
         self.timings: dict[str, float] = {}
         self.base_manifest = source_manifest(info.path)
+        self.layout = output_layout(recipe, info)        # PipelineOutput, or None: the artifact alone
         self.stages: list[dict] = []          # quality after each structural stage that more passes follow
 
     @contextmanager
@@ -137,7 +168,9 @@ class Job:
         manifest = self.base_manifest + manifest          # a dicompress artifact as the model: its changes stay
         t_write = time.perf_counter()
         report = path.write(self, manifest, lambda model, teacher, **kw: self.report(model, part, store, teacher, **kw))
-        report.footprint["bytes_on_disk"] = dir_bytes(self.out)
+        report.footprint["bytes_on_disk"] = dir_bytes(artifact_root(self.out))   # the artifact's own bytes
+        if self.layout is not None:
+            report.sections["pipeline_output"] = self.layout.result
         report.seconds["write"] = time.perf_counter() - t_write - report.seconds.get("eval", 0.0)
         shutil.rmtree(self.work_dir, ignore_errors=True)   # the artifact is complete: checkpoints are not needed
         report.seconds["total"] = time.perf_counter() - t0

@@ -56,7 +56,8 @@ class InMemory:
         files = artifact_files(self.state.files, report, job.recipe, job.info)
         check = LoadCheck(model_probes(self.model, self.adapter), dtype=job.dtype, device=job.device)
         write_artifact(self.model, job.out, manifest=manifest, report=report.to_dict(), source=job.source,
-                       files=files, overwrite=job.recipe.overwrite, save_dtype=job.save_dtype, check=check)
+                       files=files, overwrite=job.recipe.overwrite, save_dtype=job.save_dtype, check=check,
+                       pipeline=job.layout)
         report.sections["load_check"] = check.result
         return report
 
@@ -96,6 +97,7 @@ class Streamed:
 
         check = LoadCheck(self.sweep.probes(), dtype=job.dtype, device=job.device)
         write_artifact_from_shards(self.sweep.model, self.sweep.shards(), job.out, manifest=manifest,
-                                   source=job.source, finish=finish, overwrite=job.recipe.overwrite, check=check)
+                                   source=job.source, finish=finish, overwrite=job.recipe.overwrite, check=check,
+                                   pipeline=job.layout)
         written["report"].sections["load_check"] = check.result
         return written["report"]

@@ -46,6 +46,11 @@ class Recipe(_Strict):
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     seed: int = Field(0, ge=0, le=MAX_SEED)
     overwrite: bool = False
+    # what `output` holds: `pipeline` a complete diffusers pipeline directory (the artifact as transformer/, the
+    # model's other components beside it; the model must be a pipeline directory), `transformer` the artifact alone;
+    # auto: pipeline when the model is a pipeline directory
+    output_layout: Literal["auto", "pipeline", "transformer"] = "auto"
+    copy_components: bool = False           # pipeline layout: copy the other components instead of hard-linking them
     eval: EvalConfig = Field(default_factory=EvalConfig)
     streaming: StreamingConfig = Field(default_factory=StreamingConfig)
     source_file: str | None = Field(default=None, exclude=True)
@@ -181,6 +186,10 @@ def parse_recipe(data: Any, file: str | None = None) -> Recipe:
         recipe = Recipe(**data, source_file=file)
     except ValidationError as e:
         raise _recipe_error(_messages(e), file) from None
+    if recipe.copy_components and recipe.output_layout == "transformer":
+        raise RecipeError("copy_components applies to the pipeline layout, but output_layout is transformer "
+                          "(the artifact alone, no components to copy)", file=file, key="copy_components",
+                          hint="drop copy_components, or set output_layout: auto or pipeline")
     passes = recipe.pass_objects()
     if recipe.calibration is None:
         for i, p in enumerate(passes):
