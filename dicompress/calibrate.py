@@ -34,7 +34,8 @@ def _calib_key(info, recipe, block_inputs, dtype) -> str:
     cfg = recipe.calibration
     # keys added later leave the blob as it was while unset, and classes / synthetic captures stamp no inputs:
     # their cached stores stay valid
-    later = {"max_sequence_length"} if cfg.max_sequence_length is None else set()
+    later = ({"max_sequence_length"} if cfg.max_sequence_length is None else set()) | \
+        ({"store_dtype"} if cfg.store_dtype == "float32" else set())
     parts = [str(info.path.resolve()), stamp, cfg.model_dump(mode="json", exclude=later), what, str(dtype)]
     inputs = _inputs_stamp(cfg, info)
     if inputs is not None:

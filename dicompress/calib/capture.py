@@ -59,8 +59,10 @@ class Capture:
 
     def __init__(self, model: nn.Module, adapter, writer: StoreWriter, block_inputs: bool = True,
                  linear_stats: bool = True, model_inputs: bool | None = None, only_blocks: list[str] | None = None,
-                 stop_early: bool = False, chunk_rows: int | None = None):
+                 stop_early: bool = False, chunk_rows: int | None = None,
+                 store_dtype: torch.dtype = torch.float32):
         self.model, self.adapter, self.writer = model, adapter, writer
+        self.store_dtype = store_dtype                        # floating block inputs as stored (masks: fp32)
         self.chunk_rows = chunk_rows                          # rows per stored chunk (None: one per call)
         self.block_inputs, self.want_stats = block_inputs, linear_stats
         # the model's own kwargs: wanted by the same (distillation / pruning) passes as the block inputs
@@ -146,7 +148,8 @@ class Capture:
                 flat: dict = {}
                 flatten(key, v, flat)
                 for k, t in flat.items():
-                    per.setdefault(k, []).append(t.detach().float().cpu())
+                    t = t.detach()
+                    per.setdefault(k, []).append((t.to(self.store_dtype) if t.is_floating_point() else t.float()).cpu())
                     batch = t.shape[0]
             if batch is not None and self._timestep is not None:
                 ts = self._timestep.expand(batch) if self._timestep.numel() == 1 else self._timestep

@@ -34,6 +34,10 @@ class CalibrationConfig(StrictModel):
     # pipeline's own default (512 for FLUX.1-dev and Qwen-Image; FLUX.1-schnell is run with 256)
     max_sequence_length: int | None = Field(None, ge=1, le=8192)
     block_inputs: Literal["auto"] | bool = "auto"   # auto: captured when a pass needs them
+    # dtype of the stored block inputs (capture store, streaming's work directory): bfloat16 halves the disk of
+    # the largest thing a run writes (FLUX.1-dev at 1024 px: 54 MiB per row per block boundary in float32);
+    # passes read them back in the compute dtype. Model inputs, rotary tables and statistics stay float32.
+    store_dtype: Literal["float32", "bfloat16"] = "float32"
     cache_dir: str | None = None            # default: $DICOMPRESS_CACHE or ~/.cache/dicompress
 
     @model_validator(mode="after")

@@ -42,9 +42,10 @@ def capture(model, adapter, cfg, model_info: dict, out_dir: str | Path, block_in
     only = blocks[:1] if first_block_only else None
     # data-free inputs are not a trajectory: nothing needs the model's outputs, so the forward stops there
     stop = first_block_only and cfg.source == "synthetic"
-    with torch.no_grad(), Capture(model, adapter, writer, block_inputs=block_inputs or first_block_only,
-                                  linear_stats=not first_block_only, only_blocks=only, stop_early=stop,
-                                  chunk_rows=cfg.block_batch) as cap, chunked_blocks(model, adapter, cfg.block_batch):
+    cap = Capture(model, adapter, writer, block_inputs=block_inputs or first_block_only,
+                  linear_stats=not first_block_only, only_blocks=only, stop_early=stop, chunk_rows=cfg.block_batch,
+                  store_dtype=getattr(torch, cfg.store_dtype))
+    with torch.no_grad(), cap, chunked_blocks(model, adapter, cfg.block_batch):
         extra = run(model, adapter, cfg, model_info, cap, progress)
     return writer.finish(**extra)
 

@@ -52,9 +52,10 @@ def run_over(module: nn.Module, adapter, name: str, inputs: BlockInputs, next_di
             flat = read_file(path)
             shared = read_file(inputs.shared) if inputs.shared is not None and inputs.shared.exists() else {}
             out = adapter.run_block(module, to_module(unflatten({**flat, **shared}), p.device, p.dtype))
-            if next_dir is not None:
+            if next_dir is not None:     # the next block's inputs, stored in the dtype this block's were
+                kept = flat["hidden_states"].dtype if "hidden_states" in flat else torch.float32
                 for k, v in out.items():
-                    flatten(k, v.detach().float().cpu(), flat)
+                    flatten(k, v.detach().to(kept).cpu(), flat)
                 save_file(flat, str(next_dir / path.name))
     finally:
         for h in handles:
