@@ -124,9 +124,16 @@ def _check_block(model: nn.Module, entry: dict, device) -> None:
 # ops whose `module` names a module of the *original* model (not present in the loaded one)
 ORIGINAL_MODEL_OPS = frozenset({"remove_block"})
 # ops of restructured (not rewritten) models: an artifact holding only these can be a recipe's model
-STRUCTURAL_OPS = frozenset({"ppcl_interval", "hybrid_stream", "remove_block"})
+STRUCTURAL_OPS = frozenset({"ppcl_interval", "hybrid_stream", "remove_block", "width"})
 
 
 @register_manifest_op("remove_block")
 def _record_only(model: nn.Module, entry: dict, device) -> None:
     """Names a block of the *original* model; nothing to rebuild."""
+
+
+@register_manifest_op("width")
+def _rebuild_width(model: nn.Module, entry: dict, device) -> None:
+    """A width-pruned block: as many heads and FFN neurons as the entry keeps (prune/width.py)."""
+    from ..prune.width import rebuild_width   # lazy: torch-pruning is imported only for width artifacts
+    rebuild_width(model, entry, device)

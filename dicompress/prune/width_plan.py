@@ -1,0 +1,131 @@
+"""How many heads and FFN neurons each block keeps, and which: pure logic over block shapes and unit scores.
+
+A budget is a fraction `ratio` of the selected blocks' parameters. Units cost what they hold (`BlockShape`:
+a head's q/k/v rows and output columns, a neuron's up row and down column), so heads and neurons are traded in
+parameters, not in counts.
+
+- `uniform`: every selected block loses `ratio` of its own parameters: the same fraction f of its heads and of
+  its neurons (f = ratio x block params / prunable params), heads rounded to whole heads, then the neurons
+  absorb the rounding so the block's removed parameters match its budget to within one neuron per FFN.
+- `global`: units of all selected blocks compete: each score is divided by the mean score of its kind in its
+  block (torch-pruning's `normalizer="mean"`, so heads, neurons and blocks compare), divided by the unit's
+  parameter cost, and units go lowest first until the budget is met; a block keeps at least one head and
+  one neuron per FFN.
+Either way the least important units of each kind in a block go first.
+"""
+from __future__ import annotations
+
+import torch
+
+from .width import BlockKeep, BlockShape
+
+
+class WidthBudgetError(ValueError):
+    """The ratio cannot be met with at least one head and one neuron of every FFN left in every block."""
+
+
+def kinds(shape: BlockShape, heads: bool, ffns: tuple[str, ...]) -> list[str]:
+    return (["heads"] if heads else []) + [k for k in ffns if k in shape.ffn]
+
+
+def uniform_counts(name: str, shape: BlockShape, ratio: float, heads: bool, ffns: tuple[str, ...]) -> dict[str, int]:
+    """Units removed per kind in one block under `uniform`; WidthBudgetError when the block would lose every head or
+    every neuron of an FFN."""
+    ffns = tuple(k for k in ffns if k in shape.ffn)
+    budget = ratio * shape.params
+    prunable = shape.prunable(heads, ffns)
+    if prunable == 0:
+        raise WidthBudgetError(f"{name}: nothing to prune (heads and every FFN are excluded)")
+    f = budget / prunable
+    out: dict[str, int] = {}
+    spent = 0
+    if heads:
+        out["heads"] = min(shape.heads, round(f * shape.heads)) if ffns else min(shape.heads,
+                                                                                round(budget / shape.head_params))
+        spent = out["heads"] * shape.head_params
+        if out["heads"] >= shape.heads:
+            raise WidthBudgetError(f"{name}: ratio {ratio} removes {out['heads']} of its {shape.heads} heads "
+                                   f"({f:.0%} of its prunable width); at least one head must stay")
+    rest = max(0.0, budget - spent)
+    total = sum(shape.ffn[k] * shape.neuron_params[k] for k in ffns)
+    for k in ffns:
+        share = rest * shape.ffn[k] * shape.neuron_params[k] / total
+        out[k] = round(share / shape.neuron_params[k])
+        if out[k] >= shape.ffn[k]:
+            raise WidthBudgetError(f"{name}: ratio {ratio} removes {out[k]} of the {shape.ffn[k]} neurons of its {k} "
+                                   "FFN; at least one neuron must stay")
+    return out
+
+
+def keep_lowest_removed(scores: torch.Tensor, n_remove: int) -> list[int]:
+    """Indices kept when the `n_remove` lowest-scoring units go (ties: the lower index goes first), sorted."""
+    n = scores.numel()
+    order = sorted(range(n), key=lambda i: (float(scores[i]), i))
+    return sorted(order[n_remove:])
+
+
+def plan_uniform(shapes: dict[str, BlockShape], scores: dict[str, dict[str, torch.Tensor]], ratio: float,
+                 heads: bool, ffns: tuple[str, ...]) -> dict[str, BlockKeep]:
+    keep = {}
+    for name, shape in shapes.items():
+        counts = uniform_counts(name, shape, ratio, heads, ffns)
+        k = BlockKeep()
+        for kind, n in counts.items():
+            kept = keep_lowest_removed(scores[name][kind], n)
+            if kind == "heads":
+                k.heads = kept
+            else:
+                k.ffn[kind] = kept
+        keep[name] = k
+    return keep
+
+
+def check_global(shapes: dict[str, BlockShape], ratio: float, heads: bool, ffns: tuple[str, ...]) -> None:
+    """The budget fits when every block keeps one head and one neuron of every pruned FFN."""
+    budget = ratio * sum(s.params for s in shapes.values())
+    room = 0
+    for s in shapes.values():
+        ks = kinds(s, heads, ffns)
+        room += sum((s.heads - 1) * s.head_params if k == "heads" else (s.ffn[k] - 1) * s.neuron_params[k] for k in ks)
+    if budget > room:
+        raise WidthBudgetError(f"ratio {ratio} asks for {int(budget)} parameters, but only {room} can go while every "
+                               "block keeps one head and one neuron per FFN")
+
+
+def plan_global(shapes: dict[str, BlockShape], scores: dict[str, dict[str, torch.Tensor]], ratio: float,
+                heads: bool, ffns: tuple[str, ...]) -> dict[str, BlockKeep]:
+    check_global(shapes, ratio, heads, ffns)
+    budget = ratio * sum(s.params for s in shapes.values())
+    units = []                     # (normalised score per parameter, block, kind, index, cost)
+    for name, s in shapes.items():
+        for kind in kinds(s, heads, ffns):
+            sc = scores[name][kind].double()
+            mean = sc.mean()
+            norm = sc / mean if mean > 0 else torch.zeros_like(sc)
+            cost = s.head_params if kind == "heads" else s.neuron_params[kind]
+            units += [(float(norm[i]) / cost, name, kind, i, cost) for i in range(sc.numel())]
+    units.sort(key=lambda u: (u[0], u[1], u[2], u[3]))
+    left = {(name, kind): (s.heads if kind == "heads" else s.ffn[kind])
+            for name, s in shapes.items() for kind in kinds(s, heads, ffns)}
+    removed: dict[tuple[str, str], set[int]] = {key: set() for key in left}
+    spent = 0
+    for _, name, kind, i, cost in units:
+        if spent >= budget:
+            break
+        if left[(name, kind)] <= 1:
+            continue
+        removed[(name, kind)].add(i)
+        left[(name, kind)] -= 1
+        spent += cost
+    keep = {}
+    for name, s in shapes.items():
+        k = BlockKeep()
+        for kind in kinds(s, heads, ffns):
+            n = s.heads if kind == "heads" else s.ffn[kind]
+            kept = sorted(set(range(n)) - removed[(name, kind)])
+            if kind == "heads":
+                k.heads = kept
+            else:
+                k.ffn[kind] = kept
+        keep[name] = k
+    return keep
