@@ -87,6 +87,7 @@ def run(recipe: Recipe | str | Path, progress: bool = True, echo=print, override
                                          "decode | int8 | int8_unpacked (README, Kernels)") from None
     info = resolve_model(recipe.model)               # fails fast: before any weight is read
     check_calibration(recipe, info)
+    _check_on_model(passes, info, recipe.source_file)    # e.g. width_prune's budget against the shapes
     out = Path(recipe.output)
     lead = int(os.environ.get("RANK", "0")) == 0     # torchrun's ranks share the output: rank 0 locks it
     with output_lock(out, take=lead):
@@ -106,6 +107,24 @@ def _run(recipe: Recipe, passes: list[Pass], info, progress: bool, echo) -> dict
     finally:
         if owns_group:
             dist.destroy_process_group()
+
+
+def _check_on_model(passes: list[Pass], info, file: str | None) -> None:
+    """Passes that check the model itself (`Pass.check_model`) do so on its module tree on the meta device (an
+    artifact's manifest replayed): no weight is read, nothing is captured."""
+    own = [(i, p) for i, p in enumerate(passes) if type(p).check_model is not Pass.check_model]
+    if not own:
+        return
+    from .io.verify import meta_model, read_config
+    from .recipe import _recipe_error
+    config = read_config(info.path, require_dicompress=False)
+    replayed = (config.get("quantization_config") or {}).get("quant_method") == "dicompress"
+    model = meta_model(config, replayed=replayed)
+    adapter = adapter_for(model)
+    problems = [(f"passes[{i}].{p.name}" + (f".{k}" if k else ""), msg) for i, p in own
+                for k, msg in p.check_model(model, adapter)]
+    if problems:
+        raise _recipe_error(problems, file)
 
 
 @contextmanager

@@ -3,6 +3,7 @@ from .base import PASSES, Pass, PassConfig, get_pass, register_pass
 from . import act_quant, ars, rtn, smooth, tlq  # noqa: E402,F401  (register on import)
 from . import depth_analysis  # noqa: F401  (register on import)
 from . import amber_depth, distill, hybrid_stream, ppcl_depth  # noqa: E402,F401  (register on import)
+from . import width_prune  # noqa: E402,F401  (register on import)
 from .act_quant import ActQuant  # noqa: E402
 from .ars import ARS  # noqa: E402
 from .rtn import RTN  # noqa: E402

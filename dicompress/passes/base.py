@@ -39,6 +39,10 @@ class Pass:
         """Order rules: return [(key, message)] problems given the passes that run before this one."""
         return []
 
+    def check_model(self, model, adapter) -> list[tuple[str, str]]:
+        """Problems with the model itself, before any work: [(key, message)]. `model` may be on the meta device."""
+        return []
+
     def apply(self, state) -> None:  # state: pipeline.CompressionState
         raise NotImplementedError
 
