@@ -23,6 +23,7 @@ STRUCTURAL = {
     "ppcl_depth": {"intervals": [[2, 3]], "distill": FAST},
     "amber_depth": {"remove_blocks": 2, "distill": FAST},
     "hybrid_stream": {"convert": 1, "distill": FAST},
+    "width_prune": {"ratio": 0.2},
 }
 CALIBRATION = {"source": "classes", "classes": [0, 5], "seeds": [0], "steps": 2, "batch_size": 2}
 
