@@ -13,9 +13,12 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ..errors import RecipeError
+from ..io.diffusers_plugin import _realign_cpu_tensors
 from ..prune.width import block_shape, layout_for, prune_width, select_blocks
 from ..prune.width_importance import unit_scores
-from ..prune.width_plan import WidthBudgetError, check_global, plan_global, plan_uniform, uniform_counts
+from ..prune.width_plan import (WidthBudgetError, check_global, plan_global, plan_uniform, snap_widths,
+                                uniform_counts)
+from ..quant.hadamard import can_hadamard
 from .base import Pass, PassConfig, register_pass
 
 # passes that may run before width pruning: they leave plain nn.Linear modules (the structural passes, the
@@ -30,7 +33,7 @@ class WidthPruneConfig(PassConfig):
                                  "along random directions, on calibration model inputs) | random")
     allocation: Literal["uniform", "global"] = Field(
         "uniform", description="uniform: every block loses `ratio` of its parameters | global: units of all blocks "
-                               "ranked together (scores normalised per block and kind, per parameter)")
+                               "ranked together (scores normalised by their block's and kind's mean)")
     heads: bool = Field(True, description="prune attention heads")
     ffn: bool = Field(True, description="prune FFN hidden neurons")
     text_stream: bool = Field(True, description="also prune the text stream's FFN of dual-stream blocks (heads are "
@@ -40,6 +43,10 @@ class WidthPruneConfig(PassConfig):
     seed: int = Field(0, ge=0, description="random importance, and the Taylor rows and probe directions")
     taylor_batch: int = Field(16, ge=1, description="taylor: calibration rows per probe")
     taylor_probes: int = Field(4, ge=1, description="taylor: random output directions (one backward each)")
+    widths: Literal["any", "hadamard"] = Field(
+        "any", description="hadamard: move each block's kept counts to the nearest ones whose layer input widths "
+                           "have a Hadamard matrix (attention output, FFN hidden, FLUX single proj_out input), so a "
+                           "later `ars` can rotate every pruned linear")
     dependency_graph: bool = Field(True, description="take the FFN groups torch-pruning's DependencyGraph finds "
                                                      "exactly (dual-stream FFNs) from it")
 
@@ -107,6 +114,20 @@ class WidthPrune(Pass):
             check_global(shapes, c.ratio, c.heads, all_ffns)
         return refs, shapes, ffns
 
+    def _plan(self, adapter, refs, shapes, ffns, scores):
+        c = self.config
+        if c.allocation == "uniform":
+            keep = {}
+            for r in refs:
+                keep.update(plan_uniform({r.name: shapes[r.name]}, scores, c.ratio, c.heads, ffns[r.name]))
+        else:
+            all_ffns = tuple(sorted({k for v in ffns.values() for k in v}))
+            keep = plan_global(shapes, scores, c.ratio, c.heads, all_ffns)
+        if c.widths == "hadamard":
+            joint = {r.name: tuple(f.key for f in layout_for(adapter, r.stream).ffns if f.after_heads) for r in refs}
+            keep = snap_widths(shapes, keep, scores, can_hadamard, joint)
+        return keep
+
     def apply(self, state) -> None:
         c = self.config
         model, adapter = state.model, state.adapter
@@ -124,15 +145,17 @@ class WidthPrune(Pass):
                                    batch=c.taylor_batch, probes=c.taylor_probes,
                                    use_dependency_graph=c.dependency_graph)
         t_scores = time.perf_counter() - t
-        if c.allocation == "uniform":
-            keep = {}
-            for r in refs:
-                keep.update(plan_uniform({r.name: shapes[r.name]}, scores, c.ratio, c.heads, ffns[r.name]))
-        else:
-            all_ffns = tuple(sorted({k for v in ffns.values() for k in v}))
-            keep = plan_global(shapes, scores, c.ratio, c.heads, all_ffns)
+        try:
+            keep = self._plan(adapter, refs, shapes, ffns, scores)
+        except WidthBudgetError as e:
+            raise RecipeError(str(e.args[0]), key=f"{self.name}.widths", hint="set `widths: any`") from None
         every = sum(p.numel() for attr, _ in adapter.block_lists for p in getattr(model, attr).parameters())
         entries = prune_width(model, adapter, keep)
+        # A model read by diffusers' from_pretrained holds zero-copy views into the mmapped checkpoint at unaligned
+        # offsets, where CPU GEMMs round differently (1 ulp) from aligned memory; the artifact's loader realigns
+        # them. Realign here too, so the model in memory computes bit for bit what the artifact will (measured on
+        # the embedded model: 104 unaligned parameters, 1.4e-6 at the output, 0.0155 once act_quant rounds it).
+        _realign_cpu_tensors(model)
         for e in entries:
             state.record(e)
         rows = []

@@ -8,9 +8,10 @@ parameters, not in counts.
   its neurons (f = ratio x block params / prunable params), heads rounded to whole heads, then the neurons
   absorb the rounding so the block's removed parameters match its budget to within one neuron per FFN.
 - `global`: units of all selected blocks compete: each score is divided by the mean score of its kind in its
-  block (torch-pruning's `normalizer="mean"`, so heads, neurons and blocks compare), divided by the unit's
-  parameter cost, and units go lowest first until the budget is met; a block keeps at least one head and
-  one neuron per FFN.
+  block (torch-pruning's `normalizer="mean"`, so heads, neurons and blocks compare: an average unit of any
+  kind scores 1), and units go lowest first until the removed parameters meet the budget; a block keeps at
+  least one head and one neuron per FFN. (Dividing by the unit's parameter cost as well would rank every head,
+  which holds ~100x a neuron's parameters, below every neuron.)
 Either way the least important units of each kind in a block go first.
 """
 from __future__ import annotations
@@ -96,14 +97,14 @@ def plan_global(shapes: dict[str, BlockShape], scores: dict[str, dict[str, torch
                 heads: bool, ffns: tuple[str, ...]) -> dict[str, BlockKeep]:
     check_global(shapes, ratio, heads, ffns)
     budget = ratio * sum(s.params for s in shapes.values())
-    units = []                     # (normalised score per parameter, block, kind, index, cost)
+    units = []                     # (normalised score, block, kind, index, cost)
     for name, s in shapes.items():
         for kind in kinds(s, heads, ffns):
             sc = scores[name][kind].double()
             mean = sc.mean()
             norm = sc / mean if mean > 0 else torch.zeros_like(sc)
             cost = s.head_params if kind == "heads" else s.neuron_params[kind]
-            units += [(float(norm[i]) / cost, name, kind, i, cost) for i in range(sc.numel())]
+            units += [(float(norm[i]), name, kind, i, cost) for i in range(sc.numel())]
     units.sort(key=lambda u: (u[0], u[1], u[2], u[3]))
     left = {(name, kind): (s.heads if kind == "heads" else s.ffn[kind])
             for name, s in shapes.items() for kind in kinds(s, heads, ffns)}
@@ -129,3 +130,41 @@ def plan_global(shapes: dict[str, BlockShape], scores: dict[str, dict[str, torch
                 k.ffn[kind] = kept
         keep[name] = k
     return keep
+
+
+def _nearest(target: int, hi: int, ok) -> int | None:
+    """The count in 1..hi nearest `target` that `ok` accepts (ties: the smaller, i.e. more removed)."""
+    for d in range(hi):
+        for c in (target - d, target + d):
+            if 1 <= c <= hi and ok(c):
+                return c
+    return None
+
+
+def snap_widths(shapes: dict[str, BlockShape], keep: dict[str, BlockKeep], scores: dict[str, dict[str, torch.Tensor]],
+                width_ok, after_heads: dict[str, tuple[str, ...]] | None = None) -> dict[str, BlockKeep]:
+    """Move every block's kept counts to the nearest ones whose layer input widths `width_ok(n)` accepts (e.g. a
+    Hadamard order, so a later rotation pass can rotate them): the attention output (heads x head_dim), each
+    FFN's hidden width, and for FFNs in `after_heads[block]` the concatenation heads x head_dim + hidden (FLUX
+    single blocks' proj_out). The units kept are again the highest-scoring ones. WidthBudgetError if none fits."""
+    after_heads = after_heads or {}
+    out = {}
+    for name, s in shapes.items():
+        k = keep[name]
+        hd = s.head_dim
+        h = len(k.heads) if k.heads is not None else s.heads
+        h2 = _nearest(h, s.heads, lambda c: width_ok(c * hd))
+        if h2 is None:
+            raise WidthBudgetError(f"{name}: no head count gives an attention width the later passes accept")
+        new = BlockKeep(keep_lowest_removed(scores[name]["heads"], s.heads - h2)
+                        if (k.heads is not None or h2 != s.heads) else None)
+        for key, n_full in s.ffn.items():
+            n = len(k.ffn[key]) if key in k.ffn else n_full
+            joint = key in after_heads.get(name, ())
+            n2 = _nearest(n, n_full, lambda c: width_ok(c) and (not joint or width_ok(h2 * hd + c)))
+            if n2 is None:
+                raise WidthBudgetError(f"{name}: no {key} width gives layer widths the later passes accept")
+            if key in k.ffn or n2 != n_full:
+                new.ffn[key] = keep_lowest_removed(scores[name][key], n_full - n2)
+        out[name] = new
+    return out
