@@ -32,8 +32,11 @@ PROMPTS = {"flux": ["a red cat on a blue house", "two dogs in the city at night"
 FAMILY = {"flux": ("recipes/flux_w4a8.yaml", "tiny_flux_pipeline_dir", "FluxPipeline", "FluxTransformer2DModel"),
           "qwenimage": ("recipes/qwenimage_w4a8.yaml", "tiny_qwenimage_pipeline_dir", "QwenImagePipeline",
                         "QwenImageTransformer2DModel")}
+# float32 block inputs: the recipes ship bf16 ones (half the disk), with which streamed and whole-model runs are
+# close but not bit-equal (streaming propagates from rounded inputs; tests/test_store_dtype.py,
+# tests/test_project_recipe.py run the shipped bf16 setting)
 SIZE = ["calibration.height=64", "calibration.width=64", "calibration.steps=2", "calibration.batch_size=2",
-        "calibration.block_batch=1"]
+        "calibration.block_batch=1", "calibration.store_dtype=float32"]
 
 
 def _overrides(prompts: Path, cache: Path, *more: str) -> list[str]:
