@@ -268,9 +268,10 @@ def markdown(res: dict, cmd: str) -> str:
                  f"(work dir) | {t(b['cpu_seconds'])} | {t(b['gpu_seconds'])} |")
     lines.append(f"| write | - | {p['write']['artifact_gib']:.1f} (artifact) | - | - |")
     io = p["io"]
-    lines.append(f"| disk traffic, upper bound ({io['model_calls']} streamed model calls: {io['capture_read_gib']:.0f} GiB of checkpoint "
-                 f"reads; blocks: {io['blocks_read_gib']:.0f} GiB read, {io['blocks_write_gib']:.0f} GiB written) | - | - | "
-                 f"{t(io['cpu_seconds'])} | {t(io['gpu_seconds'])} |")
+    lines.append(f"| disk traffic, upper bound ({io['model_calls']} streamed model calls: "
+                 f"{io['capture_read_gib']:.0f} GiB of checkpoint reads; blocks: {io['blocks_read_gib']:.0f} GiB "
+                 f"read, {io['blocks_write_gib']:.0f} GiB written) | - | - | {t(io['cpu_seconds'])} | "
+                 f"{t(io['gpu_seconds'])} |")
     lines.append(f"| **total** | **{res['peak_rss_gib']:.1f}** | **{res['temp_disk_gib']:.1f}** | "
                  f"**{res['hours']['cpu']:.1f} h** | **{res['hours']['gpu']:.2f} h** |")
     lines += ["", f"Rates: CPU fp32 GEMM {r['cpu_gemm_flops'] / 1e9:.0f} GFLOP/s, attention "
@@ -310,7 +311,8 @@ def main(argv=None) -> None:
     tokens = (cal.height // 16) * (cal.width // 16) + family["text_tokens"]
     rates = measure_cpu_rates(model.config.num_attention_heads * model.config.attention_head_dim, tokens,
                               model.config.num_attention_heads, model.config.attention_head_dim, widest, a.threads)
-    rates.update(gpu_flops=a.gpu_tflops * 1e12, disk_bytes_per_s=a.disk_gbps * 1e9, cpu=torch.backends.cpu.get_cpu_capability(),
+    rates.update(gpu_flops=a.gpu_tflops * 1e12, disk_bytes_per_s=a.disk_gbps * 1e9,
+                 cpu=torch.backends.cpu.get_cpu_capability(),
                  gpu_source="measured" if a.gpu_measured else "assumed, not measured: --gpu-tflops")
     res = project(recipe, family, model, rates)
     cmd = "python tools/project_recipe.py " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -3,10 +3,12 @@
 renamed into place (over an old artifact: exchanged with it in one step, where the OS can), so a crash at any
 point leaves the output absent, the old artifact, or the new one complete; what else it leaves is a temp
 directory that dicompress refuses to load and the next write to that output removes. An OSError on the way
-(a full disk, a read-only file system) becomes an ArtifactError (exit 3) naming the output and the file. The SHA-256 of every file but config.json and report.json goes into config.json
-(`quantization_config.checksums`): taken as the bytes are written where the writer writes them (extra files,
-copied shards), else read back from the freshly written temp file before the rename (the shards diffusers'
-`save_pretrained` writes on the in-memory path; hard-linked streaming shards).
+(a full disk, a read-only file system) becomes an ArtifactError (exit 3) naming the output and the file.
+
+The SHA-256 of every file but config.json and report.json goes into config.json (`quantization_config.checksums`):
+taken as the bytes are written where the writer writes them (extra files, copied shards), else read back from the
+freshly written temp file before the rename (the shards diffusers' `save_pretrained` writes on the in-memory path;
+hard-linked streaming shards).
 
 With `pipeline` (a `PipelineOutput`: the model was a diffusers pipeline directory) the output is a complete pipeline:
 the artifact is written, checksummed, verified and load-checked in `tmp/transformer/` (marked itself), then the
