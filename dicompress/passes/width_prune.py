@@ -158,6 +158,11 @@ class WidthPrune(Pass):
         _realign_cpu_tensors(model)
         for e in entries:
             state.record(e)
+        self._report(state, refs, shapes, keep, every, info, t_scores)
+
+    def _report(self, state, refs, shapes, keep, every, info, t_scores) -> None:
+        """Rows per block (kept heads and neurons, parameters before / after) and the pass summary."""
+        c, model, adapter = self.config, state.model, state.adapter
         rows = []
         for r in refs:
             s, k = shapes[r.name], keep[r.name]
@@ -173,7 +178,7 @@ class WidthPrune(Pass):
         before = sum(s.params for s in shapes.values())
         after_sel = sum(r["params_after"] for r in rows)
         every_after = sum(p.numel() for attr, _ in adapter.block_lists for p in getattr(model, attr).parameters())
-        summary = {"importance": c.importance, "allocation": c.allocation, "blocks_pruned": len(entries),
+        summary = {"importance": c.importance, "allocation": c.allocation, "blocks_pruned": len(refs),
                    "blocks_left": {attr: len(getattr(model, attr)) for attr, _ in adapter.block_lists},
                    "removed_fraction": round(1 - after_sel / before, 4),
                    "block_param_fraction": round(every_after / every, 4),
