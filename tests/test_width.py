@@ -356,3 +356,21 @@ def test_pass_realigns_mmapped_parameters():
     assert any(p.data_ptr() % 64 for p in model.parameters())
     dicompress.compress(model, [{"width_prune": {"ratio": 0.2}}], progress=False)
     assert not any(p.data_ptr() % 64 for p in model.parameters())
+
+
+def test_a_width_pruned_artifact_is_the_next_recipes_model(tiny_zoo_dir, tmp_path):
+    """prune -> quantize as one recipe or as two chained recipes: equal tensors and manifests."""
+    from safetensors.torch import load_file
+    prune, quant = {"width_prune": {"ratio": 0.2}}, {"tlq": {"bits": 4, "gptq": True}}
+    off = {"eval": {"enabled": False}}
+    dicompress.run(_recipe(tmp_path, tiny_zoo_dir, [prune, quant], "one", **off), progress=False,
+                   echo=lambda *a, **k: None)
+    dicompress.run(_recipe(tmp_path, tiny_zoo_dir, [prune], "first", **off), progress=False, echo=lambda *a, **k: None)
+    dicompress.run(_recipe(tmp_path, tmp_path / "first", [quant], "two", **off), progress=False,
+                   echo=lambda *a, **k: None)
+    a, b = ({k: v for f in sorted((tmp_path / d).glob("*.safetensors")) if f.name.startswith("diffusion")
+             for k, v in load_file(str(f)).items()} for d in ("one", "two"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    manifests = [json.loads((tmp_path / d / "config.json").read_text())["quantization_config"]["manifest"]
+                 for d in ("one", "two")]
+    assert manifests[0] == manifests[1] and [e["op"] for e in manifests[0]].count("width") == 4

@@ -113,8 +113,13 @@ def skeleton(class_name: str, path: Path) -> nn.Module:
     """The model's module tree from its config: parameters on the meta device, buffers real (as diffusers'
     from_pretrained builds it), so non-persistent buffers such as rotary tables are computed."""
     cls = getattr(diffusers, class_name)
+    config = cls.load_config(str(path))
     with init_empty_weights():
-        model = cls.from_config(cls.load_config(str(path)))
+        model = cls.from_config(config)
+    qc = config.get("quantization_config") or {}
+    if qc.get("quant_method") == "dicompress":    # a restructured artifact: e.g. `width` ops narrow its blocks
+        from ..io.manifest import replay
+        replay(model, qc.get("manifest", []), device="meta", written_by=qc.get("dicompress_version"))
     model.register_to_config(_name_or_path=str(path))    # as from_pretrained records it (config.json)
     return model.eval().requires_grad_(False)
 
