@@ -245,6 +245,10 @@ def test_config_and_order_errors_before_any_work():
     # a depth pass after width pruning is refused by the depth pass (it trains on the captured blocks)
     with pytest.raises(RecipeError, match="depth passes first"):
         build_passes([{"width_prune": {"ratio": 0.2}}, {"amber_depth": {"remove_blocks": 1}}])
+    # ARS needs Hadamard orders; arbitrary kept widths would fail only after the pruning ran
+    with pytest.raises(RecipeError, match="widths: hadamard"):
+        build_passes([{"width_prune": {"ratio": 0.2}}, {"ars": {}}])
+    assert build_passes([{"width_prune": {"ratio": 0.2, "widths": "hadamard"}}, {"ars": {}}])
     ok = build_passes([{"width_prune": {"ratio": 0.2}}, {"tlq": {"bits": 4}}])
     assert ok[0].changes_structure and not ok[0].needs_calibration
     assert build_passes([{"width_prune": {"ratio": 0.2, "importance": "taylor"}}])[0].needs_block_inputs
