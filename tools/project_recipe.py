@@ -15,7 +15,8 @@ What it counts, following the streaming code (dicompress/stream/sweep.py, calib/
   directory) and one more per Hessian phase (GPTQ's H = E[x^T x], `hessian_phases`), then per linear a GPTQ
   solve (Cholesky of the [in, in] Hessian + the column sweep, ~ in^3 + 2 out in^2 FLOPs).
 - disk: the capture store + the current and the next block's inputs + the finished blocks' shards.
-- memory: one block's fp32 weights + one Hessian phase + one chunk of `block_batch` rows with its activations.
+- memory: one block's fp32 weights + one Hessian phase + one chunk of `block_batch` rows with its activations,
+  + RSS_OVERHEAD_GIB measured at FLUX width; CPU time per block + FIXED_BLOCK_CPU_SECONDS, measured there too.
 - disk traffic: the bf16 checkpoint read once per streamed model call during the capture, each block's inputs
   read once per forward and the next block's written; at --disk-gbps (assumed).
 - encode: the text encoders' parameters in bf16 plus one layer in fp32 (each layer computes in fp32 in turn),
@@ -44,6 +45,13 @@ sys.path.insert(0, str(ROOT))
 
 GIB = 1024 ** 3
 FP32 = 4
+# What the FLOP count leaves out, measured at FLUX width (bench/flux_width.md: 1 double + 1 single block, 4 rows of
+# 768 tokens, this project's AVX2 CPU, 2 threads): per block, measured seconds minus the FLOP model's (TLQ's grid
+# search, the rotations, Python per layer: costs per layer, not per token), and the run's peak RSS minus the
+# projected block memory (interpreter, libraries, temporaries). Not measured on a GPU: the GPU column leaves
+# the per-layer costs out.
+FIXED_BLOCK_CPU_SECONDS = {"double": 240.0, "single": 110.0}
+RSS_OVERHEAD_GIB = 1.45
 
 # the public configs of the families' released transformers (their config.json), and their text encoders
 FAMILIES = {
@@ -161,6 +169,8 @@ def project(recipe, family: dict, model: nn.Module, rates: dict) -> dict:
     blocks_lin = sum(counts[k] * per_block[k]["linear_flops"] for k in kinds)
     blocks_attn = sum(counts[k] * per_block[k]["attention_flops"] for k in kinds)
     blocks_solve = sum(counts[k] * solve_flops[k] for k in kinds)
+    fixed_cpu = sum(counts[k] * FIXED_BLOCK_CPU_SECONDS.get(k, max(FIXED_BLOCK_CPU_SECONDS.values()))
+                    for k in kinds)
 
     store_bytes = rows * row_input_bytes                      # the first block's inputs (+ model inputs, small)
     model_in_bytes = rows * (img_tokens * model.config.in_channels + txt_tokens * model.config.joint_attention_dim
@@ -172,7 +182,7 @@ def project(recipe, family: dict, model: nn.Module, rates: dict) -> dict:
     # activations of one block forward on a chunk: the MLP's hidden (x3: input, GELU, output) dominates
     mlp_act = block_batch * tokens * max(o for ls in kinds.values() for _, _, o, tok in ls if tok) * FP32 * 3
     hess_phase_bytes = max(PHASE_BYTES, widest * widest * FP32)
-    block_rss = largest_block + hess_phase_bytes + 2 * chunk + mlp_act
+    block_rss = largest_block + hess_phase_bytes + 2 * chunk + mlp_act + RSS_OVERHEAD_GIB * GIB
     enc = family["encoders"]
     # stored in bf16, each layer upcast to fp32 while it runs (calib/prompt_encoding.py compute_in)
     enc_bytes = {n: p * 2 + p / layers * FP32 for n, (p, layers) in enc.items()}
@@ -188,7 +198,8 @@ def project(recipe, family: dict, model: nn.Module, rates: dict) -> dict:
                     "cpu_seconds": seconds(cap_lin, cap_attn), "gpu_seconds": seconds(cap_lin, cap_attn, where="gpu")},
         "blocks": {"per_block": per_block, "flops": blocks_lin + blocks_attn + blocks_solve,
                    "work_dir_gib": 2 * acts_bytes / GIB, "peak_gib": block_rss / GIB,
-                   "cpu_seconds": seconds(blocks_lin, blocks_attn, blocks_solve),
+                   "cpu_seconds": seconds(blocks_lin, blocks_attn, blocks_solve) + fixed_cpu,
+                   "cpu_fixed_seconds": fixed_cpu,
                    "gpu_seconds": seconds(blocks_lin, blocks_attn, blocks_solve, where="gpu")},
         "write": {"artifact_gib": artifact_bytes / GIB},
     }

@@ -177,10 +177,11 @@ def _clip_text_encoder(tok):
         pad_token_id=tok.pad_token_id))
 
 
-def _t5_encoder(tok):
+def _t5_encoder(tok, **widths):
     from transformers import T5Config, T5EncoderModel
+    shape = {"d_model": T5_WIDTH, "d_kv": T5_WIDTH // 4, "num_heads": 4, "d_ff": 160, "num_layers": 2, **widths}
     return T5EncoderModel(T5Config(   # T5 v1.1 XXL's shape: gated GELU, untied head, relative positions
-        vocab_size=len(tok), d_model=T5_WIDTH, d_kv=T5_WIDTH // 4, num_heads=4, d_ff=160, num_layers=2,
+        vocab_size=len(tok), **shape,
         feed_forward_proj="gated-gelu", tie_word_embeddings=False, is_encoder_decoder=False, use_cache=False,
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id))
 
@@ -194,12 +195,13 @@ def _flux_vae():
         shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
 
 
-def _flux_transformer():
+def _flux_transformer(joint_attention_dim: int = T5_WIDTH, **widths):
     from diffusers import FluxTransformer2DModel
+    shape = {"num_layers": 2, "num_single_layers": 2, "attention_head_dim": HEAD_DIM, "num_attention_heads": HEADS,
+             "axes_dims_rope": AXES_DIMS_ROPE, **widths}
     return FluxTransformer2DModel(   # FLUX.1-dev: guidance-distilled (guidance_embeds)
-        patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=2, num_single_layers=2,
-        attention_head_dim=HEAD_DIM, num_attention_heads=HEADS, joint_attention_dim=T5_WIDTH,
-        pooled_projection_dim=CLIP_WIDTH, guidance_embeds=True, axes_dims_rope=AXES_DIMS_ROPE)
+        patch_size=1, in_channels=4 * LATENT_CHANNELS, joint_attention_dim=joint_attention_dim,
+        pooled_projection_dim=CLIP_WIDTH, guidance_embeds=True, **shape)
 
 
 def _flux_scheduler():
@@ -268,14 +270,22 @@ def _save(pipe, out_dir, dtype: torch.dtype) -> Path:
     return out
 
 
-def make_tiny_flux_pipeline(out_dir, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """A random FLUX.1-dev-shaped pipeline directory at `out_dir` (FluxPipeline.save_pretrained)."""
+def make_tiny_flux_pipeline(out_dir, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                            t5: dict | None = None, transformer: dict | None = None) -> Path:
+    """A random FLUX.1-dev-shaped pipeline directory at `out_dir` (FluxPipeline.save_pretrained). `t5` / `transformer`
+    override the T5 encoder's (d_model, d_kv, num_heads, d_ff, num_layers) and the transformer's (num_layers,
+    num_single_layers, attention_head_dim, num_attention_heads, axes_dims_rope) shapes, e.g. the real widths with
+    few layers (tools/bench_flux_width.py); the transformer's joint_attention_dim follows the T5 width."""
+    t5, transformer = t5 or {}, transformer or {}
+    transformer = {"joint_attention_dim": t5.get("d_model", T5_WIDTH), **transformer}
     from diffusers import FluxPipeline
     with tempfile.TemporaryDirectory() as tmp:
         tok, tok2 = _clip_tokenizer(Path(tmp) / "clip"), _t5_tokenizer(Path(tmp) / "t5")
     pipe = FluxPipeline(tokenizer=tok, tokenizer_2=tok2, text_encoder=_seeded(seed, 1, _clip_text_encoder, tok),
-                        text_encoder_2=_seeded(seed, 2, _t5_encoder, tok2), vae=_seeded(seed, 3, _flux_vae),
-                        transformer=_seeded(seed, 4, _flux_transformer), scheduler=_flux_scheduler())
+                        text_encoder_2=_seeded(seed, 2, lambda: _t5_encoder(tok2, **t5)),
+                        vae=_seeded(seed, 3, _flux_vae),
+                        transformer=_seeded(seed, 4, lambda: _flux_transformer(**transformer)),
+                        scheduler=_flux_scheduler())
     return _save(pipe, out_dir, dtype)
 
 
