@@ -83,8 +83,13 @@ def resolve_model(spec: str) -> ModelInfo:
 
 def load_transformer(info: ModelInfo, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     cls = getattr(diffusers, info.class_name)
-    model = cls.from_pretrained(str(info.path), torch_dtype=dtype)
-    return model.to(device).eval()
+    model = cls.from_pretrained(str(info.path), torch_dtype=dtype).to(device)
+    # from_pretrained leaves zero-copy views into the mmapped checkpoint at unaligned offsets, where CPU GEMMs
+    # round differently (1 ulp) than on aligned memory; the artifact loader realigns, so the model in memory must
+    # too, or what a run computes and what its artifact computes differ (the write-time load check sees it)
+    from .io.diffusers_plugin import _realign_cpu_tensors   # lazy: the plug-in imports diffusers' quantizers
+    _realign_cpu_tensors(model)
+    return model.eval()
 
 
 def meta_model(info: ModelInfo):
