@@ -20,7 +20,7 @@ from .eval import dir_bytes
 from .io.storage import stored_dtype
 from .io.manifest import STRUCTURAL_OPS
 from .io.verify import artifact_root, read_config
-from .io.writer import PipelineOutput, pipeline_components
+from .io.pipeline_output import PipelineOutput, pipeline_components
 from .models import load_transformer
 from .records import combine
 from .report import Report, build_report, evaluate

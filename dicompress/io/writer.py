@@ -10,10 +10,11 @@ taken as the bytes are written where the writer writes them (extra files, copied
 freshly written temp file before the rename (the shards diffusers' `save_pretrained` writes on the in-memory path;
 hard-linked streaming shards).
 
-With `pipeline` (a `PipelineOutput`: the model was a diffusers pipeline directory) the output is a complete pipeline:
-the artifact is written, checksummed, verified and load-checked in `tmp/transformer/` (marked itself), then the
-source's other components are hard-linked (or copied) in file by file and its model_index.json copied, and the
-whole tree is fsynced, unmarked (transformer/, then the top) and renamed into place as one directory."""
+With `pipeline` (a `PipelineOutput`, pipeline_output.py: the model was a diffusers pipeline directory) the output is
+a complete pipeline: the artifact is written, checksummed, verified and load-checked in `tmp/transformer/` (marked
+itself), then the source's other components are hard-linked (or copied) in file by file and its model_index.json
+copied, and the whole tree is fsynced, unmarked (transformer/, then the top) and renamed into place as one
+directory."""
 from __future__ import annotations
 
 import ctypes
@@ -23,7 +24,6 @@ import json
 import os
 import shutil
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +36,9 @@ from .checksums import complete_checksums, copy_with_sha256, sha256_file
 from .incomplete import (CONFIG_KEY, discard, make_marked_dir, make_temp_dir, mark_complete, remove_stale,
                          writer_identity, writing)
 from .load_check import LoadCheck
+from .pipeline_output import PipelineOutput, place_components
 from .manifest import FORMAT_VERSION, dicompress_version
-from .names import (CONFIG_NAME, INDEX_NAME, PIPELINE_INDEX, REPORT_NAME, TRANSFORMER_DIR, WEIGHTS_NAME,
+from .names import (CONFIG_NAME, INDEX_NAME, REPORT_NAME, TRANSFORMER_DIR, WEIGHTS_NAME,
                     WEIGHTS_PREFIX, shard_name)
 from .safetensors_file import read_safetensors_header
 from .storage import parameters_stored_as
@@ -45,37 +46,6 @@ from .verify import verify_artifact
 
 DEFAULT_SHARD_SIZE = "5GB"
 _RESERVED = {CONFIG_NAME, REPORT_NAME, WEIGHTS_NAME, INDEX_NAME}
-
-
-@dataclass
-class PipelineOutput:
-    """Write the artifact as `transformer/` of a complete pipeline directory: beside it `source`'s model_index.json
-    (copied unchanged) and its other components, hard-linked file by file (`copy`: copied), never re-encoded. The
-    writer sets `result` (what was placed: the report's `pipeline_output`)."""
-    source: Path
-    copy: bool = False
-    result: dict | None = None
-
-
-def pipeline_components(root: Path) -> list[str]:
-    """The component folders `root`'s model_index.json names (non-null entries), the transformer excepted;
-    ModelError when the index is unreadable or a folder it names is missing."""
-    index = Path(root) / PIPELINE_INDEX
-    try:
-        entries = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{index} is unreadable: {e}", hint="the pipeline directory is damaged; download it again") \
-            from None
-    if not isinstance(entries, dict):
-        raise ModelError(f"{index} is not a diffusers pipeline index (a JSON mapping)", hint="download it again")
-    names = [k for k, v in entries.items() if not k.startswith("_") and k != TRANSFORMER_DIR
-             and isinstance(v, list) and v and v[0] is not None]
-    missing = [n for n in names if not (Path(root) / n).is_dir()]
-    if missing:
-        raise ModelError(f"{root}: model_index.json names components without a folder: {', '.join(missing)}",
-                         hint="the pipeline directory is incomplete; download it again, or set "
-                              "`output_layout: transformer` to write the transformer alone")
-    return names
 
 
 def write_artifact(model: nn.Module, out_dir: str | os.PathLike, *, manifest: list[dict], report: dict,
@@ -191,7 +161,7 @@ def _write_atomically(out: Path, fill, check: LoadCheck | None = None,
                 if check is not None:
                     report = {**report, "load_check": check.run(art)}
                 if pipeline is not None:
-                    pipeline.result = _place_components(pipeline, tmp)
+                    pipeline.result = place_components(pipeline, tmp)
                     report = {**report, "pipeline_output": pipeline.result}
                 _write_bytes(art / REPORT_NAME, _json_bytes(report, "report"))
                 _fsync_tree(tmp)
@@ -231,44 +201,6 @@ def _link_or_copy(src: Path, dst: Path) -> str:
     except OSError:
         return copy_with_sha256(src, dst)
     return sha256_file(dst)
-
-
-def _place_components(pipeline: PipelineOutput, tmp: Path) -> dict:
-    """The source pipeline's components but the transformer into `tmp`, file by file: hard links to the real files
-    (symlinks followed, as a hub snapshot's point into its blob store), a copy where linking fails (another file
-    system) or `pipeline.copy` asks; hidden files are left out. model_index.json is copied last: until then the
-    temp directory is no pipeline. Returns what was placed, for the report."""
-    src = Path(pipeline.source)
-    placed = {"source": str(src), "mode": "copy" if pipeline.copy else "link", "components": {}, "linked": 0,
-              "copied": 0, "bytes": 0}
-    for name in pipeline_components(src):
-        files = 0
-        for dirpath, dirnames, filenames in os.walk(src / name, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            rel = Path(dirpath).relative_to(src)
-            (tmp / rel).mkdir(exist_ok=True)
-            for fname in sorted(f for f in filenames if not f.startswith(".")):
-                real = Path(os.path.realpath(Path(dirpath) / fname))
-                how = _link_or_copy_file(real, tmp / rel / fname, pipeline.copy)
-                placed[how] += 1
-                placed["bytes"] += real.stat().st_size
-                files += 1
-        placed["components"][name] = files
-    shutil.copyfile(src / PIPELINE_INDEX, tmp / PIPELINE_INDEX)
-    return placed
-
-
-def _link_or_copy_file(src: Path, dst: Path, copy: bool) -> str:
-    """Hard-link `src` at `dst` unless `copy`; a copy (contents and mode) where the link fails. Returns "linked" or
-    "copied"."""
-    if not copy:
-        try:
-            os.link(src, dst)
-            return "linked"
-        except OSError:          # EXDEV (another file system), EPERM (protected_hardlinks), EMLINK ...
-            pass
-    shutil.copy2(src, dst)
-    return "copied"
 
 
 def _check_extra_files(files: dict[str, bytes]) -> dict[str, bytes]:
