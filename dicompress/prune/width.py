@@ -93,6 +93,13 @@ class BlockKeep:
     heads: list[int] | None = None
     ffn: dict[str, list[int]] = field(default_factory=dict)
 
+    def set(self, kind: str, kept: list[int]) -> None:
+        """`kind` is "heads" or an FFN key."""
+        if kind == "heads":
+            self.heads = kept
+        else:
+            self.ffn[kind] = kept
+
 
 @dataclass(frozen=True)
 class BlockShape:

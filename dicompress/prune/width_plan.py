@@ -72,11 +72,7 @@ def plan_uniform(shapes: dict[str, BlockShape], scores: dict[str, dict[str, torc
         counts = uniform_counts(name, shape, ratio, heads, ffns)
         k = BlockKeep()
         for kind, n in counts.items():
-            kept = keep_lowest_removed(scores[name][kind], n)
-            if kind == "heads":
-                k.heads = kept
-            else:
-                k.ffn[kind] = kept
+            k.set(kind, keep_lowest_removed(scores[name][kind], n))
         keep[name] = k
     return keep
 
@@ -123,11 +119,7 @@ def plan_global(shapes: dict[str, BlockShape], scores: dict[str, dict[str, torch
         k = BlockKeep()
         for kind in kinds(s, heads, ffns):
             n = s.heads if kind == "heads" else s.ffn[kind]
-            kept = sorted(set(range(n)) - removed[(name, kind)])
-            if kind == "heads":
-                k.heads = kept
-            else:
-                k.ffn[kind] = kept
+            k.set(kind, sorted(set(range(n)) - removed[(name, kind)]))
         keep[name] = k
     return keep
 
