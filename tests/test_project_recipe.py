@@ -4,7 +4,10 @@ as shipped, on the tiny FLUX pipeline, with only size overrides), in both store 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,18 @@ from tests.test_prompt_calibration import ROOT, _overrides, _run
 
 sys.path.insert(0, str(ROOT / "tools"))
 import project_recipe  # noqa: E402
+
+# the shipped setting's artifact (bf16 block inputs, streamed) as users load it: a whole pipeline, fresh process
+RUN_OUTPUT = textwrap.dedent("""
+    import sys, torch
+    import dicompress
+    from diffusers import FluxPipeline
+    pipe = FluxPipeline.from_pretrained(sys.argv[1], torch_dtype=torch.float32)
+    out = pipe("a red cat", height=64, width=64, num_inference_steps=2, output_type="latent",
+               generator=torch.Generator().manual_seed(0)).images
+    assert torch.isfinite(out).all() and type(pipe.transformer.transformer_blocks[0].attn.to_q).__name__ != "Linear"
+    print("ok", tuple(out.shape))
+""")
 
 RATES = {"cpu_gemm_flops": 1e11, "cpu_sdpa_flops": 1e11, "cpu_solve_flops": 1e11, "gpu_flops": 4e14,
          "disk_bytes_per_s": 2e9}
@@ -30,6 +45,10 @@ def test_projected_store_matches_a_real_streamed_capture(tiny_flux_pipeline_dir,
     overrides = _overrides(prompts, tmp_path / "cache", f"calibration.store_dtype={store_dtype}")
     report, _ = _run("flux", tiny_flux_pipeline_dir, tmp_path / "out", overrides)
     assert report["streaming"]["enabled"] is True
+    if store_dtype == "bfloat16":
+        r = subprocess.run([sys.executable, "-c", RUN_OUTPUT, str(tmp_path / "out")], capture_output=True, text=True,
+                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-3000:]
     store = next(p.parent for p in (tmp_path / "cache" / "calib").glob("*/meta.json"))
     first = json.loads((store / "meta.json").read_text())["blocks"][0]
     stored_inputs = _bytes((store / "blocks" / first).glob("chunk_*.safetensors"))
