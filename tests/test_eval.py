@@ -248,3 +248,18 @@ def test_format_summary_short_and_empty():
     assert "empty" in format_summary({})
     only_model = format_summary({"model": "m", "metrics": {}})
     assert "model  m" in only_model and "quality" not in only_model and "passes" not in only_model
+
+
+def test_format_summary_width_rows_have_their_own_section():
+    """Width-pruned blocks show their kept widths and parameters, apart from the quantized layers' SQNR table."""
+    report = _full_report(2)
+    report["layers"] += [{"module": f"transformer_blocks.{i}", "method": "width_prune", "stream": "double",
+                          "heads": "4/4", "kept_heads": [0, 1, 2, 3], "params_before": 1000, "params_after": 800 - i,
+                          "removed_fraction": 0.2, "ff": f"{300 + i}/512", "ff_context": "512/512"} for i in range(2)]
+    lines = format_summary(report).splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("blocks restructured (2"))
+    assert lines[head + 1].split()[:4] == ["module", "method", "stream", "heads"]
+    assert "301/512" in lines[head + 3] and "799" in lines[head + 3] and "0.2" in lines[head + 3]
+    sqnr = next(i for i, line in enumerate(lines) if line.startswith("layers (2,"))
+    assert not any("transformer_blocks" in line for line in lines[sqnr:])
+    assert not any("kept_heads" in line for line in lines)     # the index lists stay in report.json

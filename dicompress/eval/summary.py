@@ -151,6 +151,20 @@ LAYER_COLUMNS = ("module", "method", "shape", "bits", "group_size", "eta", "perc
                  "cka_image", "cka_text")
 
 
+# structural rows (width pruning: one per pruned block) have their own section and columns: the kept widths
+BLOCK_COLUMNS = ("module", "method", "stream", "heads", "ff", "ff_context", "mlp", "img_mlp", "txt_mlp",
+                 "params_before", "params_after", "removed_fraction")
+
+
+def _is_block_row(r: dict) -> bool:
+    return "params_before" in r and "params_after" in r
+
+
+def _blocks(rows: list[dict]) -> list[str]:
+    rows = [{k: r[k] for k in BLOCK_COLUMNS if k in r} for r in rows]
+    return [f"blocks restructured ({len(rows)}; heads and FFN widths kept/before)", *_records_table(rows, "module")]
+
+
 def _layers(layers: list[dict]) -> list[str]:
     layers = [{k: r[k] for k in LAYER_COLUMNS if k in r} for r in layers]
     ordered = sorted(layers, key=_sqnr_key)
@@ -181,8 +195,12 @@ def format_summary(report: dict) -> str:
         sections.append(_stages(report["stages"]))
     if report.get("footprint"):
         sections.append(_footprint(report["footprint"]))
-    if report.get("layers"):
-        sections.append(_layers(report["layers"]))
+    blocks = [r for r in report.get("layers") or () if _is_block_row(r)]
+    layers = [r for r in report.get("layers") or () if not _is_block_row(r)]
+    if blocks:
+        sections.append(_blocks(blocks))
+    if layers:
+        sections.append(_layers(layers))
     if report.get("seconds"):
         sections.append(_seconds(report["seconds"]))
     if not sections:
