@@ -21,7 +21,6 @@ import atexit
 import json
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ import dicompress
 from dicompress.arch import adapter_for
 from dicompress.calib import capture
 from dicompress.eval import evaluate_digits
-from dicompress.eval.latency import latency_ms_per_step
+from dicompress.eval.latency import latency_ratio
 from dicompress.models import load_transformer, resolve_model
 from dicompress.prune import random_intervals
 from dicompress.recipe import CalibrationConfig
@@ -46,16 +45,6 @@ CALIBRATION = ROOT / "calibration/digits_10x32.yaml"
 
 def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def latency_ratio(student, teacher, conditioning, rounds: int = 5) -> float:
-    """Median of per-round student/teacher ratios, the two timed back to back (the CPU is shared)."""
-    ratios = []
-    for _ in range(rounds):
-        s = latency_ms_per_step(student, conditioning, repeats=3)
-        t = latency_ms_per_step(teacher, conditioning, repeats=3)
-        ratios.append(s / t)
-    return statistics.median(ratios)
 
 
 def run(args) -> dict:

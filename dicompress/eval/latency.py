@@ -51,3 +51,14 @@ def latency_ms_per_step(transformer, conditioning, batch: int = 16, warmup: int 
         _sync(device)
         times.append((time.perf_counter() - t0) * 1000.0)
     return statistics.median(times)
+
+
+def latency_ratio(student, teacher, conditioning, rounds: int = 5) -> float:
+    """Median over `rounds` of student/teacher time per forward, the two timed back to back in each round (the
+    CPU is shared: a slow spell hits both sides of a ratio, not one model's whole measurement)."""
+    ratios = []
+    for _ in range(rounds):
+        s = latency_ms_per_step(student, conditioning, repeats=3)
+        t = latency_ms_per_step(teacher, conditioning, repeats=3)
+        ratios.append(s / t)
+    return statistics.median(ratios)
