@@ -2,13 +2,14 @@
 torch-pruning importance (magnitude | taylor | random), to a parameter budget (uniform per block or global).
 
 The surgery is `prune.width.prune_width` (one manifest entry `width` per block; the artifact rebuilds the
-narrower blocks at load time), the allocation `prune.width_plan`, the scores `prune.width_importance`. Other
-width methods (differentiable masks, ...) choose their own keep indices and call `prune_width` the same way.
+narrower blocks at load time), the allocation `prune.width_plan`, the scores `prune.width_importance`. What
+every width method shares (keys, order rules, the budget checked before any work, allocation, removal, report)
+is `WidthBudgetConfig` / `WidthPass`, which `mask_prune` (learned differentiable masks) builds on too.
 """
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -26,11 +27,9 @@ from .base import Pass, PassConfig, register_pass
 ALLOWED_BEFORE = ("depth_analysis", "distill")
 
 
-class WidthPruneConfig(PassConfig):
+class WidthBudgetConfig(PassConfig):
+    """The keys every width method shares: the budget, which units and blocks, how kept widths are rounded."""
     ratio: float = Field(gt=0, lt=1, description="fraction of the selected blocks' parameters removed")
-    importance: Literal["magnitude", "taylor", "random"] = Field(
-        "magnitude", description="torch-pruning importance: magnitude (group L2) | taylor (|w * grad| of the output "
-                                 "along random directions, on calibration model inputs) | random")
     allocation: Literal["uniform", "global"] = Field(
         "uniform", description="uniform: every block loses `ratio` of its parameters | global: units of all blocks "
                                "ranked together (scores normalised by their block's and kind's mean)")
@@ -40,15 +39,10 @@ class WidthPruneConfig(PassConfig):
                                                 "shared by both streams: joint attention)")
     include: tuple[str, ...] | None = Field(None, description="block names (fnmatch); null = every block")
     keep: tuple[str, ...] = Field((), description="block names left whole (fnmatch)")
-    seed: int = Field(0, ge=0, description="random importance, and the Taylor rows and probe directions")
-    taylor_batch: int = Field(16, ge=1, description="taylor: calibration rows per probe")
-    taylor_probes: int = Field(4, ge=1, description="taylor: random output directions (one backward each)")
     widths: Literal["any", "hadamard"] = Field(
         "any", description="hadamard: move each block's kept counts to the nearest ones whose layer input widths "
                            "have a Hadamard matrix (attention output, FFN hidden, FLUX single proj_out input), so a "
                            "later `ars` can rotate every pruned linear")
-    dependency_graph: bool = Field(True, description="take the FFN groups torch-pruning's DependencyGraph finds "
-                                                     "exactly (dual-stream FFNs) from it")
 
     @model_validator(mode="after")
     def _something(self):
@@ -57,16 +51,24 @@ class WidthPruneConfig(PassConfig):
         return self
 
 
-@register_pass
-class WidthPrune(Pass):
-    name = "width_prune"
-    Config = WidthPruneConfig
-    changes_structure = True
+class WidthPruneConfig(WidthBudgetConfig):
+    importance: Literal["magnitude", "taylor", "random"] = Field(
+        "magnitude", description="torch-pruning importance: magnitude (group L2) | taylor (|w * grad| of the output "
+                                 "along random directions, on calibration model inputs) | random")
+    seed: int = Field(0, ge=0, description="random importance, and the Taylor rows and probe directions")
+    taylor_batch: int = Field(16, ge=1, description="taylor: calibration rows per probe")
+    taylor_probes: int = Field(4, ge=1, description="taylor: random output directions (one backward each)")
+    dependency_graph: bool = Field(True, description="take the FFN groups torch-pruning's DependencyGraph finds "
+                                                     "exactly (dual-stream FFNs) from it")
 
-    def __init__(self, config=None, **kwargs):
-        super().__init__(config, **kwargs)
-        # Taylor reads the calibration's model inputs, which are captured with the block inputs
-        self.needs_calibration = self.needs_block_inputs = self.config.importance == "taylor"
+
+class WidthPass(Pass):
+    """What every width method shares: order rules, the budget checked on the model's shapes before any work,
+    the allocation of a budget from unit scores, the removal (`prune_width`, manifest entries) and the report.
+    A method supplies the scores (or the keep indices) in `apply`."""
+    changes_structure = True
+    # global allocation divides scores by their block's and kind's mean (importances of different scales)
+    normalise_scores: ClassVar[bool] = True
 
     def check(self, previous: list[Pass]) -> list[tuple[str, str]]:
         for i, p in enumerate(previous):
@@ -114,43 +116,43 @@ class WidthPrune(Pass):
             check_global(shapes, c.ratio, c.heads, all_ffns)
         return refs, shapes, ffns
 
-    def _plan(self, adapter, refs, shapes, ffns, scores):
+    def _plan(self, adapter, refs, shapes, ffns, scores, keep=None):
+        """Keep indices for the budget from `scores` (or `keep` as given), moved to Hadamard widths if asked."""
         c = self.config
-        if c.allocation == "uniform":
+        if keep is None and c.allocation == "uniform":
             keep = {}
             for r in refs:
                 keep.update(plan_uniform({r.name: shapes[r.name]}, scores, c.ratio, c.heads, ffns[r.name]))
-        else:
+        elif keep is None:
             all_ffns = tuple(sorted({k for v in ffns.values() for k in v}))
-            keep = plan_global(shapes, scores, c.ratio, c.heads, all_ffns)
+            keep = plan_global(shapes, scores, c.ratio, c.heads, all_ffns, normalise=self.normalise_scores)
         if c.widths == "hadamard":
             joint = {r.name: tuple(f.key for f in layout_for(adapter, r.stream).ffns if f.after_heads) for r in refs}
             keep = snap_widths(shapes, keep, scores, can_hadamard, joint)
         return keep
 
-    def apply(self, state) -> None:
-        c = self.config
-        model, adapter = state.model, state.adapter
+    def _budget(self, model, adapter):
+        """`_plan_shapes`, a budget no setting can meet as a RecipeError."""
         try:
-            refs, shapes, ffns = self._plan_shapes(model, adapter)
+            return self._plan_shapes(model, adapter)
         except WidthBudgetError as e:
             raise RecipeError(str(e.args[0]), key=f"{self.name}.ratio",
                               hint="lower the ratio, or prune both heads and FFNs (heads: true, ffn: true)") from None
-        inputs = None
-        if c.importance == "taylor":
-            store = self.calibration(state)
-            inputs = store.model_inputs()
-        t = time.perf_counter()
-        scores, info = unit_scores(model, adapter, refs, c.importance, seed=c.seed, model_inputs=inputs,
-                                   batch=c.taylor_batch, probes=c.taylor_probes,
-                                   use_dependency_graph=c.dependency_graph)
-        t_scores = time.perf_counter() - t
+
+    def _plan_or_error(self, adapter, refs, shapes, ffns, scores, keep=None):
         try:
-            keep = self._plan(adapter, refs, shapes, ffns, scores)
+            return self._plan(adapter, refs, shapes, ffns, scores, keep)
         except WidthBudgetError as e:
             raise RecipeError(str(e.args[0]), key=f"{self.name}.widths", hint="set `widths: any`") from None
-        every = sum(p.numel() for attr, _ in adapter.block_lists for p in getattr(model, attr).parameters())
-        entries = prune_width(model, adapter, keep)
+
+    @staticmethod
+    def _block_params(model, adapter) -> int:
+        return sum(p.numel() for attr, _ in adapter.block_lists for p in getattr(model, attr).parameters())
+
+    def _remove(self, state, keep) -> None:
+        """Remove what `keep` drops (torch-pruning's pruning functions) and record the manifest entries."""
+        model = state.model
+        entries = prune_width(model, state.adapter, keep)
         # A model read by diffusers' from_pretrained holds zero-copy views into the mmapped checkpoint at unaligned
         # offsets, where CPU GEMMs round differently (1 ulp) from aligned memory; the artifact's loader realigns
         # them. Realign here too, so the model in memory computes bit for bit what the artifact will (measured on
@@ -158,11 +160,10 @@ class WidthPrune(Pass):
         _realign_cpu_tensors(model)
         for e in entries:
             state.record(e)
-        self._report(state, refs, shapes, keep, every, info, t_scores)
 
-    def _report(self, state, refs, shapes, keep, every, info, t_scores) -> None:
-        """Rows per block (kept heads and neurons, parameters before / after) and the pass summary."""
-        c, model, adapter = self.config, state.model, state.adapter
+    def _report(self, state, refs, shapes, keep, every, extra: dict) -> None:
+        """Rows per block (kept heads and neurons, parameters before / after) and the pass summary (`extra` first)."""
+        model, adapter = state.model, state.adapter
         rows = []
         for r in refs:
             s, k = shapes[r.name], keep[r.name]
@@ -177,17 +178,46 @@ class WidthPrune(Pass):
             rows.append(row)
         before = sum(s.params for s in shapes.values())
         after_sel = sum(r["params_after"] for r in rows)
-        every_after = sum(p.numel() for attr, _ in adapter.block_lists for p in getattr(model, attr).parameters())
-        summary = {"importance": c.importance, "allocation": c.allocation, "blocks_pruned": len(refs),
+        summary = {**extra, "blocks_pruned": len(refs),
                    "blocks_left": {attr: len(getattr(model, attr)) for attr, _ in adapter.block_lists},
                    "removed_fraction": round(1 - after_sel / before, 4),
-                   "block_param_fraction": round(every_after / every, 4),
+                   "block_param_fraction": round(self._block_params(model, adapter) / every, 4),
                    "heads_removed": sum(s.heads - len(keep[n].heads) for n, s in shapes.items()
                                         if keep[n].heads is not None),
                    "neurons_removed": sum(s.ffn[key] - len(v) for n, s in shapes.items()
-                                          for key, v in keep[n].ffn.items()),
+                                          for key, v in keep[n].ffn.items())}
+        state.add_pass_report(self.name, summary, rows)
+
+
+@register_pass
+class WidthPrune(WidthPass):
+    name = "width_prune"
+    Config = WidthPruneConfig
+
+    def __init__(self, config=None, **kwargs):
+        super().__init__(config, **kwargs)
+        # Taylor reads the calibration's model inputs, which are captured with the block inputs
+        self.needs_calibration = self.needs_block_inputs = self.config.importance == "taylor"
+
+    def apply(self, state) -> None:
+        c = self.config
+        model, adapter = state.model, state.adapter
+        refs, shapes, ffns = self._budget(model, adapter)
+        inputs = None
+        if c.importance == "taylor":
+            store = self.calibration(state)
+            inputs = store.model_inputs()
+        t = time.perf_counter()
+        scores, info = unit_scores(model, adapter, refs, c.importance, seed=c.seed, model_inputs=inputs,
+                                   batch=c.taylor_batch, probes=c.taylor_probes,
+                                   use_dependency_graph=c.dependency_graph)
+        t_scores = time.perf_counter() - t
+        keep = self._plan_or_error(adapter, refs, shapes, ffns, scores)
+        every = self._block_params(model, adapter)
+        self._remove(state, keep)
+        summary = {"importance": c.importance, "allocation": c.allocation,
                    "dependency_graph_groups": sum(len(v) for v in info["traced"].values()),
                    "scores_seconds": round(t_scores, 2)}
         if c.importance == "taylor":
             summary["taylor"] = {"rows_per_probe": info["batch"], "probes": info["probes"]}
-        state.add_pass_report(self.name, summary, rows)
+        self._report(state, refs, shapes, keep, every, summary)

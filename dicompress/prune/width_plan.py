@@ -90,7 +90,9 @@ def check_global(shapes: dict[str, BlockShape], ratio: float, heads: bool, ffns:
 
 
 def plan_global(shapes: dict[str, BlockShape], scores: dict[str, dict[str, torch.Tensor]], ratio: float,
-                heads: bool, ffns: tuple[str, ...]) -> dict[str, BlockKeep]:
+                heads: bool, ffns: tuple[str, ...], normalise: bool = True) -> dict[str, BlockKeep]:
+    """`normalise`: divide by the mean of the unit's block and kind (importances of different scales); False:
+    rank the scores as they are (scores already comparable across kinds and blocks, e.g. learned mask logits)."""
     check_global(shapes, ratio, heads, ffns)
     budget = ratio * sum(s.params for s in shapes.values())
     units = []                     # (normalised score, block, kind, index, cost)
@@ -98,7 +100,7 @@ def plan_global(shapes: dict[str, BlockShape], scores: dict[str, dict[str, torch
         for kind in kinds(s, heads, ffns):
             sc = scores[name][kind].double()
             mean = sc.mean()
-            norm = sc / mean if mean > 0 else torch.zeros_like(sc)
+            norm = sc if not normalise else sc / mean if mean > 0 else torch.zeros_like(sc)
             cost = s.head_params if kind == "heads" else s.neuron_params[kind]
             units += [(float(norm[i]), name, kind, i, cost) for i in range(sc.numel())]
     units.sort(key=lambda u: (u[0], u[1], u[2], u[3]))
@@ -159,4 +161,29 @@ def snap_widths(shapes: dict[str, BlockShape], keep: dict[str, BlockKeep], score
             if key in k.ffn or n2 != n_full:
                 new.ffn[key] = keep_lowest_removed(scores[name][key], n_full - n2)
         out[name] = new
+    return out
+
+
+def plan_threshold(shapes: dict[str, BlockShape], gates: dict[str, dict[str, torch.Tensor]],
+                   threshold: float) -> dict[str, BlockKeep]:
+    """Keep the units whose gate is above `threshold` (kinds absent from `gates` stay whole); a kind with none
+    above keeps its highest-gated unit (a block keeps one head and one neuron per FFN)."""
+    keep = {}
+    for name in shapes:
+        k = BlockKeep()
+        for kind, g in gates.get(name, {}).items():
+            kept = [i for i in range(g.numel()) if float(g[i]) > threshold]
+            k.set(kind, kept or [int(torch.argmax(g))])
+        keep[name] = k
+    return keep
+
+
+def removed_params(shapes: dict[str, BlockShape], keep: dict[str, BlockKeep]) -> int:
+    """Parameters `keep` removes from the blocks `shapes`, from the units' costs."""
+    out = 0
+    for name, s in shapes.items():
+        k = keep[name]
+        if k.heads is not None:
+            out += (s.heads - len(k.heads)) * s.head_params
+        out += sum((s.ffn[key] - len(v)) * s.neuron_params[key] for key, v in k.ffn.items())
     return out
