@@ -124,7 +124,7 @@ def _check_block(model: nn.Module, entry: dict, device) -> None:
 # ops whose `module` names a module of the *original* model (not present in the loaded one)
 ORIGINAL_MODEL_OPS = frozenset({"remove_block"})
 # ops of restructured (not rewritten) models: an artifact holding only these can be a recipe's model
-STRUCTURAL_OPS = frozenset({"ppcl_interval", "hybrid_stream", "remove_block", "width"})
+STRUCTURAL_OPS = frozenset({"ppcl_interval", "hybrid_stream", "remove_block", "width", "ppcl_width"})
 
 
 @register_manifest_op("remove_block")
@@ -137,3 +137,17 @@ def _rebuild_width(model: nn.Module, entry: dict, device) -> None:
     """A width-pruned block: as many heads and FFN neurons as the entry keeps (prune/width.py)."""
     from ..prune.width import rebuild_width   # lazy: torch-pruning is imported only for width artifacts
     rebuild_width(model, entry, device)
+
+
+@register_manifest_op("ppcl_width")
+def _rebuild_ppcl_width(model: nn.Module, entry: dict, device) -> None:
+    """An FFN replaced by a residual projector x + Linear(x) (passes/ppcl_width.py); the entry describes the FFN
+    it replaced (dim, hidden, activation_fn, bias), which must be what the model has there."""
+    from ..prune.projector import ResidualProjector, ffn_spec
+    name = entry["module"]
+    old = model.get_submodule(name)
+    spec = ffn_spec(old)        # ValueError: not the FFN the manifest says was replaced
+    if spec["dim"] != entry["dim"] or spec["hidden"] != entry["hidden"]:
+        raise ValueError(f"{name} is an FFN of width {spec['dim']} (hidden {spec['hidden']}), the manifest says "
+                         f"{entry['dim']} (hidden {entry['hidden']})")
+    set_module(model, name, ResidualProjector(int(entry["dim"]), device=device, dtype=old.net[2].weight.dtype))

@@ -21,6 +21,7 @@ INDEX_NAME = WEIGHTS_NAME + ".index.json"         # the sharded checkpoint's ten
 WEIGHTS_GLOB = WEIGHTS_PREFIX + "*.safetensors"   # the weight files, single or sharded
 REPORT_NAME = "report.json"                       # the run report
 INTERVALS_NAME = "ppcl_intervals.safetensors"     # ppcl_depth's teacher blocks, for unplugging intervals
+FFNS_NAME = "ppcl_width_ffns.safetensors"         # ppcl_width's teacher FFNs, for unplugging projectors
 MARKER_NAME = ".dicompress-incomplete"            # in a directory still being written (holds the writer's pid)
 PIPELINE_INDEX = "model_index.json"               # a diffusers pipeline directory's list of components
 TRANSFORMER_DIR = "transformer"                   # the pipeline's transformer folder: the artifact, in that layout

@@ -1,5 +1,6 @@
-"""PPCL's pluggable intervals at load time: keep any subset of the trained interval blocks, give the others
-their teacher blocks back (stored by `ppcl_depth` in ppcl_intervals.safetensors)."""
+"""PPCL's pluggable parts at load time: keep any subset of the trained interval blocks, give the others
+their teacher blocks back (stored by `ppcl_depth` in ppcl_intervals.safetensors); likewise any subset of the
+FFN projectors (`ppcl_width`, teacher FFNs in ppcl_width_ffns.safetensors)."""
 from __future__ import annotations
 
 import copy
@@ -11,8 +12,8 @@ from torch import nn
 
 from ..arch import adapter_for
 from ..errors import ArtifactError
-from ..nn.surgery import set_block_list
-from .names import INTERVALS_NAME
+from ..nn.surgery import set_block_list, set_module
+from .names import FFNS_NAME, INTERVALS_NAME
 
 
 def interval_entries(config: dict) -> list[dict]:
@@ -58,4 +59,44 @@ def plug_intervals(model: nn.Module, artifact_dir: str | os.PathLike, config: di
             originals.append(block.to(next(student.parameters()).device))
         blocks[int(pos):int(pos) + 1] = originals
         set_block_list(model, adapter, attr, blocks)
+    return model
+
+
+def ffn_entries(config: dict) -> list[dict]:
+    return [e for e in config.get("quantization_config", {}).get("manifest", []) if e.get("op") == "ppcl_width"]
+
+
+def plug_ffns(model: nn.Module, artifact_dir: str | os.PathLike, config: dict, plug) -> nn.Module:
+    """Unplug every `ppcl_width` projector whose FFN path (e.g. "transformer_blocks.0.ff") is not in `plug`: the
+    teacher FFN it replaced comes back (stored by `ppcl_width` in ppcl_width_ffns.safetensors). In place."""
+    from ..prune.projector import ResidualProjector, teacher_ffn
+    entries = ffn_entries(config)
+    known = [e["module"] for e in entries]
+    plug = set(plug)
+    if plug - set(known):
+        raise ArtifactError(f"plug_ffns names {sorted(plug - set(known))}, which are not projectors of this artifact",
+                            hint=f"its projectors: {known}")
+    unplug = [e for e in entries if e["module"] not in plug]
+    if not unplug:
+        return model
+    path = Path(artifact_dir) / FFNS_NAME
+    if not path.is_file():
+        raise ArtifactError(f"{path.name} is missing: this artifact cannot unplug projectors",
+                            hint="it was written with keep_teacher_ffns: false; load it with every projector plugged")
+    weights = load_file(str(path))
+    for e in unplug:
+        name = e["module"]
+        proj = model.get_submodule(name)
+        if not isinstance(proj, ResidualProjector) or type(proj.proj) is not nn.Linear:
+            raise ArtifactError(f"{name}: the projector is a {type(proj).__name__} over a "
+                                f"{type(getattr(proj, 'proj', proj)).__name__}, no longer the plain projector "
+                                "ppcl_width wrote (a later pass quantized or rewrote it); the teacher FFN would not "
+                                "match the rest of the model", hint="load this artifact with every projector plugged")
+        prefix = name + "."
+        ffn = teacher_ffn(e, dtype=proj.proj.weight.dtype)
+        try:
+            ffn.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}, strict=True)
+        except RuntimeError as err:
+            raise ArtifactError(f"{name}: the stored teacher FFN does not fit the manifest's shape: {err}") from None
+        set_module(model, name, ffn.to(proj.proj.weight.device))
     return model
