@@ -151,3 +151,6 @@ def _rebuild_ppcl_width(model: nn.Module, entry: dict, device) -> None:
         raise ValueError(f"{name} is an FFN of width {spec['dim']} (hidden {spec['hidden']}), the manifest says "
                          f"{entry['dim']} (hidden {entry['hidden']})")
     set_module(model, name, ResidualProjector(int(entry["dim"]), device=device, dtype=old.net[2].weight.dtype))
+
+
+from ..moe import manifest_op as _moe_manifest_op  # noqa: E402,F401  (registers the moe_ffn op)

@@ -1,0 +1,182 @@
+"""`MoEFFN`: a dense diffusers FeedForward (net.0.proj -> GELU -> net.2) split into a shared expert that every
+token runs and `experts` routed experts of equal width, `top_k` of them per token.
+
+Each expert keeps its up- and down-projection as its own plain nn.Linear (`shared.up`, `experts.3.down`, ...), so
+the quantization passes (rtn, tlq, smooth, act_quant: `nn.surgery.iter_linears`) find and rewrite each expert
+like any other linear of the block. The router is NOT an nn.Linear (`Router`, same math): it stays in full
+precision, since rounding its few weights to 4 bits would change which experts tokens go to.
+
+Gates: the router's logits l = W_r x + b_r; the k largest are selected; gate_i = k * softmax over the selected
+logits (the renormalised top-k softmax, scaled by k so that equal gates are 1). Splitting a trained FFN gives
+experts whose neurons were trained with weight 1; at a uniform router, with top_k = experts, the MoE FFN is the
+dense FFN exactly (up to summation order). The dense down-projection's bias is `bias`, added once per token.
+
+Execution groups tokens by expert: the (token, expert) assignments are sorted by expert, each expert gathers its
+tokens (index_select), runs one matmul pair over them, scales by the gate and scatters back (index_add). No loop
+over tokens; one Python iteration per expert. Each forward leaves `aux_loss` (the Switch load-balancing loss
+E * sum_i f_i P_i: f_i the fraction of assignments to expert i, P_i its mean router probability) and, while
+`track_load` is set, adds each expert's assignment count to `load`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .partition import switch_balance_loss
+
+
+class Router(nn.Module):
+    """A linear map from the token's features to one logit per expert (not an nn.Linear on purpose: see above)."""
+
+    def __init__(self, dim: int, experts: int, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(experts, dim, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(experts, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class Expert(nn.Module):
+    """One slice of the FFN: up (dim -> width, with the up-projection's bias rows), GELU, down (width -> dim)."""
+
+    def __init__(self, dim: int, width: int, bias: bool = True, approximate: str = "tanh", device=None, dtype=None):
+        super().__init__()
+        self.up = nn.Linear(dim, width, bias=bias, device=device, dtype=dtype)
+        self.down = nn.Linear(width, dim, bias=False, device=device, dtype=dtype)
+        self.approximate = approximate
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.up(x), approximate=self.approximate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.hidden(x))
+
+
+class MoEFFN(nn.Module):
+    """Shared expert (width `shared`, may be 0) + `experts` routed experts of width `expert_width`, top-k routed."""
+
+    def __init__(self, dim: int, shared: int, expert_width: int, experts: int, top_k: int, bias: bool = True,
+                 approximate: str = "tanh", device=None, dtype=None):
+        super().__init__()
+        if not 1 <= top_k <= experts:
+            raise ValueError(f"top_k must be in 1..{experts} (the number of routed experts), got {top_k}")
+        if expert_width < 1 or shared < 0:
+            raise ValueError(f"expert width {expert_width} and shared width {shared}: need >= 1 and >= 0")
+        kw = dict(bias=bias, approximate=approximate, device=device, dtype=dtype)
+        self.dim, self.top_k, self.approximate = dim, top_k, approximate
+        self.shared = Expert(dim, shared, **kw) if shared else None
+        self.experts = nn.ModuleList(Expert(dim, expert_width, **kw) for _ in range(experts))
+        self.router = Router(dim, experts, device=device, dtype=dtype)
+        self.bias = nn.Parameter(torch.zeros(dim, device=device, dtype=dtype)) if bias else None
+        self.aux_loss: torch.Tensor | None = None
+        self.track_load = False
+        self.load = torch.zeros(experts, dtype=torch.long)
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.experts)
+
+    @property
+    def shared_width(self) -> int:
+        return self.shared.up.out_features if self.shared is not None else 0
+
+    @property
+    def expert_width(self) -> int:
+        return self.experts[0].up.out_features
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, dim] -> (expert indices [T, k], gates [T, k], router probabilities [T, E])."""
+        logits = self.router(x)
+        probs = logits.float().softmax(-1)
+        top, idx = logits.topk(self.top_k, dim=-1)
+        gates = (top.float().softmax(-1) * self.top_k).to(x.dtype)
+        return idx, gates, probs
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        idx, gates, probs = self.route(x)
+        out = self.shared(x) if self.shared is not None else torch.zeros_like(x)
+        if self.bias is not None:
+            out = out + self.bias
+        # group the (token, expert) assignments by expert: one gather / matmul pair / scatter per expert
+        flat = idx.reshape(-1)
+        order = flat.argsort(stable=True)
+        token = order // self.top_k
+        gate = gates.reshape(-1)[order]
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        starts = counts.cumsum(0) - counts
+        for e, (s, n) in enumerate(zip(starts.tolist(), counts.tolist())):
+            if n == 0:
+                continue
+            t = token[s:s + n]
+            expert = self.experts[e]
+            h = expert.hidden(x.index_select(0, t)) * gate[s:s + n, None]
+            out = out.index_add(0, t, expert.down(h))
+        self.aux_loss = switch_balance_loss(probs, counts)
+        if self.track_load:
+            self.load += counts.detach().cpu()
+        return out.reshape(shape)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, shared={self.shared_width}, experts={self.n_experts}x{self.expert_width}, "
+                f"top_k={self.top_k}")
+
+    def spec(self) -> dict:
+        """What rebuilds this module (the manifest entry's fields, less op and module)."""
+        return {"dim": self.dim, "shared": self.shared_width, "expert_width": self.expert_width,
+                "experts": self.n_experts, "top_k": self.top_k, "bias": self.bias is not None,
+                "approximate": self.approximate}
+
+    def activated_params(self) -> int:
+        """Parameters one token reads: shared, top_k routed experts, router, output bias."""
+        one = sum(p.numel() for p in self.experts[0].parameters())
+        rest = sum(p.numel() for p in self.parameters()) - one * self.n_experts
+        return rest + one * self.top_k
+
+
+def dense_parts(ffn: nn.Module) -> dict:
+    """The weights of a diffusers FeedForward with a GELU (net = [GELU with .proj, Dropout, Linear]) as
+    {w1 [N, dim], b1 [N] | None, w2 [dim, N], b2 [dim] | None, approximate}; ValueError for anything else."""
+    net = getattr(ffn, "net", None)
+    if type(ffn).__name__ != "FeedForward" or net is None or len(net) != 3:
+        raise ValueError(f"a {type(ffn).__name__}, not a diffusers FeedForward of [activation, dropout, linear]")
+    act, down = net[0], net[2]
+    up = getattr(act, "proj", None)
+    if type(act).__name__ != "GELU":
+        raise ValueError(f"its activation is {type(act).__name__}; the MoE split supports GELU FFNs")
+    if type(up) is not nn.Linear or type(down) is not nn.Linear:
+        raise ValueError(f"its linears are {type(up).__name__} / {type(down).__name__}, not plain nn.Linear "
+                         "(convert FFNs before passes that rewrite linears)")
+    if (up.bias is None) != (down.bias is None):
+        raise ValueError("one of its linears has a bias and the other none")
+    return {"w1": up.weight, "b1": up.bias, "w2": down.weight, "b2": down.bias,
+            "approximate": getattr(act, "approximate", "none")}
+
+
+@torch.no_grad()
+def moe_from_dense(ffn: nn.Module, shared: torch.Tensor, experts: list[torch.Tensor], top_k: int,
+                   router: tuple[torch.Tensor, torch.Tensor] | None = None) -> MoEFFN:
+    """An MoEFFN holding exactly the dense FFN's neurons: `shared` (neuron indices) and `experts` (one index tensor
+    per routed expert, equal lengths); `router` = (weight [E, dim], bias [E]) or a zero (uniform) router."""
+    d = dense_parts(ffn)
+    w1, b1, w2, b2 = d["w1"], d["b1"], d["w2"], d["b2"]
+    widths = {len(e) for e in experts}
+    if len(widths) != 1:
+        raise ValueError(f"routed experts must have equal widths, got {sorted(widths)}")
+    moe = MoEFFN(w1.shape[1], len(shared), widths.pop(), len(experts), top_k, bias=b1 is not None,
+                 approximate=d["approximate"], device=w1.device, dtype=w1.dtype)
+    for module, neurons in ([(moe.shared, shared)] if len(shared) else []) + list(zip(moe.experts, experts)):
+        neurons = torch.as_tensor(neurons, dtype=torch.long, device=w1.device)
+        module.up.weight.copy_(w1[neurons])
+        if b1 is not None:
+            module.up.bias.copy_(b1[neurons])
+        module.down.weight.copy_(w2[:, neurons])
+    if b2 is not None:
+        moe.bias.copy_(b2)
+    if router is not None:
+        moe.router.weight.copy_(router[0])
+        moe.router.bias.copy_(router[1])
+    return moe
