@@ -99,6 +99,11 @@ def block_error(model, store, name):
     return sum(normalized_l1(out[k], targets[k]).item() for k in ("hidden_states", "encoder_hidden_states"))
 
 
+BLOCKS = ("transformer_blocks.0", "transformer_blocks.1", "single_transformer_blocks.0")
+FFNS = ("transformer_blocks.0.ff", "transformer_blocks.0.ff_context", "transformer_blocks.1.ff",
+        "transformer_blocks.1.ff_context", "single_transformer_blocks.0.mlp")
+
+
 def test_least_squares_then_distillation_approach_the_teacher(store):
     lsq, dist = build(), build()
     s0 = dicompress.compress(lsq, [{"ppcl_width": {"distill": {"steps": 0}}}], calibration=store, **QUIET)
@@ -106,25 +111,44 @@ def test_least_squares_then_distillation_approach_the_teacher(store):
     for m in (lsq, dist):
         assert all(isinstance(b.ff, ResidualProjector) and isinstance(b.ff_context, ResidualProjector)
                    for b in m.transformer_blocks)
+        single = m.single_transformer_blocks[0]      # the projector folded into proj_mlp (identity) and proj_out
+        assert isinstance(single.act_mlp, torch.nn.Identity) and single.mlp_hidden_dim == 32
+        torch.testing.assert_close(single.proj_mlp.weight, torch.eye(32)) and single.proj_mlp.bias is None
     rep = s1.report["passes"][-1]
-    assert rep["ffns_replaced"] == 4 and rep["blocks"] == 2
+    assert rep["ffns_replaced"] == 5 and rep["blocks"] == 3
     assert rep["removed_params"] == sum(p.numel() for p in build().parameters()) - \
         sum(p.numel() for p in dist.parameters())
     assert 0 < rep["removed_fraction"] < 1 and rep["block_param_fraction"] == pytest.approx(1 - rep["removed_fraction"])
     rows = [r for r in s1.report["layers"] if r["method"] == "ppcl_width"]
-    assert {r["module"] for r in rows} == {f"transformer_blocks.{i}.{f}" for i in (0, 1) for f in ("ff", "ff_context")}
+    assert tuple(r["module"] for r in rows) == FFNS
     assert all(r["loss_last"] < r["loss_first"] and 0 < r["fit_rel_error"] < 1 for r in rows)
-    zero = build()                                     # the block without its FFNs at all: what a projector beats
+    # distillation trains the single block's MLP columns of proj_out only, never its attention columns
+    inner = 32
+    torch.testing.assert_close(dist.single_transformer_blocks[0].proj_out.weight[:, :inner],
+                               build().single_transformer_blocks[0].proj_out.weight[:, :inner], rtol=0, atol=0)
+    zero = build()                                     # the blocks without their FFNs at all: what a projector beats
     for b in zero.transformer_blocks:
         b.ff.net[2].weight.data.zero_(), b.ff.net[2].bias.data.zero_()
         b.ff_context.net[2].weight.data.zero_(), b.ff_context.net[2].bias.data.zero_()
-    for name in ("transformer_blocks.0", "transformer_blocks.1"):
+    zero.single_transformer_blocks[0].proj_out.weight.data[:, inner:] = 0
+    for name in BLOCKS:
         e0, e1, ez = (block_error(m, store, name) for m in (lsq, dist, zero))
         assert e1 < e0 < ez, (name, e1, e0, ez)
-    # the single block and everything outside the FFNs are untouched
-    torch.testing.assert_close(dist.single_transformer_blocks.state_dict(),
-                               build().single_transformer_blocks.state_dict())
     assert s0.report["passes"][-1]["removed_params"] == rep["removed_params"]
+
+
+def test_single_block_projector_is_x_plus_linear():
+    """The fold computes exactly x + W x + b where the MLP's output was (the attention columns untouched)."""
+    from dicompress.prune.projector import fold_single_projector
+    block = build().single_transformer_blocks[0]
+    x = torch.randn(2, 5, 32)
+    attn_part = torch.randn(2, 5, 32)                  # what the attention would give
+    w, b = torch.randn(32, 32) * 0.1, torch.randn(32)
+    ref_attn = attn_part @ block.proj_out.weight[:, :32].T + block.proj_out.bias
+    fold_single_projector(block, w, b)
+    with torch.no_grad():
+        out = block.proj_out(torch.cat([attn_part, block.act_mlp(block.proj_mlp(x))], dim=-1))
+    torch.testing.assert_close(out, ref_attn + x + x @ w.T + b, atol=1e-5, rtol=1e-5)
 
 
 def test_text_stream_false_and_include_keep(store):
@@ -145,6 +169,7 @@ LOAD = textwrap.dedent("""
     art, pipe_dir, out = sys.argv[1:4]
     t = FluxTransformer2DModel.from_pretrained(art)
     assert sum(isinstance(m, ResidualProjector) for m in t.modules()) == 4
+    assert all(isinstance(b.act_mlp, torch.nn.Identity) for b in t.single_transformer_blocks)
     kw = adapter_for(t).synthetic_inputs(t, 2, torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.save(t(**kw).sample, out)
@@ -172,14 +197,14 @@ def test_artifact_loads_in_a_fresh_process_runs_in_the_pipeline_and_unplugs(tiny
     assert run.returncode == 0 and "OK" in run.stdout, run.stderr[-3000:]
     assert torch.equal(torch.load(tmp_path / "o.pt"), ours)
     manifest = json.loads((art / "config.json").read_text())["quantization_config"]["manifest"]
-    assert [e["op"] for e in manifest] == ["ppcl_width"] * 4
+    assert [e["op"] for e in manifest] == ["ppcl_width"] * 6
     # every projector unplugged: the teacher, exactly; one kept: only that one is a projector
     restored = dicompress.load(art, plug_ffns=[])
     assert not any(isinstance(m, ResidualProjector) for m in restored.modules())
     assert torch.equal(predict(restored), teacher_out)
-    one = dicompress.load(art, plug_ffns=["transformer_blocks.0.ff"])
-    assert [type(m).__name__ for n, m in one.named_modules() if n.endswith(("ff", "ff_context"))] == \
-        ["ResidualProjector", "FeedForward", "FeedForward", "FeedForward"]
+    one = dicompress.load(art, plug_ffns=["transformer_blocks.0.ff", "single_transformer_blocks.1.mlp"])
+    assert [type(m).__name__ for n, m in one.named_modules() if n.endswith(("ff", "ff_context", "act_mlp"))] == \
+        ["ResidualProjector", "FeedForward", "FeedForward", "FeedForward", "GELU", "Identity"]
     assert torch.equal(predict(dicompress.load(art)), ours)
     with pytest.raises(ArtifactError, match="not projectors"):
         dicompress.load(art, plug_ffns=["transformer_blocks.0.attn"])
@@ -191,7 +216,7 @@ def test_without_teacher_ffns_unplugging_is_refused(store, tmp_path):
                                 calibration=store, **QUIET)
     art = dicompress.save(state, tmp_path / "a")
     assert not (art / "ppcl_width_ffns.safetensors").exists()
-    dicompress.load(art, plug_ffns=[f"transformer_blocks.{i}.{f}" for i in (0, 1) for f in ("ff", "ff_context")])
+    dicompress.load(art, plug_ffns=list(FFNS))
     with pytest.raises(ArtifactError, match="keep_teacher_ffns"):
         dicompress.load(art, plug_ffns=[])
 
@@ -224,11 +249,14 @@ def test_ppcl_width_then_w4a8_writes_one_artifact_that_loads(tiny_zoo_dir, tmp_p
     art = tmp_path / "w"
     manifest = json.loads((art / "config.json").read_text())["quantization_config"]["manifest"]
     ops = [(e["op"], e["module"]) for e in manifest]
-    assert ops[:4] == [("ppcl_width", f"transformer_blocks.{i}.{f}") for i in (0, 1) for f in ("ff", "ff_context")]
-    assert ("quantize", "transformer_blocks.0.ff.proj") in ops
+    assert ops[:6] == [("ppcl_width", f"transformer_blocks.{i}.{f}") for i in (0, 1) for f in ("ff", "ff_context")] \
+        + [("ppcl_width", f"single_transformer_blocks.{i}") for i in (0, 1)]
+    assert {("quantize", "transformer_blocks.0.ff.proj"), ("quantize", "single_transformer_blocks.0.proj_mlp"),
+            ("quantize", "single_transformer_blocks.0.proj_out")} <= set(ops)
     model = FluxTransformer2DModel.from_pretrained(art)
     assert isinstance(model.transformer_blocks[0].ff, ResidualProjector)
     assert isinstance(model.transformer_blocks[0].ff.proj, QuantLinear)
+    assert isinstance(model.single_transformer_blocks[0].proj_mlp, QuantLinear)
     with pytest.raises(ArtifactError, match="quantized or rewrote"):
         dicompress.load(art, plug_ffns=[])
     # an artifact of projectors is the next recipe's model; its projectors cannot be replaced again
@@ -251,13 +279,15 @@ def test_bad_inputs_before_any_work(store):
     assert ok[0].changes_structure and ok[0].needs_block_inputs
     model = build()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    for cfg, msg in [({"include": ["single_transformer_blocks.0"]}, "single_transformer_blocks.0 is a flux single"),
-                     ({"include": ["nothing.*"]}, "no block matches"),
-                     ({"keep": ["transformer_blocks.*"]}, "no block matches")]:
+    for cfg, msg in [({"include": ["nothing.*"]}, "no block matches"),
+                     ({"keep": ["*"]}, "no block matches")]:
         with pytest.raises(RecipeError, match=msg):
             dicompress.compress(model, [{"ppcl_width": cfg}], calibration=store, **QUIET)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    # an FFN that is not a diffusers FeedForward of plain linears
+    # an FFN that is not a diffusers FeedForward of plain linears; a single block whose MLP was already replaced
     model.transformer_blocks[0].ff = torch.nn.Sequential(torch.nn.Linear(32, 32))
-    with pytest.raises(RecipeError, match="not a diffusers FeedForward"):
+    with pytest.raises(RecipeError, match="transformer_blocks.0.ff: a Sequential, not a diffusers FeedForward"):
         dicompress.compress(model, [{"ppcl_width": {}}], calibration=store, **QUIET)
+    model.single_transformer_blocks[0].act_mlp = torch.nn.Identity()
+    with pytest.raises(RecipeError, match=r"single_transformer_blocks.0.mlp: act_mlp is Identity\(\)"):
+        dicompress.compress(model, [{"ppcl_width": {"include": ["single_*"]}}], calibration=store, **QUIET)

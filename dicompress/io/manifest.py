@@ -142,10 +142,14 @@ def _rebuild_width(model: nn.Module, entry: dict, device) -> None:
 @register_manifest_op("ppcl_width")
 def _rebuild_ppcl_width(model: nn.Module, entry: dict, device) -> None:
     """An FFN replaced by a residual projector x + Linear(x) (passes/ppcl_width.py); the entry describes the FFN
-    it replaced (dim, hidden, activation_fn, bias), which must be what the model has there."""
-    from ..prune.projector import ResidualProjector, ffn_spec
+    it replaced (dim, hidden, activation_fn, bias), which must be what the model has there. `ffn: mlp`: a FLUX
+    single block's MLP, folded into the block's proj_mlp / proj_out (`module` is the block)."""
+    from ..prune.projector import ResidualProjector, ffn_spec, rebuild_single_projector
     name = entry["module"]
     old = model.get_submodule(name)
+    if entry.get("ffn") == "mlp":
+        rebuild_single_projector(old, entry, device)
+        return
     spec = ffn_spec(old)        # ValueError: not the FFN the manifest says was replaced
     if spec["dim"] != entry["dim"] or spec["hidden"] != entry["hidden"]:
         raise ValueError(f"{name} is an FFN of width {spec['dim']} (hidden {spec['hidden']}), the manifest says "

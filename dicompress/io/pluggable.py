@@ -66,17 +66,23 @@ def ffn_entries(config: dict) -> list[dict]:
     return [e for e in config.get("quantization_config", {}).get("manifest", []) if e.get("op") == "ppcl_width"]
 
 
+def ffn_name(entry: dict) -> str:
+    """How `plug_ffns` names a projector: its FFN's path (a FLUX single block's MLP: "<block>.mlp")."""
+    return f"{entry['module']}.{entry['ffn']}" if entry.get("ffn") else entry["module"]
+
+
 def plug_ffns(model: nn.Module, artifact_dir: str | os.PathLike, config: dict, plug) -> nn.Module:
-    """Unplug every `ppcl_width` projector whose FFN path (e.g. "transformer_blocks.0.ff") is not in `plug`: the
-    teacher FFN it replaced comes back (stored by `ppcl_width` in ppcl_width_ffns.safetensors). In place."""
-    from ..prune.projector import ResidualProjector, teacher_ffn
+    """Unplug every `ppcl_width` projector whose FFN name (e.g. "transformer_blocks.0.ff",
+    "single_transformer_blocks.0.mlp") is not in `plug`: the teacher FFN it replaced comes back (stored by
+    `ppcl_width` in ppcl_width_ffns.safetensors). In place; returns `model`."""
+    from ..prune.projector import ResidualProjector, restore_single_mlp, teacher_ffn
     entries = ffn_entries(config)
-    known = [e["module"] for e in entries]
+    known = [ffn_name(e) for e in entries]
     plug = set(plug)
     if plug - set(known):
         raise ArtifactError(f"plug_ffns names {sorted(plug - set(known))}, which are not projectors of this artifact",
                             hint=f"its projectors: {known}")
-    unplug = [e for e in entries if e["module"] not in plug]
+    unplug = [e for e in entries if ffn_name(e) not in plug]
     if not unplug:
         return model
     path = Path(artifact_dir) / FFNS_NAME
@@ -85,18 +91,23 @@ def plug_ffns(model: nn.Module, artifact_dir: str | os.PathLike, config: dict, p
                             hint="it was written with keep_teacher_ffns: false; load it with every projector plugged")
     weights = load_file(str(path))
     for e in unplug:
-        name = e["module"]
-        proj = model.get_submodule(name)
-        if not isinstance(proj, ResidualProjector) or type(proj.proj) is not nn.Linear:
-            raise ArtifactError(f"{name}: the projector is a {type(proj).__name__} over a "
-                                f"{type(getattr(proj, 'proj', proj)).__name__}, no longer the plain projector "
-                                "ppcl_width wrote (a later pass quantized or rewrote it); the teacher FFN would not "
-                                "match the rest of the model", hint="load this artifact with every projector plugged")
-        prefix = name + "."
-        ffn = teacher_ffn(e, dtype=proj.proj.weight.dtype)
+        name, prefix = ffn_name(e), e["module"] + "."
+        stored = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        module = model.get_submodule(e["module"])
         try:
-            ffn.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}, strict=True)
+            if e.get("ffn"):
+                restore_single_mlp(module, e, stored)
+                continue
+            if not isinstance(module, ResidualProjector) or type(module.proj) is not nn.Linear:
+                raise ValueError(f"the projector is a {type(module).__name__} over a "
+                                 f"{type(getattr(module, 'proj', module)).__name__}, no longer the plain projector "
+                                 "ppcl_width wrote (a later pass quantized or rewrote it)")
+            ffn = teacher_ffn(e, dtype=module.proj.weight.dtype)
+            ffn.load_state_dict(stored, strict=True)
+            set_module(model, e["module"], ffn.to(module.proj.weight.device))
+        except ValueError as err:
+            raise ArtifactError(f"{name}: {err}; the teacher FFN would not match the rest of the model",
+                                hint="load this artifact with every projector plugged") from None
         except RuntimeError as err:
             raise ArtifactError(f"{name}: the stored teacher FFN does not fit the manifest's shape: {err}") from None
-        set_module(model, name, ffn.to(proj.proj.weight.device))
     return model

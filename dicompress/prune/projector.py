@@ -117,3 +117,69 @@ def teacher_ffn(spec: dict, device=None, dtype=None) -> nn.Module:
     ffn = FeedForward(spec["dim"], dim_out=spec["dim"], inner_dim=spec["hidden"], activation_fn=spec["activation_fn"],
                       bias=spec["bias"])
     return ffn.to(device=device, dtype=dtype)
+
+
+# -- FLUX single blocks: the MLP has no module of its own ------------------------------------------------------
+# proj_out reads [attention output | GELU(proj_mlp(x))]. Its projector x + W x + b becomes proj_mlp = identity
+# (dim x dim, no bias), act_mlp = Identity, proj_out's MLP columns = I + W, b added to proj_out's bias. proj_mlp
+# stays a plain linear reading the normalised x beside to_q/k/v, so smoothing's fold into the norm and a rotation
+# of its input stay exact (and an identity row quantizes exactly per channel); the residual lives in I + W.
+
+def single_mlp_spec(block: nn.Module) -> dict:
+    """The single block's MLP as the manifest describes it; ValueError if it is not the stock one."""
+    up, act, down = getattr(block, "proj_mlp", None), getattr(block, "act_mlp", None), getattr(block, "proj_out", None)
+    if type(up) is not nn.Linear or type(down) is not nn.Linear:
+        raise ValueError(f"proj_mlp / proj_out are {type(up).__name__} / {type(down).__name__}, not plain nn.Linear "
+                         "(replace FFNs before passes that rewrite linears)")
+    if type(act) is not nn.GELU or act.approximate != "tanh":
+        raise ValueError(f"act_mlp is {act!r}, not the stock GELU(approximate='tanh') (already replaced?)")
+    inner = down.in_features - up.out_features
+    if up.in_features != down.out_features or inner <= 0:
+        raise ValueError(f"proj_mlp {up.in_features}->{up.out_features} and proj_out {down.in_features}->"
+                         f"{down.out_features} are not a single block's [attention | MLP] layout")
+    return {"dim": up.in_features, "hidden": up.out_features, "inner": inner, "activation_fn": "gelu-approximate",
+            "bias": True}
+
+
+def _single_shapes(block: nn.Module, dim: int, inner: int, hidden: int | None, device, dtype) -> None:
+    """Give the block an MLP of `hidden` neurons (None: the projector's dim-wide identity path), uninitialised."""
+    width = dim if hidden is None else hidden
+    block.proj_mlp = nn.Linear(dim, width, bias=hidden is not None, device=device, dtype=dtype)
+    block.act_mlp = nn.Identity() if hidden is None else nn.GELU(approximate="tanh")
+    block.proj_out = nn.Linear(inner + width, dim, device=device, dtype=dtype)
+    block.proj_out._tp_packed_row_blocks = [inner, width]    # diffusers' tensor-parallel plan reads it
+    block.mlp_hidden_dim = width
+
+
+@torch.no_grad()
+def fold_single_projector(block: nn.Module, w: torch.Tensor, b: torch.Tensor) -> None:
+    """Replace the single block's MLP, in place, by the projector x + W x + b (see above)."""
+    spec = single_mlp_spec(block)
+    dim, inner = spec["dim"], spec["inner"]
+    old = block.proj_out
+    _single_shapes(block, dim, inner, None, old.weight.device, old.weight.dtype)
+    block.proj_mlp.weight.copy_(torch.eye(dim))
+    new = block.proj_out
+    new.weight[:, :inner].copy_(old.weight[:, :inner])
+    new.weight[:, inner:].copy_(torch.eye(dim, dtype=torch.float64) + w.to(torch.float64))
+    new.bias.copy_(old.bias.to(torch.float64) + b.to(torch.float64))
+
+
+def rebuild_single_projector(block: nn.Module, entry: dict, device) -> None:
+    """Manifest op ppcl_width on a single block: the projector's shapes (weights are read afterwards)."""
+    spec = single_mlp_spec(block)
+    if (spec["dim"], spec["hidden"], spec["inner"]) != (entry["dim"], entry["hidden"], entry["inner"]):
+        raise ValueError(f"the block's MLP is {spec}, the manifest says {entry}")
+    _single_shapes(block, spec["dim"], spec["inner"], None, device, block.proj_out.weight.dtype)
+
+
+def restore_single_mlp(block: nn.Module, entry: dict, weights: dict) -> None:
+    """Unplug: the teacher's proj_mlp, GELU and proj_out back (`weights`: their state, keys relative to the
+    block). ValueError when the block no longer holds the projector ppcl_width wrote."""
+    up, down = block.proj_mlp, block.proj_out
+    if type(up) is not nn.Linear or type(down) is not nn.Linear or not isinstance(block.act_mlp, nn.Identity):
+        raise ValueError(f"proj_mlp / proj_out are {type(up).__name__} / {type(down).__name__}: no longer the plain "
+                         "projector ppcl_width wrote (a later pass quantized or rewrote it)")
+    _single_shapes(block, entry["dim"], entry["inner"], entry["hidden"], down.weight.device, down.weight.dtype)
+    block.proj_mlp.load_state_dict({k[9:]: v for k, v in weights.items() if k.startswith("proj_mlp.")})
+    block.proj_out.load_state_dict({k[9:]: v for k, v in weights.items() if k.startswith("proj_out.")})
