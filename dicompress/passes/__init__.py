@@ -4,6 +4,7 @@ from . import act_quant, ars, rtn, smooth, tlq  # noqa: E402,F401  (register on 
 from . import depth_analysis  # noqa: F401  (register on import)
 from . import amber_depth, distill, hybrid_stream, ppcl_depth  # noqa: E402,F401  (register on import)
 from . import width_prune  # noqa: E402,F401  (register on import)
+from . import mask_prune  # noqa: E402,F401  (register on import)
 from . import ppcl_width  # noqa: E402,F401  (register on import)
 from . import dense2moe  # noqa: E402,F401  (register on import)
 from .act_quant import ActQuant  # noqa: E402
