@@ -242,7 +242,7 @@ def _recipe(tmp_path, model_dir, passes, name, **extra):
 
 def test_ppcl_width_then_w4a8_writes_one_artifact_that_loads(tiny_zoo_dir, tmp_path):
     from dicompress.nn.qlinear import QuantLinear
-    passes = [{"ppcl_width": {"distill": {**FAST, "steps": 3}}}, {"smooth": {"alpha": 0.5}},
+    passes = [{"ppcl_width": {"distill": {**FAST, "steps": 3}}}, {"smooth": {"alpha": 0.5}}, {"ars": {}},
               {"tlq": {"bits": 4, "granularity": "channel"}}, {"act_quant": {"bits": 8}}]
     report = dicompress.run(_recipe(tmp_path, tiny_zoo_dir, passes, "w"), progress=False, echo=lambda *a, **k: None)
     assert all(p["bit_exact"] for p in report["load_check"]["probes"])
@@ -257,6 +257,11 @@ def test_ppcl_width_then_w4a8_writes_one_artifact_that_loads(tiny_zoo_dir, tmp_p
     assert isinstance(model.transformer_blocks[0].ff, ResidualProjector)
     assert isinstance(model.transformer_blocks[0].ff.proj, QuantLinear)
     assert isinstance(model.single_transformer_blocks[0].proj_mlp, QuantLinear)
+    # the projectors were smoothed and rotated like any linear; the single block's identity proj_mlp shares the
+    # smoothing fold into the norm with to_q/k/v (exact: the load check above is bit for bit)
+    rows = {r["module"]: r for r in report["layers"] if "tlq" in r.get("method", "")}
+    assert all(rows[m]["transform"] for m in ("transformer_blocks.0.ff.proj", "single_transformer_blocks.0.proj_out"))
+    assert rows["single_transformer_blocks.0.proj_mlp"]["smoothing"].startswith("fold:norm")
     with pytest.raises(ArtifactError, match="quantized or rewrote"):
         dicompress.load(art, plug_ffns=[])
     # an artifact of projectors is the next recipe's model; its projectors cannot be replaced again
