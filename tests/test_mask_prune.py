@@ -19,7 +19,7 @@ from dicompress.errors import CalibrationError, RecipeError
 from dicompress.models import load_transformer, resolve_model
 from dicompress.passes import PASSES
 from dicompress.prune.masks import (MaskSet, deterministic_gate, hard_concrete, prob_nonzero, uniform_noise)
-from dicompress.prune.trajectory import (Trajectories, check_replay, checkpointed_grad, full_grad,
+from dicompress.prune.trajectory import (Trajectories, activation_peaks, check_replay, checkpointed_grad, full_grad,
                                          model_velocity, peak_memory_by_steps, replay_error, trajectories_from_rows)
 from dicompress.prune.width import BlockKeep, layout_for, prune_width
 from dicompress.recipe import CalibrationConfig, build_passes
@@ -155,6 +155,11 @@ def test_replaying_the_teacher_reproduces_the_captured_rows(zoo_store):
         check_replay(model, traj, type(mi)(bad, mi.per_sample))
     with pytest.raises(CalibrationError, match="synthetic"):
         trajectories_from_rows(mi, {"source": "synthetic"})
+    # the benchmark's meter on these trajectories (mask training as the pass does it); parameters left as found
+    before = [p.requires_grad for p in model.parameters()]
+    mem = peak_memory_by_steps(model, adapter_for(model), mi, steps=(2, 4))
+    assert mem["checkpointed"][2] == mem["checkpointed"][4] < mem["plain"][2] < mem["plain"][4]
+    assert [p.requires_grad for p in model.parameters()] == before
 
 
 def _synthetic_traj(model, samples=2, steps=4):
@@ -216,7 +221,7 @@ def test_checkpointed_activation_memory_is_flat_in_the_steps():
                 masks.gates = masks.sampled(u)
                 return v0(z, s)
             return vel
-        mem = peak_memory_by_steps(model, make, traj, idx, list(masks.log_alpha), steps=(4, 8, 16, 32))
+        mem = activation_peaks(model, make, traj, idx, list(masks.log_alpha), steps=(4, 8, 16, 32))
     ck, plain = mem["checkpointed"], mem["plain"]
     assert max(ck.values()) <= 1.1 * min(ck.values()), ck          # flat within 10%
     assert plain[32] > 6 * plain[4] and plain[8] > 1.5 * plain[4], plain   # grows with T

@@ -249,8 +249,8 @@ class SavedTensorMeter:
             yield self
 
 
-def peak_memory_by_steps(model, make_velocity: Callable[[], Velocity], traj: Trajectories, idx: torch.Tensor,
-                         params: Sequence[torch.Tensor], steps: Sequence[int] = (4, 8, 16, 32)) -> dict:
+def activation_peaks(model, make_velocity: Callable[[], Velocity], traj: Trajectories, idx: torch.Tensor,
+                     params: Sequence[torch.Tensor], steps: Sequence[int] = (4, 8, 16, 32)) -> dict:
     """{"checkpointed": {T: bytes}, "plain": {T: bytes}}: peak activation memory (`SavedTensorMeter`) of one
     trajectory gradient at each T, the final latent's mean square as the loss. `make_velocity()` gives the
     (masked) velocity of samples `idx`."""
@@ -266,3 +266,35 @@ def peak_memory_by_steps(model, make_velocity: Callable[[], Velocity], traj: Tra
                    lambda z: z.square().mean(), params)
             out[name][int(t)] = meter.peak
     return out
+
+
+def peak_memory_by_steps(model, adapter, model_inputs, steps: Sequence[int] = (4, 8, 16, 32), samples: int = 1,
+                         seed: int = 0) -> dict:
+    """`activation_peaks` of mask training as `mask_prune` does it: a mask on every head and FFN neuron of every
+    block (log_alpha at its initial value, one hard-concrete draw), the first `samples` captured trajectories put
+    on uniform schedules of T steps; the mask logits' gradient, checkpointed and plain. Bytes of saved tensors
+    (not RSS): deterministic on CPU, the same count a GPU allocator would hold for them."""
+    from .masks import MaskSet
+    from .width import layout_for
+    refs = adapter.blocks(model)
+    masks = MaskSet(model, adapter, refs, True, {r.name: tuple(f.key for f in layout_for(adapter, r.stream).ffns)
+                                                 for r in refs})
+    traj = trajectories_from_rows(model_inputs)
+    idx = torch.arange(min(samples, traj.samples))
+    u = masks.noise(torch.Generator().manual_seed(seed))
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        with masks.applied(model):
+            def make():
+                v0 = model_velocity(model, traj, idx)
+
+                def vel(z, sigma):
+                    masks.gates = masks.sampled(u)
+                    return v0(z, sigma)
+                return vel
+            return activation_peaks(model, make, traj, idx, list(masks.log_alpha), steps)
+    finally:
+        for p, w in frozen:
+            p.requires_grad_(w)
