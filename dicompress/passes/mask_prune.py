@@ -107,36 +107,23 @@ class MaskPrune(WidthPass):
 
     # -- training -----------------------------------------------------------------------------------------
     def _targets(self, model, traj, inputs) -> torch.Tensor:
-        """trajectory: the teacher's final latents (its last captured row, one Euler step on); onestep: the
-        teacher's velocity at every captured row."""
+        """trajectory: the teacher's final latents [S, ...] (its last captured row, one Euler step on); onestep:
+        the teacher's velocity at every captured row [S, T, ...]."""
         p = next(model.parameters())
-        out = []
+        onestep = self.config.loss == "onestep"
+        z_at = lambda idx, step: inputs["hidden_states"][traj.rows[idx, step]].to(p.device, p.dtype)  # noqa: E731
+        out = torch.empty((traj.samples,) + ((traj.steps,) if onestep else ()) + tuple(traj.z0.shape[1:]))
         with torch.no_grad():
             for i in range(0, traj.samples, self.config.batch):
                 idx = torch.arange(i, min(i + self.config.batch, traj.samples))
                 vel = model_velocity(model, traj, idx)
-                if self.config.loss == "trajectory":
-                    last = traj.rows[idx, -1]
-                    z = inputs["hidden_states"][last].to(p.device, p.dtype)
-                    sig = traj.sigmas[idx].to(p.device)
-                    out.append(euler_step(vel, z, sig, traj.steps - 1).float().cpu())
-                else:
+                sig = traj.sigmas[idx].to(p.device)
+                if onestep:
                     for step in range(traj.steps):
-                        rows = traj.rows[idx, step]
-                        z = inputs["hidden_states"][rows].to(p.device, p.dtype)
-                        out.append(vel(z, traj.sigmas[idx, step].to(p.device, p.dtype)).float().cpu())
-        if self.config.loss == "trajectory":
-            return torch.cat(out)
-        # [S, T, ...]: chunks above are (batch of samples) x step
-        S, T = traj.samples, traj.steps
-        v = torch.empty(S, T, *out[0].shape[1:])
-        k = 0
-        for i in range(0, S, self.config.batch):
-            n = min(self.config.batch, S - i)
-            for step in range(T):
-                v[i:i + n, step] = out[k]
-                k += 1
-        return v
+                        out[idx, step] = vel(z_at(idx, step), sig[:, step].to(p.dtype)).float().cpu()
+                else:
+                    out[idx] = euler_step(vel, z_at(idx, traj.steps - 1), sig, traj.steps - 1).float().cpu()
+        return out
 
     def _train(self, state, masks: MaskSet, traj, inputs) -> list[tuple[float, float]]:
         c, model = self.config, state.model
