@@ -13,9 +13,9 @@ dense FFN exactly (up to summation order). The dense down-projection's bias is `
 
 Execution groups tokens by expert: the (token, expert) assignments are sorted by expert, each expert gathers its
 tokens (index_select), runs one matmul pair over them, scales by the gate and scatters back (index_add). No loop
-over tokens; one Python iteration per expert. Each forward leaves `aux_loss` (the Switch load-balancing loss
-E * sum_i f_i P_i: f_i the fraction of assignments to expert i, P_i its mean router probability) and, while
-`track_load` is set, adds each expert's assignment count to `load`.
+over tokens; one Python iteration per expert. Each forward with gradients enabled leaves `aux_loss` (the Switch
+load-balancing loss E * sum_i f_i P_i: f_i the fraction of assignments to expert i, P_i its mean router
+probability) and, while `track_load` is set, adds each expert's assignment count to `load`.
 """
 from __future__ import annotations
 
@@ -115,7 +115,8 @@ class MoEFFN(nn.Module):
             expert = self.experts[e]
             h = expert.hidden(x.index_select(0, t)) * gate[s:s + n, None]
             out = out.index_add(0, t, expert.down(h))
-        self.aux_loss = switch_balance_loss(probs, counts)
+        # only while training: a stored graph would hold memory and make the module impossible to deepcopy
+        self.aux_loss = switch_balance_loss(probs, counts) if torch.is_grad_enabled() else None
         if self.track_load:
             self.load += counts.detach().cpu()
         return out.reshape(shape)

@@ -167,6 +167,8 @@ class Dense2MoE(Pass):
         _realign_cpu_tensors(model)
         e2e = self._end_to_end(state)
         moes = [m for m in model.modules() if isinstance(m, MoEFFN)]
+        for m in moes:
+            m.aux_loss = None          # the last training step's graph
         idle = sum(sum(p.numel() for p in m.parameters()) - m.activated_params() for m in moes)
         conv_dense = sum(r["params_dense"] for r in rows)
         conv_active = sum(r["params_activated"] for r in rows)

@@ -1,0 +1,223 @@
+"""Dense2MoE benchmark: the MoE FFN's CPU time against the dense FFN's at FLUX width, and the pass's quality on the
+embedded model against its baselines.
+
+    python tools/bench_moe.py --out bench/moe.json                 # both; also writes bench/moe.md
+    python tools/bench_moe.py --out bench/moe.json --skip-quality  # kernel rows only
+
+`ffn_kernel` rows: a diffusers FeedForward 3072 -> 12288 -> 3072 (GELU tanh, fp32) against the MoEFFN of the same
+neurons split into 8 equal slices of 1536: the shared expert (1 slice) + 7 routed experts, top-2, so every token
+runs 3 of 8 slices (0.375 of the FFN's parameters, plus a 7 x 3072 router). Batch 1 at --tokens tokens; the router
+has random weights (near-uniform load, reported). dense_ms / moe_ms: medians of --repeats forwards, the two timed
+back to back in each round; speedup = dense_ms / moe_ms (the issue's target: moe <= 0.5x dense, speedup >= 2).
+
+Quality rows on zoo:tiny-flux-digits (the 4 dual-stream blocks' ff and ff_context; FLUX single blocks' MLPs stay
+dense, see the dense2moe pass), every method with the same split shape (--experts, --top-k, --shared-fraction):
+  dense2moe          importance partition, router fit, per-block distillation with the balance loss
+  dense2moe_cluster  co-activation clustering partition, same distillation
+  naive_split        the same experts and router as dense2moe, no distillation
+  random_partition   a random neuron partition (shared included), same router fit and distillation
+Columns: activated FFN parameter fraction (converted FFNs, and all of the model's FFNs), activated parameter
+fraction, class accuracy and Frechet distance of classifier features (student and teacher, same samples), PSNR
+vs the teacher's samples, latency_ratio (student / teacher CPU time per sampling step, this run), distill_seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import dicompress
+from dicompress.moe import moe_from_dense
+
+ROOT = Path(__file__).resolve().parents[1]
+CALIBRATION = ROOT / "calibration/digits_10x8.yaml"
+METHODS = ("dense2moe", "dense2moe_cluster", "naive_split", "random_partition")
+
+
+def _ms(fn, x) -> float:
+    t = time.perf_counter()
+    fn(x)
+    return (time.perf_counter() - t) * 1e3
+
+
+@torch.no_grad()
+def kernel_rows(tokens: list[int], repeats: int, dim: int = 3072, hidden: int = 12288, slices: int = 8,
+                top_k: int = 2) -> list[dict]:
+    from diffusers.models.attention import FeedForward
+    torch.manual_seed(0)
+    dense = FeedForward(dim, dim_out=dim, inner_dim=hidden, activation_fn="gelu-approximate").eval()
+    width = hidden // slices
+    g = torch.Generator().manual_seed(0)
+    router = (torch.randn(slices - 1, dim, generator=g) / dim ** 0.5, torch.zeros(slices - 1))
+    moe = moe_from_dense(dense, torch.arange(width), [torch.arange(width * (i + 1), width * (i + 2))
+                                                      for i in range(slices - 1)], top_k, router=router).eval()
+    rows = []
+    for n in tokens:
+        x = torch.randn(1, n, dim, generator=g)
+        for _ in range(2):                                   # warm-up (allocator, GEMM dispatch)
+            dense(x), moe(x)
+        d, m = [], []
+        for _ in range(repeats):                             # back to back: a slow spell hits both sides
+            d.append(_ms(dense, x))
+            m.append(_ms(moe, x))
+        moe.load.zero_()
+        moe.track_load = True
+        moe(x)
+        moe.track_load = False
+        load = (moe.load.double() / moe.load.sum()).tolist()
+        rows.append({"kind": "ffn_kernel", "dim": dim, "hidden": hidden, "shared": width,
+                     "experts": f"{slices - 1}x{width}", "top_k": top_k, "tokens": n, "batch": 1,
+                     "activated_ffn_param_fraction": round(moe.activated_params() /
+                                                           sum(p.numel() for p in dense.parameters()), 4),
+                     "dense_ms": round(statistics.median(d), 1), "moe_ms": round(statistics.median(m), 1),
+                     "speedup": round(statistics.median(d) / statistics.median(m), 3),
+                     "moe_over_dense": round(statistics.median(m) / statistics.median(d), 3),
+                     "load": [round(v, 3) for v in load]})
+        print(f"ffn_kernel {n} tokens: dense {rows[-1]['dense_ms']} ms, moe {rows[-1]['moe_ms']} ms, "
+              f"speedup {rows[-1]['speedup']}x", flush=True)
+    return rows
+
+
+def moe_passes(method: str, args) -> list[dict]:
+    shape = {"experts": args.experts, "top_k": args.top_k, "shared_fraction": args.shared_fraction,
+             "seed": args.seed, "balance_weight": args.balance_weight}
+    distill = {"steps": args.distill_steps, "lr": args.distill_lr, "batch_size": args.batch_size,
+               "checkpoint_every": 0}
+    part = {"dense2moe": "importance", "dense2moe_cluster": "cluster", "naive_split": "importance",
+            "random_partition": "random"}[method]
+    if method == "naive_split":
+        distill = {"steps": 0}
+    return [{"dense2moe": {**shape, "partition": part, "distill": distill}}]
+
+
+def quality_rows(args) -> tuple[list[dict], dict]:
+    import yaml
+    from dicompress.arch import adapter_for
+    from dicompress.calib import capture
+    from dicompress.eval import evaluate_digits
+    from dicompress.eval.latency import latency_ratio
+    from dicompress.models import load_transformer, resolve_model
+    from dicompress.recipe import CalibrationConfig
+    from dicompress.zoo import load_conditioning
+
+    info = resolve_model(args.model)
+    teacher = load_transformer(info)
+    cond = load_conditioning(info.path)
+    common = {"samples_per_class": args.samples_per_class, "progress": False}
+    base, images = evaluate_digits(teacher, teacher, info.path, **common)
+    cfg = CalibrationConfig(**yaml.safe_load(Path(args.calibration).read_text()))
+    root = Path(tempfile.mkdtemp(prefix="dicompress-bench-moe-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    store = capture(teacher, adapter_for(teacher), cfg, {"name": info.name, "path": info.path}, root,
+                    block_inputs=True, progress=False)
+    rows = []
+    for method in args.methods:
+        student = load_transformer(info)
+        t = time.perf_counter()
+        state = dicompress.compress(student, moe_passes(method, args), calibration=store, progress=False)
+        secs = time.perf_counter() - t
+        rep = state.report["passes"][-1]
+        m, _ = evaluate_digits(student, teacher, info.path, teacher_samples=images["teacher"], **common)
+        row = {"kind": "quality", "method": method,
+               **{k: rep[k] for k in ("activated_ffn_param_fraction", "activated_ffn_param_fraction_model",
+                                      "activated_param_fraction", "oracle_topk_coverage", "router_topk_coverage",
+                                      "router_recall", "load_max_over_mean")},
+               "skipped_block_fraction": 0.0,
+               "class_acc": m["class_acc"], "class_acc_teacher": base["class_acc_teacher"],
+               "frechet": round(m["frechet"], 4), "frechet_teacher": round(base["frechet_teacher"], 4),
+               "psnr_db": round(m["psnr_db"], 3), "latency_ratio": round(latency_ratio(student, teacher, cond), 4),
+               "distill_seconds": round(secs, 1), "distill_loss": rep.get("distill_loss")}
+        rows.append(row)
+        print(f"{method:18s} ffn {row['activated_ffn_param_fraction']:.3f} "
+              f"(model {row['activated_ffn_param_fraction_model']:.3f})  acc {row['class_acc']:.3f} "
+              f"({row['class_acc_teacher']:.3f})  frechet {row['frechet']:.2f} "
+              f"({row['frechet_teacher']:.2f})  psnr {row['psnr_db']:.2f}  latency {row['latency_ratio']:.3f}x  "
+              f"{secs:.0f} s", flush=True)
+        Path(args.out).with_suffix(".partial.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    settings = {"model": args.model, "calibration": str(Path(args.calibration).resolve().relative_to(ROOT))
+                if Path(args.calibration).resolve().is_relative_to(ROOT) else args.calibration,
+                "calibration_rows": int(store.model_inputs()["hidden_states"].shape[0]),
+                "experts": args.experts, "top_k": args.top_k, "shared_fraction": args.shared_fraction,
+                "balance_weight": args.balance_weight, "distill_steps": args.distill_steps,
+                "distill_lr": args.distill_lr, "batch_size": args.batch_size,
+                "samples_per_class": args.samples_per_class}
+    return rows, settings
+
+
+def markdown(res: dict) -> str:
+    lines = []
+    kern = [r for r in res["rows"] if r["kind"] == "ffn_kernel"]
+    if kern:
+        lines += ["| FFN (batch 1) | tokens | activated FFN params | dense ms | MoE ms | MoE / dense | speedup |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in kern:
+            lines.append(f"| {r['dim']} -> {r['hidden']}, shared {r['shared']} + top-{r['top_k']} of {r['experts']} "
+                         f"| {r['tokens']} | {r['activated_ffn_param_fraction']:.3f} | {r['dense_ms']:.1f} | "
+                         f"{r['moe_ms']:.1f} | {r['moe_over_dense']:.3f} | {r['speedup']:.2f}x |")
+    qual = [r for r in res["rows"] if r["kind"] == "quality"]
+    if qual:
+        lines += ["", "| method | activated FFN params (converted / all FFNs) | activated params | router top-k "
+                      "coverage (oracle) | class acc (teacher) | Frechet (teacher) | PSNR dB | latency vs teacher | "
+                      "seconds |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in qual:
+            lines.append(f"| {r['method']} | {r['activated_ffn_param_fraction']:.3f} / "
+                         f"{r['activated_ffn_param_fraction_model']:.3f} | {r['activated_param_fraction']:.3f} | "
+                         f"{r['router_topk_coverage']:.3f} ({r['oracle_topk_coverage']:.3f}) | {r['class_acc']:.3f} "
+                         f"({r['class_acc_teacher']:.3f}) | {r['frechet']:.2f} ({r['frechet_teacher']:.2f}) | "
+                         f"{r['psnr_db']:.2f} | {r['latency_ratio']:.3f}x | {r['distill_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench/moe.json")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--skip-kernel", action="store_true")
+    ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--model", default="zoo:tiny-flux-digits")
+    ap.add_argument("--calibration", default=str(CALIBRATION))
+    ap.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
+    ap.add_argument("--experts", type=int, default=7)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--shared-fraction", type=float, default=0.125)
+    ap.add_argument("--balance-weight", type=float, default=0.01)
+    ap.add_argument("--distill-steps", type=int, default=300)
+    ap.add_argument("--distill-lr", type=float, default=1e-4)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--samples-per-class", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    rows, settings = [], {}
+    if not args.skip_kernel:
+        rows += kernel_rows(args.tokens, args.repeats)
+    if not args.skip_quality:
+        q, settings = quality_rows(args)
+        rows += q
+    res = {"rows": rows, "settings": settings, "command": "python " + " ".join(sys.argv),
+           "seconds": round(time.perf_counter() - t0, 1),
+           "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                       "threads": torch.get_num_threads(), "torch": torch.__version__,
+                       "dicompress": dicompress.__version__}}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(res))
+    out.with_suffix(".partial.json").unlink(missing_ok=True)
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
