@@ -350,3 +350,18 @@ def test_bad_inputs_before_any_work(store, tiny_zoo_dir, tmp_path):
     with pytest.raises(RecipeError, match=r"passes\[0\].dense2moe.experts"):
         dicompress.run(path, progress=False, echo=lambda *a, **k: None)
     assert not (tmp_path / "bad").exists() and not list(cache.rglob("meta.json"))
+
+
+def test_taylor_scores_and_token_sample(store):
+    """A neuron the block's output never reads (its down column zero) scores 0; the token sample is bounded."""
+    from dicompress.moe.calibrate import ffn_statistics
+    model = build()
+    block = model.transformer_blocks[0]
+    with torch.no_grad():
+        block.ff.net[2].weight[:, 5] = 0
+    stats = ffn_statistics(block, adapter_for(model), store.iter_block_inputs("transformer_blocks.0"),
+                           ["ff", "ff_context"], probes=2, tokens=100)
+    s = stats["ff"]["scores"]
+    assert s.shape == (128,) and s[5] == 0 and (s[torch.arange(128) != 5] > 0).all()
+    assert stats["ff"]["inputs"].shape == (100, 32) and stats["ff_context"]["scores"].gt(0).all()
+    assert all(p.grad is None for p in model.parameters())          # only the activations' gradients
