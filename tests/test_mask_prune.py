@@ -305,7 +305,7 @@ def test_bad_config_and_order_before_any_work():
 
 
 @pytest.mark.parametrize("cfg,match", [
-    ({"ratio": 0.6, "ffn": False}, r"mask_prune.ratio.*at least one head must stay"),      # heads only
+    ({"ratio": 0.6, "heads": True, "ffn": False}, r"mask_prune.ratio.*at least one head must stay"),   # heads only
     ({"ratio": 0.95, "heads": False}, r"mask_prune.ratio.*at least one neuron"),          # above what FFNs hold
     ({"ratio": 0.9, "heads": False, "allocation": "global"}, r"mask_prune.ratio.*only"),
 ])

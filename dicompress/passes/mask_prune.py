@@ -33,12 +33,18 @@ from .width_prune import WidthBudgetConfig, WidthPass
 
 
 class MaskPruneConfig(WidthBudgetConfig):
+    heads: bool = Field(False, description="mask and prune attention heads too (embedded model, 20%, heads and FFN "
+                                           "neurons competing globally: 5 heads removed, Frechet 27.0 vs 20.8 for "
+                                           "FFN neurons alone)")
     loss: Literal["trajectory", "onestep"] = Field(
         "trajectory", description="trajectory: the final latent of the whole sampling trajectory vs the unpruned "
                                   "model's (EcoDiff) | onestep: the velocity at each captured row of the teacher's "
                                   "trajectories vs the teacher's (the baseline without the trajectory loss)")
-    beta: float = Field(0.01, ge=0, description="weight of the L0 term (expected kept fraction of the selected "
-                                                "blocks' parameters) against the relative squared error")
+    beta: float = Field(1.0, ge=0, description="weight of the L0 term (expected kept fraction of the selected "
+                                               "blocks' parameters) against the relative squared error. EcoDiff's "
+                                               "0.01 is for its own loss scale: here it left the masks where they "
+                                               "start (embedded model, 60 steps: expected kept 0.996, Frechet 44.3 "
+                                               "at 20%); 1 gave 20.8, 10 gave 25.0")
     steps: int = Field(60, ge=1, description="optimisation steps")
     lr: float = Field(0.1, gt=0, description="Adam learning rate of the mask logits (log_alpha)")
     batch: int = Field(4, ge=1, description="trajectories per step (onestep: their rows, all sampling steps)")
