@@ -31,7 +31,8 @@ class ResidualProjector(nn.Module):
 
 
 class NormalEquations:
-    """Running sums of [A, 1]^T [A, 1] and [A, 1]^T (B - A) in fp64, over batches of rows."""
+    """Running sums of [A, 1]^T [A, 1] and [A, 1]^T (B - A) in fp64, over batches of rows (on the device of the
+    first rows added: a GPU model's features are summed where they are)."""
 
     def __init__(self, dim: int):
         self.gram = torch.zeros(dim + 1, dim + 1, dtype=torch.float64)
@@ -46,6 +47,8 @@ class NormalEquations:
         if a.shape != b.shape:
             raise ValueError(f"inputs {tuple(a.shape)} and outputs {tuple(b.shape)} differ: a residual projector "
                              "maps a width onto itself")
+        if self.rows == 0:
+            self.gram, self.cross = self.gram.to(a.device), self.cross.to(a.device)
         x = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
         self.gram += x.T @ x
         self.cross += x.T @ (b - a)
@@ -59,7 +62,8 @@ class NormalEquations:
             raise ValueError("no rows to fit")
         n = self.gram.shape[0]
         lam = ridge * float(self.gram.diagonal().mean())
-        sol = torch.linalg.solve(self.gram + lam * torch.eye(n, dtype=torch.float64), self.cross)  # [dim+1, dim]
+        eye = torch.eye(n, dtype=torch.float64, device=self.gram.device)
+        sol = torch.linalg.solve(self.gram + lam * eye, self.cross)  # [dim+1, dim]
         return sol[:-1].T.contiguous(), sol[-1].clone()
 
     def relative_error(self, w: torch.Tensor, b: torch.Tensor) -> float:
@@ -161,8 +165,8 @@ def fold_single_projector(block: nn.Module, w: torch.Tensor, b: torch.Tensor) ->
     block.proj_mlp.weight.copy_(torch.eye(dim))
     new = block.proj_out
     new.weight[:, :inner].copy_(old.weight[:, :inner])
-    new.weight[:, inner:].copy_(torch.eye(dim, dtype=torch.float64) + w.to(torch.float64))
-    new.bias.copy_(old.bias.to(torch.float64) + b.to(torch.float64))
+    new.weight[:, inner:].copy_(torch.eye(dim, dtype=torch.float64, device=w.device) + w.to(torch.float64))
+    new.bias.copy_(old.bias.to(torch.float64) + b.to(old.bias.device, torch.float64))
 
 
 def rebuild_single_projector(block: nn.Module, entry: dict, device) -> None:
