@@ -140,13 +140,16 @@ def test_grouped_execution_equals_the_per_token_reference(shared):
     moe = moe_from_dense(ffn, torch.arange(shared), experts, top_k=3, router=router)
     x = torch.randn(3, 20, 16, generator=g, requires_grad=True)
     out = moe(x)
-    with torch.no_grad():
-        ref = _per_token(moe, x)
+    ref = _per_token(moe, x)
     assert (out - ref).abs().max() <= RTOL * ref.abs().max()
     assert moe.aux_loss is not None and float(moe.aux_loss.detach()) > 0
-    out.square().sum().backward()            # differentiable through gather / scatter and the gates
-    assert x.grad is not None and moe.router.weight.grad.abs().sum() > 0
-    assert sum(e.up.weight.grad is not None for e in moe.experts) >= 3       # 60 tokens x top-3 reach experts
+    # the same gradients (through gather / in-place scatter and the gates) as the per-token reference
+    r = torch.randn(out.shape, generator=g)
+    wrt = [x, moe.router.weight, moe.experts[2].up.weight, moe.experts[5].down.weight]
+    got = torch.autograd.grad((out * r).sum(), wrt)
+    want = torch.autograd.grad((ref * r).sum(), wrt)
+    for a, b in zip(got, want):
+        assert b.abs().max() > 0 and (a - b).abs().max() <= 1e-4 * b.abs().max()
 
 
 # -- the pass -----------------------------------------------------------------------------------------------

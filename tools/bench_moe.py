@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -200,6 +201,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
+    load_avg = [round(x, 2) for x in os.getloadavg()]       # the CPU is shared: how busy it was when we began
     rows, settings = [], {}
     if not args.skip_kernel:
         rows += kernel_rows(args.tokens, args.repeats)
@@ -209,6 +211,7 @@ def main():
     res = {"rows": rows, "settings": settings, "command": "python " + " ".join(sys.argv),
            "seconds": round(time.perf_counter() - t0, 1),
            "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                       "cpus": os.cpu_count(), "load_average_at_start": load_avg,
                        "threads": torch.get_num_threads(), "torch": torch.__version__,
                        "dicompress": dicompress.__version__}}
     out = Path(args.out)

@@ -98,9 +98,11 @@ class MoEFFN(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         idx, gates, probs = self.route(x)
-        out = self.shared(x) if self.shared is not None else torch.zeros_like(x)
+        # in place from here on: index_add (out of place) would copy the whole [T, dim] output once per expert;
+        # autograd allows it, since neither the linear's nor index_add's backward reads this output
+        out = self.shared(x) if self.shared is not None else x.new_zeros(x.shape)
         if self.bias is not None:
-            out = out + self.bias
+            out.add_(self.bias)
         # group the (token, expert) assignments by expert: one gather / matmul pair / scatter per expert
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)
@@ -113,8 +115,8 @@ class MoEFFN(nn.Module):
                 continue
             t = token[s:s + n]
             expert = self.experts[e]
-            h = expert.hidden(x.index_select(0, t)) * gate[s:s + n, None]
-            out = out.index_add(0, t, expert.down(h))
+            h = expert.hidden(x.index_select(0, t)).mul_(gate[s:s + n, None])   # GELU's backward reads its input
+            out.index_add_(0, t, expert.down(h))
         # only while training: a stored graph would hold memory and make the module impossible to deepcopy
         self.aux_loss = switch_balance_loss(probs, counts) if torch.is_grad_enabled() else None
         if self.track_load:
