@@ -309,8 +309,8 @@ def test_dense2moe_then_w4a8_writes_one_artifact_that_loads(tiny_zoo_dir, tmp_pa
     """Each expert's linears are quantized like any linear (the routers stay fp32); the write-time load check
     finds the artifact computing what the model in memory did."""
     from dicompress.nn.qlinear import QuantLinear
-    passes = [{"dense2moe": {"distill": {**FAST, "steps": 2}}}, {"tlq": {"bits": 4, "granularity": "channel"}},
-              {"act_quant": {"bits": 8}}]
+    passes = [{"dense2moe": {"distill": {**FAST, "steps": 2}}}, {"smooth": {"alpha": 0.5}},
+              {"tlq": {"bits": 4, "granularity": "channel"}}, {"act_quant": {"bits": 8}}]
     report = dicompress.run(_recipe(tmp_path, tiny_zoo_dir, passes, "w"), progress=False, echo=lambda *a, **k: None)
     assert all(p["bit_exact"] for p in report["load_check"]["probes"])
     art = tmp_path / "w"
@@ -368,3 +368,19 @@ def test_taylor_scores_and_token_sample(store):
     assert s.shape == (128,) and s[5] == 0 and (s[torch.arange(128) != 5] > 0).all()
     assert stats["ff"]["inputs"].shape == (100, 32) and stats["ff_context"]["scores"].gt(0).all()
     assert all(p.grad is None for p in model.parameters())          # only the activations' gradients
+
+
+def test_an_idle_expert_still_sees_one_token_and_adds_nothing():
+    """Calibration hooks on every expert linear get inputs even when the router sends no token to an expert."""
+    ffn = _dense()
+    shared, experts = partition_importance(torch.rand(64, generator=torch.Generator().manual_seed(0)), 8, 7, 8)
+    bias = torch.zeros(7)
+    bias[6] = -1e4                                   # expert 6 never wins
+    moe = moe_from_dense(ffn, shared, experts, top_k=2, router=(torch.randn(7, 16) * 0.1, bias))
+    seen = []
+    moe.experts[6].down.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    x = torch.randn(2, 10, 16)
+    with torch.no_grad():
+        out = moe(x)
+        ref = _per_token(moe, x)
+    assert seen[0] == 1 and (out - ref).abs().max() <= RTOL * ref.abs().max()

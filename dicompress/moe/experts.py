@@ -16,6 +16,11 @@ tokens (index_select), runs one matmul pair over them, scales by the gate and sc
 over tokens; one Python iteration per expert. Each forward with gradients enabled leaves `aux_loss` (the Switch
 load-balancing loss E * sum_i f_i P_i: f_i the fraction of assignments to expert i, P_i its mean router
 probability) and, while `track_load` is set, adds each expert's assignment count to `load`.
+
+An expert no token chose in a forward still runs one token (the one its router probability is highest for) and
+its output is dropped: every expert's linears then see inputs in every forward, so calibration captured on the
+MoE model has statistics for all of them (smoothing and GPTQ need them; an expert left without tokens by a small
+calibration set would otherwise stop the recipe). The cost is one row per idle expert.
 """
 from __future__ import annotations
 
@@ -111,7 +116,10 @@ class MoEFFN(nn.Module):
         counts = torch.bincount(flat, minlength=self.n_experts)
         starts = counts.cumsum(0) - counts
         for e, (s, n) in enumerate(zip(starts.tolist(), counts.tolist())):
-            if n == 0:
+            if n == 0:       # idle: its best-scoring token, output dropped (see the module docstring)
+                with torch.no_grad():
+                    expert = self.experts[e]
+                    expert(x[probs[:, e].argmax()].reshape(1, -1))
                 continue
             t = token[s:s + n]
             expert = self.experts[e]
