@@ -9,7 +9,10 @@ Methods (rows), for each budget (fraction of the blocks' parameters removed, --r
   random              width_prune, random units
   mask_prune          EcoDiff: hard-concrete masks trained on the final latent of the whole sampling trajectory
   mask_prune_onestep  the same masks trained on single-step predictions (no trajectory loss)
-  ppcl_width          PPCL width: FFNs replaced by residual linear projectors (least squares + distillation)
+  ppcl_width          PPCL width: FFNs replaced by residual linear projectors (least squares, then its own
+                      per-block distillation, part of the method); it removes whole FFNs, so its budgets are
+                      the double blocks' FFNs (21% of the embedded model's block parameters) below 0.3, else
+                      every FFN (39%)
 Each row is evaluated as pruned (`distilled: false`) and, for the budgets in --distill-ratios, again after the
 same end-to-end distillation against the teacher (`distilled: true`, same steps, lr and rows for every method).
 Columns: param_fraction and block_param_fraction (student / teacher parameters), class accuracy and Frechet
@@ -67,7 +70,10 @@ def prune_passes(method: str, ratio: float, args) -> list[dict]:
     if method in MASK_LOSS:
         return [{"mask_prune": {**units, "loss": MASK_LOSS[method], "seed": args.seed, **json.loads(args.mask)}}]
     if method == "ppcl_width":
-        return [{"ppcl_width": {"ratio": ratio, **json.loads(args.ppcl)}}]
+        # ppcl_width has no ratio: it replaces whole FFNs. The double blocks' FFNs are 21% of the embedded
+        # model's block parameters, every FFN 39%; the budget picks the set nearest it.
+        include = ["transformer_blocks.*"] if ratio < 0.3 else None
+        return [{"ppcl_width": {"include": include, **json.loads(args.ppcl)}}]
     raise ValueError(f"unknown method {method}")
 
 
@@ -147,7 +153,8 @@ def run(args) -> dict:
 def peak_memory(args, teacher, store) -> dict:
     """mask_prune's activation memory at T steps, checkpointed vs plain backpropagation (prune/trajectory.py)."""
     from dicompress.prune.trajectory import peak_memory_by_steps
-    return peak_memory_by_steps(teacher, adapter_for(teacher), store.model_inputs(), args.memory_steps)
+    return peak_memory_by_steps(teacher, adapter_for(teacher), store.model_inputs(), args.memory_steps,
+                                samples=args.memory_samples)
 
 
 def markdown(res: dict) -> str:
@@ -158,12 +165,13 @@ def markdown(res: dict) -> str:
                      f"{r['block_param_fraction']:.3f} | {r['class_acc']:.3f} ({r['class_acc_teacher']:.3f}) | "
                      f"{r['frechet']:.2f} ({r['frechet_teacher']:.2f}) | {r['psnr_db']:.2f} | "
                      f"{r['latency_ratio']:.3f}x | {r['seconds']:.0f} |")
-    mem = res.get("peak_memory_by_steps")
+    mem = res.get("peak_memory_by_steps")      # {"checkpointed": {T: bytes}, "plain": {T: bytes}}
     if mem:
-        lines += ["", "| sampling steps T | " + " | ".join(str(t) for t in mem["steps"]) + " |",
-                  "|---|" + "---|" * len(mem["steps"])]
+        steps = list(mem["checkpointed"])
+        lines += ["", "| activation memory of the mask gradient, MiB, at T sampling steps | "
+                  + " | ".join(f"T = {t}" for t in steps) + " |", "|---|" + "---|" * len(steps)]
         for way in ("checkpointed", "plain"):
-            lines.append(f"| {way} backward, MiB | " + " | ".join(f"{b / 2**20:.1f}" for b in mem[way]) + " |")
+            lines.append(f"| {way} backward | " + " | ".join(f"{mem[way][t] / 2**20:.2f}" for t in steps) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -188,6 +196,7 @@ def main():
     ap.add_argument("--samples-per-class", type=int, default=20)
     ap.add_argument("--memory-steps", type=int, nargs="*", default=[4, 8, 16, 32],
                     help="sampling steps T at which mask_prune's backward memory is measured (none: skip)")
+    ap.add_argument("--memory-samples", type=int, default=4, help="trajectories in the memory measurement")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
