@@ -199,6 +199,11 @@ def parse_recipe(data: Any, file: str | None = None) -> Recipe:
                                   hint="add e.g. `calibration: {source: classes, seeds: [0, 1]}`")
     elif recipe.calibration.source == "synthetic":
         for i, p in enumerate(passes):
+            if p.needs_sampling_loop:
+                raise RecipeError(f"{p.name} trains on whole sampling trajectories; calibration source 'synthetic' "
+                                  "holds random inputs at a spread of timesteps, no trajectory", file=file,
+                                  key=f"passes[{i}].{p.name}", hint="use calibration source: classes, embeddings "
+                                                                    "or prompts")
             for key, cfg in (("", p.config), ("end_to_end.", getattr(p.config, "end_to_end", None))):
                 if getattr(cfg, "student_trajectories", 0):
                     raise RecipeError("student_trajectories runs the calibration's sampling loop on the student; "

@@ -318,13 +318,21 @@ def test_unreachable_budgets_are_refused_before_any_work(tiny_zoo_dir, tmp_path,
     assert not (tmp_path / "bad").exists() and not list(cache.rglob("meta.json"))   # nothing captured or written
 
 
-def test_synthetic_calibration_is_refused(tiny_zoo_dir, tmp_path):
+def test_synthetic_calibration_is_refused_before_capture(tiny_zoo_dir, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DICOMPRESS_CACHE", str(cache))
     path = _recipe(tmp_path, tiny_zoo_dir, [{"mask_prune": {"ratio": 0.2, "steps": 1}}], "syn",
                    calibration={"source": "synthetic", "seeds": [0], "steps": 2, "batch_size": 2},
                    eval={"enabled": False})
-    with pytest.raises(CalibrationError, match="synthetic"):
+    with pytest.raises(RecipeError, match=r"passes\[0\].mask_prune.*synthetic"):
         dicompress.run(path, **QUIET)
-    assert not (tmp_path / "syn").exists()
+    assert not (tmp_path / "syn").exists() and not list(cache.rglob("meta.json"))   # nothing captured or written
+
+
+def test_rotation_after_mask_prune_needs_hadamard_widths():
+    with pytest.raises(RecipeError, match=r"widths: hadamard.*mask_prune"):
+        build_passes([{"mask_prune": {"ratio": 0.2}}, {"ars": {}}])
+    assert build_passes([{"mask_prune": {"ratio": 0.2, "widths": "hadamard"}}, {"ars": {}}])
 
 
 def test_threshold_binarisation_must_reach_the_budget(tiny_zoo_dir, tmp_path):

@@ -138,10 +138,11 @@ class ARS(Pass):
             if isinstance(p, WeightQuantPass) or p.name in ("ars", "act_quant"):
                 return [("", f"rotation must run before passes[{i}].{p.name} (it rotates float weights, once, "
                              "before any quantization); move `ars` up")]
-            if p.name == "width_prune" and p.config.widths != "hadamard":
-                # pruned widths are arbitrary; a rotation needs a Hadamard order: found only after the pruning ran
-                return [("", f"rotation after passes[{i}].width_prune needs widths it can rotate: set "
-                             f"`widths: hadamard` in passes[{i}].width_prune (kept widths moved to Hadamard orders)")]
+            if getattr(p.config, "widths", "hadamard") != "hadamard":
+                # width pruning (width_prune, mask_prune) keeps arbitrary widths; a rotation needs a Hadamard
+                # order, which would be found missing only after the pruning ran
+                return [("", f"rotation after passes[{i}].{p.name} needs widths it can rotate: set "
+                             f"`widths: hadamard` in passes[{i}].{p.name} (kept widths moved to Hadamard orders)")]
         return []
 
     def apply(self, state) -> None:

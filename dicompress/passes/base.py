@@ -19,6 +19,7 @@ class Pass:
     needs_calibration: ClassVar[bool] = False   # needs the calibration store (per-linear input statistics)
     needs_block_inputs: ClassVar[bool] = False  # ... and the captured per-block inputs (distillation, pruning)
     needs_teacher: ClassVar[bool] = False       # needs the uncompressed model alongside
+    needs_sampling_loop: ClassVar[bool] = False  # reads whole sampling trajectories (not `synthetic` calibration)
     changes_depth: ClassVar[bool] = False       # removes / converts blocks (one such pass per recipe)
     # changes the model's structure (depth, width, experts, attention): the passes after it read calibration
     # captured again on the model as it now is (runner.CalibrationStages)

@@ -65,6 +65,7 @@ class MaskPrune(WidthPass):
     Config = MaskPruneConfig
     needs_calibration = True
     needs_block_inputs = True      # the model inputs (trajectories) are captured with the block inputs
+    needs_sampling_loop = True     # the trajectories are rebuilt from the captured rows: `synthetic` has none
     normalise_scores = False       # log_alpha of every unit trained against one L0 term in parameters: comparable
 
     def apply(self, state) -> None:
