@@ -26,11 +26,34 @@ def cache_root(recipe) -> Path:
     return Path(base) / "calib"
 
 
+# what a capture holds besides the linear statistics, as its cache key names it
+BLOCK_AND_MODEL_INPUTS = "block+model_inputs:per_call"
+MODEL_INPUTS = "model_inputs:per_call"
+
+
+def capture_what(cfg, readers) -> str | bool:
+    """What the capture read by the passes `readers` holds: every block's inputs (and the model inputs) when
+    one of them needs block inputs (or `block_inputs: true`), the model inputs alone when one needs only those
+    (end-to-end passes), else statistics only (False)."""
+    blocks = any(p.needs_block_inputs for p in readers) if cfg.block_inputs == "auto" else bool(cfg.block_inputs)
+    if blocks:
+        return BLOCK_AND_MODEL_INPUTS
+    return MODEL_INPUTS if any(getattr(p, "needs_model_inputs", False) for p in readers) else False
+
+
+def original_readers(passes) -> list:
+    """The passes that read the recipe's own capture: those up to the first structural pass (the passes after
+    it read a capture of the restructured model, `stage_store`) and those reading model-level inputs only
+    (`reads_block_data = False`), which keep the teacher's trajectories (runner.CalibrationStages)."""
+    nxt = next((j for j, p in enumerate(passes) if getattr(p, "changes_structure", False)), len(passes))
+    return list(passes[:nxt + 1]) + [p for p in passes[nxt + 1:] if not getattr(p, "reads_block_data", True)]
+
+
 def _calib_key(info, recipe, block_inputs, dtype) -> str:
     weights = sorted(info.path.glob("*.safetensors"))
     stamp = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in weights]
     # block inputs come with the model's own inputs (and one chunk per model call): older stores are not reused
-    what = block_inputs if isinstance(block_inputs, str) else ("block+model_inputs:per_call" if block_inputs else False)
+    what = block_inputs if isinstance(block_inputs, str) else (BLOCK_AND_MODEL_INPUTS if block_inputs else False)
     cfg = recipe.calibration
     # keys added later leave the blob as it was while unset, and classes / synthetic captures stamp no inputs:
     # their cached stores stay valid
@@ -103,28 +126,35 @@ def recipe_store(recipe, passes, info, model, adapter, dtype, progress, echo, le
     if cfg is None:
         return None
     check_source(recipe, info)
-    need = any(p.needs_block_inputs for p in passes)
-    block_inputs = need if cfg.block_inputs == "auto" else bool(cfg.block_inputs)
-    what = "first_block+model_inputs" if first_block_only else block_inputs
-    root = cache_root(recipe) / _calib_key(info, recipe, what, dtype)
+    what = "first_block+model_inputs" if first_block_only else capture_what(cfg, original_readers(passes))
+    roots = [cache_root(recipe) / _calib_key(info, recipe, w, dtype) for w in _acceptable(what)]
 
     def take():
         if before_capture is not None:
             before_capture()
-        return capture(model, adapter, cfg, source_info(recipe, info, _device_of(model), dtype, echo), root,
-                       block_inputs=block_inputs, progress=progress, first_block_only=first_block_only)
-    return _cached(root, lead, echo, take)
+        return capture(model, adapter, cfg, source_info(recipe, info, _device_of(model), dtype, echo), roots[0],
+                       block_inputs=what == BLOCK_AND_MODEL_INPUTS, model_inputs=what == MODEL_INPUTS,
+                       progress=progress, first_block_only=first_block_only)
+    return _cached(roots, lead, echo, take)
 
 
-def _cached(root: Path, lead: bool, echo, take):
+def _acceptable(what) -> list:
+    """The captures that serve `what`, its own first: a capture with block inputs holds the model inputs too, so
+    a finished one (a recipe that also had a block-input pass) is reused rather than capturing again."""
+    return [what, BLOCK_AND_MODEL_INPUTS] if what == MODEL_INPUTS else [what]
+
+
+def _cached(roots: list[Path], lead: bool, echo, take):
+    """The first finished store of `roots`, else `take()` (which writes `roots[0]`)."""
     if not lead:
         barrier()                                  # rank 0 captures (or finds) the store
-        return CalibrationStore(root)
-    if (root / "meta.json").exists():
-        store = CalibrationStore(root)
-        echo(f"calibration: reusing {root}")
+        return CalibrationStore(next((r for r in roots if (r / "meta.json").exists()), roots[0]))
+    found = next((r for r in roots if (r / "meta.json").exists()), None)
+    if found is not None:
+        store = CalibrationStore(found)
+        echo(f"calibration: reusing {found}")
     else:
-        _require_writable(root.parent)
+        _require_writable(roots[0].parent)
         store = take()
     barrier()
     return store
@@ -137,17 +167,20 @@ def stage_store(recipe, passes, info, state, stage: int, index: int, dtype, prog
     cfg = recipe.calibration
     rest = passes[index:]
     nxt = next((j for j, p in enumerate(rest) if getattr(p, "changes_structure", False)), len(rest))
-    need = any(p.needs_block_inputs for p in rest[:nxt + 1])
-    block_inputs = need if cfg.block_inputs == "auto" else bool(cfg.block_inputs)
-    base = _calib_key(info, recipe, block_inputs, dtype)
-    key = hashlib.sha256(f"{base}:{stage}:{passes_digest(passes[:index])}:{model_digest(state.model)}".encode()
-                         ).hexdigest()[:16]
-    root = cache_root(recipe) / f"{base}-stage{stage}-{key}"
+    # model-level-only passes read the recipe's own capture, not this one
+    what = capture_what(cfg, [p for p in rest[:nxt + 1] if getattr(p, "reads_block_data", True)])
+    stamp = f"{stage}:{passes_digest(passes[:index])}:{model_digest(state.model)}"
+    roots = []
+    for w in _acceptable(what):
+        base = _calib_key(info, recipe, w, dtype)
+        key = hashlib.sha256(f"{base}:{stamp}".encode()).hexdigest()[:16]
+        roots.append(cache_root(recipe) / f"{base}-stage{stage}-{key}")
     echo(f"calibration: stage {stage}: the model changed structure; capturing {cfg.source} calibration on it")
     model = state.model.eval()
-    return _cached(root, lead, echo, lambda: capture(model, state.adapter, cfg,
-                                                     source_info(recipe, info, _device_of(model), dtype, echo),
-                                                     root, block_inputs=block_inputs, progress=progress))
+    return _cached(roots, lead, echo, lambda: capture(model, state.adapter, cfg,
+                                                      source_info(recipe, info, _device_of(model), dtype, echo),
+                                                      roots[0], block_inputs=what == BLOCK_AND_MODEL_INPUTS,
+                                                      model_inputs=what == MODEL_INPUTS, progress=progress))
 
 
 def hint_block_batch(recipe, info, n_blocks: int, echo) -> None:

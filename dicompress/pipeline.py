@@ -44,6 +44,10 @@ def compress(model, passes: Iterable[Pass | dict], calibration=None, teacher=Non
     for i, p in enumerate(passes):
         if p.needs_calibration and calibration is None:
             raise ValueError(f"pass {p.name!r} (position {i}) needs calibration data: pass calibration=...")
+        if p.needs_model_inputs and not _has_model_inputs(calibration):
+            raise ValueError(f"pass {p.name!r} (position {i}) reads the calibration's model inputs, and the store "
+                             f"{getattr(calibration, 'root', calibration)} holds none: capture it with "
+                             "dicompress.calib.capture(..., model_inputs=True) (or block_inputs=True)")
     factory = teacher if callable(teacher) and not isinstance(teacher, torch.nn.Module) else (
         (lambda: teacher) if teacher is not None else None)
     state = CompressionState(model=model, adapter=adapter_for(model), calibration=calibration,
@@ -53,6 +57,12 @@ def compress(model, passes: Iterable[Pass | dict], calibration=None, teacher=Non
                              recipe_hash=passes_digest(passes))
     run_passes(state, passes, stages=CalibrationStages(calibration))
     return state
+
+
+def _has_model_inputs(store) -> bool:
+    """Whether a store holds the transformer's own inputs (stores that are not on disk are taken at their word)."""
+    root = getattr(store, "root", None)
+    return store is not None and (root is None or (Path(root) / "model_inputs").is_dir())
 
 
 def run(recipe: Recipe | str | Path, progress: bool = True, echo=print, overrides: Sequence[str] = (),

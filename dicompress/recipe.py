@@ -193,7 +193,7 @@ def parse_recipe(data: Any, file: str | None = None) -> Recipe:
     passes = recipe.pass_objects()
     if recipe.calibration is None:
         for i, p in enumerate(passes):
-            if p.needs_calibration or p.needs_block_inputs:
+            if p.needs_calibration or p.needs_block_inputs or p.needs_model_inputs:
                 raise RecipeError(f"pass {p.name!r} needs calibration data but the recipe has no "
                                   "`calibration` section", file=file, key=f"passes[{i}].{p.name}",
                                   hint="add e.g. `calibration: {source: classes, seeds: [0, 1]}`")

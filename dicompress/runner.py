@@ -43,7 +43,7 @@ class CalibrationStages:
     def store_for(self, p, index: int, state):
         if not p.reads_block_data:
             return self.original
-        if self.stale and (p.needs_calibration or p.needs_block_inputs):
+        if self.stale and (p.needs_calibration or p.needs_block_inputs or p.needs_model_inputs):
             if self.recapture is None:
                 raise CalibrationError(f"{p.name} reads calibration captured block by block, and the model changed "
                                        "its structure since it was captured",

@@ -251,7 +251,7 @@ def test_config_and_order_errors_before_any_work():
     assert build_passes([{"width_prune": {"ratio": 0.2, "widths": "hadamard"}}, {"ars": {}}])
     ok = build_passes([{"width_prune": {"ratio": 0.2}}, {"tlq": {"bits": 4}}])
     assert ok[0].changes_structure and not ok[0].needs_calibration
-    assert build_passes([{"width_prune": {"ratio": 0.2, "importance": "taylor"}}])[0].needs_block_inputs
+    assert build_passes([{"width_prune": {"ratio": 0.2, "importance": "taylor"}}])[0].needs_model_inputs
     assert PASSES["width_prune"].streamable is False
 
 

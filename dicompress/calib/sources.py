@@ -25,14 +25,18 @@ from .store import CalibrationStore, StoreWriter
 
 
 def capture(model, adapter, cfg, model_info: dict, out_dir: str | Path, block_inputs: bool,
-            progress: bool = True, first_block_only: bool = False) -> CalibrationStore:
+            progress: bool = True, first_block_only: bool = False, model_inputs: bool = False) -> CalibrationStore:
     """Run `cfg.source` over `model` with hooks; returns the finished store at `out_dir`.
 
+    `block_inputs`: every block's inputs (and the model inputs with them). `model_inputs` alone: the
+    transformer's own inputs at every call and the linear statistics, nothing per block (what end-to-end
+    passes read, a small fraction of the block inputs' size).
     `first_block_only` (the streaming pipeline): the model inputs and the first block's inputs, no linear
     statistics; the later blocks' inputs and statistics are computed block by block from these."""
     blocks = [b.name for b in adapter.blocks(model)]
     meta = {"source": cfg.source, "model": model_info.get("name"), "seeds": list(cfg.seeds), "steps": cfg.steps,
             "blocks": blocks, "block_inputs": block_inputs or first_block_only, "first_block_only": first_block_only,
+            "model_inputs": bool(model_inputs or block_inputs or first_block_only),
             # what `capture_trajectories` needs to run the same sampling loop again on another model
             "config": cfg.model_dump(mode="json"),
             "model_info": {k: (str(v) if v is not None else None) for k, v in model_info.items()}}
@@ -43,8 +47,8 @@ def capture(model, adapter, cfg, model_info: dict, out_dir: str | Path, block_in
     # data-free inputs are not a trajectory: nothing needs the model's outputs, so the forward stops there
     stop = first_block_only and cfg.source == "synthetic"
     cap = Capture(model, adapter, writer, block_inputs=block_inputs or first_block_only,
-                  linear_stats=not first_block_only, only_blocks=only, stop_early=stop, chunk_rows=cfg.block_batch,
-                  store_dtype=getattr(torch, cfg.store_dtype))
+                  model_inputs=meta["model_inputs"], linear_stats=not first_block_only, only_blocks=only,
+                  stop_early=stop, chunk_rows=cfg.block_batch, store_dtype=getattr(torch, cfg.store_dtype))
     with torch.no_grad(), cap, chunked_blocks(model, adapter, cfg.block_batch):
         extra = run(model, adapter, cfg, model_info, cap, progress)
     return writer.finish(**extra)

@@ -17,7 +17,11 @@ class Pass:
     name: ClassVar[str]
     Config: ClassVar[type[PassConfig]] = PassConfig
     needs_calibration: ClassVar[bool] = False   # needs the calibration store (per-linear input statistics)
-    needs_block_inputs: ClassVar[bool] = False  # ... and the captured per-block inputs (distillation, pruning)
+    needs_block_inputs: ClassVar[bool] = False  # ... and the captured per-block inputs (layer-wise work, GPTQ)
+    # ... and the transformer's own inputs at every captured call, nothing per block (end-to-end distillation,
+    # trajectory masks, Taylor scores): captured alone when no pass reading the same store needs block inputs,
+    # a small fraction of their size (every block's inputs are far larger than the model's)
+    needs_model_inputs: ClassVar[bool] = False
     needs_teacher: ClassVar[bool] = False       # needs the uncompressed model alongside
     needs_sampling_loop: ClassVar[bool] = False  # reads whole sampling trajectories (not `synthetic` calibration)
     changes_depth: ClassVar[bool] = False       # removes / converts blocks (one such pass per recipe)

@@ -50,7 +50,7 @@ class Distill(Pass):
     name = "distill"
     Config = DistillPassConfig
     needs_calibration = True
-    needs_block_inputs = True   # the model inputs are captured together with the block inputs
+    needs_model_inputs = True   # the transformer's inputs at every call: no per-block inputs
     needs_teacher = True
     reads_block_data = False    # model-level inputs only: valid after the depth changed
 

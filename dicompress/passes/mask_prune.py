@@ -64,7 +64,7 @@ class MaskPrune(WidthPass):
     name = "mask_prune"
     Config = MaskPruneConfig
     needs_calibration = True
-    needs_block_inputs = True      # the model inputs (trajectories) are captured with the block inputs
+    needs_model_inputs = True      # the trajectories are rebuilt from the model inputs alone
     needs_sampling_loop = True     # the trajectories are rebuilt from the captured rows: `synthetic` has none
     normalise_scores = False       # log_alpha of every unit trained against one L0 term in parameters: comparable
 

@@ -196,8 +196,8 @@ class WidthPrune(WidthPass):
 
     def __init__(self, config=None, **kwargs):
         super().__init__(config, **kwargs)
-        # Taylor reads the calibration's model inputs, which are captured with the block inputs
-        self.needs_calibration = self.needs_block_inputs = self.config.importance == "taylor"
+        # Taylor reads the calibration's model inputs (no per-block inputs)
+        self.needs_calibration = self.needs_model_inputs = self.config.importance == "taylor"
 
     def apply(self, state) -> None:
         c = self.config
