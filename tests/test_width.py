@@ -255,6 +255,22 @@ def test_config_and_order_errors_before_any_work():
     assert PASSES["width_prune"].streamable is False
 
 
+def test_width_pruning_refuses_ffns_another_pass_replaced():
+    """ppcl_width / dense2moe swap FFN modules: width pruning after them is refused in the recipe, and a model
+    (e.g. an artifact) whose FFN is a projector is refused by the pass's model check, naming the module."""
+    from dicompress.prune.projector import ResidualProjector
+    for first in ({"ppcl_width": {}}, {"dense2moe": {}}):
+        for width in ("width_prune", "mask_prune"):
+            with pytest.raises(RecipeError, match="replaces FFN modules"):
+                build_passes([first, {width: {"ratio": 0.2}}])
+    assert build_passes([{"width_prune": {"ratio": 0.2}}, {"ppcl_width": {}}])     # the other order is fine
+    model = _flux()
+    model.transformer_blocks[0].ff = ResidualProjector(model.config.num_attention_heads *
+                                                       model.config.attention_head_dim)
+    problems = build_passes([{"width_prune": {"ratio": 0.2}}])[0].check_model(model, adapter_for(model))
+    assert problems and "ff.net.0.proj" in problems[0][1] and "ResidualProjector" in problems[0][1]
+
+
 def _recipe(tmp_path, model_dir, passes, name, **extra):
     data = {"model": str(model_dir), "output": str(tmp_path / name), "passes": passes,
             "calibration": {"source": "classes", "classes": [0, 5], "seeds": [0], "steps": 2, "batch_size": 2},

@@ -25,6 +25,8 @@ from .base import Pass, PassConfig, register_pass
 # passes that may run before width pruning: they leave plain nn.Linear modules (the structural passes, the
 # analysis, end-to-end distillation). Quantization, smoothing, rotation and activation quantization rewrite them.
 ALLOWED_BEFORE = ("depth_analysis", "distill")
+# structural passes that swap the FFN modules for others (projectors, experts): width pruning cannot follow them
+REPLACES_FFNS = ("ppcl_width", "dense2moe")
 
 
 class WidthBudgetConfig(PassConfig):
@@ -72,6 +74,9 @@ class WidthPass(Pass):
 
     def check(self, previous: list[Pass]) -> list[tuple[str, str]]:
         for i, p in enumerate(previous):
+            if p.name in REPLACES_FFNS:
+                return [("", f"runs after passes[{i}].{p.name}, which replaces FFN modules (no up / down projection "
+                             "left to prune); put width pruning first")]
             if not (getattr(p, "changes_structure", False) or p.name in ALLOWED_BEFORE):
                 return [("", f"runs after passes[{i}].{p.name}, which rewrites linears; width pruning removes rows "
                              "and columns of plain linears, so put it before quantization, smoothing, rotation and "
@@ -85,6 +90,8 @@ class WidthPass(Pass):
             self._plan_shapes(model, adapter)
         except (WidthBudgetError, RecipeError) as e:
             return [("ratio" if isinstance(e, WidthBudgetError) else "include", str(e.args[0]))]
+        except ValueError as e:      # a block whose layout is not the family's (e.g. FFNs replaced by an artifact)
+            return [("", str(e))]
         return []
 
     # -- steps --------------------------------------------------------------------------------------------

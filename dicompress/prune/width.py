@@ -115,7 +115,13 @@ class BlockShape:
 
 
 def _lin(block: nn.Module, name: str) -> nn.Linear:
-    m = block.get_submodule(name)
+    try:
+        m = block.get_submodule(name)
+    except AttributeError:
+        parent = name.rpartition(".")[0].split(".")[0]
+        kind = type(getattr(block, parent, None)).__name__
+        raise ValueError(f"the block has no {name} ({parent} is a {kind}: FFNs replaced by ppcl_width or dense2moe "
+                         "have nothing left to width-prune)") from None
     if not isinstance(m, nn.Linear):
         raise ValueError(f"{name} is a {type(m).__name__}, not a plain nn.Linear: width pruning runs before passes "
                          "that rewrite linears (quantization, smoothing, rotation)")
