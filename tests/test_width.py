@@ -14,7 +14,8 @@ from dicompress.arch import adapter_for
 from dicompress.errors import RecipeError
 from dicompress.io.manifest import replay
 from dicompress.passes import PASSES
-from dicompress.prune.width import BlockKeep, block_shape, layout_for, prune_width, unit_groups
+from dicompress.prune.width import BlockKeep, block_shape, layout_for, prune_width
+from dicompress.prune.width_groups import unit_groups
 from dicompress.prune.width_importance import unit_scores
 from dicompress.prune.width_plan import WidthBudgetError, plan_global, plan_uniform, uniform_counts
 from dicompress.recipe import build_passes

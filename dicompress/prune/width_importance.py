@@ -1,6 +1,6 @@
 """Scores of every head and FFN neuron of the selected blocks, from torch-pruning's importance estimators.
 
-Each block's unit groups (`width.unit_groups`: torch-pruning `Group`s whose root index is the unit) go through
+Each block's unit groups (`width_groups.unit_groups`: torch-pruning `Group`s whose root index is the unit) go through
 - `magnitude`: `tp.importance.GroupMagnitudeImportance(p=2, group_reduction="sum", normalizer=None)`: the
   squared L2 norm of everything the unit holds (a head's q/k/v rows and output columns, a neuron's up row and
   down column; biases left out, as torch-pruning's default);
@@ -20,7 +20,8 @@ import torch
 import torch_pruning as tp
 
 from ..distill.end_to_end import per_sample_names, prediction, rows
-from .width import layout_for, unit_groups
+from .width import layout_for
+from .width_groups import unit_groups
 
 METHODS = ("magnitude", "taylor", "random")
 
