@@ -33,7 +33,9 @@ class CalibrationConfig(StrictModel):
     # prompts source: text tokens per prompt (longer prompts are truncated, as diffusers does); null: the
     # pipeline's own default (512 for FLUX.1-dev and Qwen-Image; FLUX.1-schnell is run with 256)
     max_sequence_length: int | None = Field(None, ge=1, le=8192)
-    block_inputs: Literal["auto"] | bool = "auto"   # auto: captured when a pass needs them
+    # auto: every block's inputs when a pass reading this capture needs them, else the transformer's own inputs
+    # alone when a pass reads only those (distill, mask_prune, Taylor width_prune), else statistics only
+    block_inputs: Literal["auto"] | bool = "auto"
     # dtype of the stored block inputs (capture store, streaming's work directory): bfloat16 halves the disk of
     # the largest thing a run writes (FLUX.1-dev at 1024 px: 54 MiB per row per block boundary in float32);
     # passes read them back in the compute dtype. Model inputs, rotary tables and statistics stay float32.

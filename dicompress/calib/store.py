@@ -153,9 +153,10 @@ class CalibrationStore:
         d = self.root / "model_inputs"
         if not d.is_dir():
             raise CalibrationError(f"the calibration store {self.root} holds no model-level inputs (it was captured "
-                                   "without block inputs, or before dicompress recorded model inputs)",
-                                   hint=f"delete {self.root} and run again with a pass that needs block inputs in the "
-                                        "recipe (or `calibration: {block_inputs: true}`): the capture reruns")
+                                   "with statistics only, or before dicompress recorded model inputs)",
+                                   hint=f"delete {self.root} and run again with a pass that reads model inputs in the "
+                                        "recipe (distill, mask_prune, a depth pass ...; or `calibration: "
+                                        "{block_inputs: true}`): the capture reruns")
         per = unflatten(self._read_chunks("model_inputs"))
         shared: dict = {}
         if (d / "shared.safetensors").exists():
