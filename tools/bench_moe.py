@@ -185,6 +185,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-kernel", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--merge", action="store_true", help="keep the rows of --out of the kind skipped this time (e.g. "
+                                                        "rerun only the kernel rows on a quieter machine)")
     ap.add_argument("--model", default="zoo:tiny-flux-digits")
     ap.add_argument("--calibration", default=str(CALIBRATION))
     ap.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
@@ -208,13 +210,21 @@ def main():
     if not args.skip_quality:
         q, settings = quality_rows(args)
         rows += q
+    out, merged = Path(args.out), None
+    if args.merge and out.exists():
+        old = json.loads(out.read_text())
+        skipped = {"ffn_kernel"} if args.skip_kernel else set()
+        skipped |= {"quality"} if args.skip_quality else set()
+        rows = [r for r in old["rows"] if r["kind"] in skipped] + rows
+        settings = settings or old.get("settings", {})
+        load_avg = {"this_run": load_avg, "merged_rows_run": old["machine"].get("load_average_at_start")}
+        merged = old.get("merged_from") or old["command"]
     res = {"rows": rows, "settings": settings, "command": "python " + " ".join(sys.argv),
-           "seconds": round(time.perf_counter() - t0, 1),
+           "merged_from": merged, "seconds": round(time.perf_counter() - t0, 1),
            "machine": {"platform": platform.platform(), "processor": platform.processor(),
                        "cpus": os.cpu_count(), "load_average_at_start": load_avg,
                        "threads": torch.get_num_threads(), "torch": torch.__version__,
                        "dicompress": dicompress.__version__}}
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(res))
