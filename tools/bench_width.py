@@ -2,6 +2,11 @@
 budget and the same evaluation samples, one run.
 
     python tools/bench_width.py --out bench/width.json      # also writes bench/width.md
+    # or each budget in its own process, then joined (the README's numbers were made this way):
+    python tools/bench_width.py --out bench/width_20.json --ratios 0.2 --distill-ratios --threads 1
+    python tools/bench_width.py --out bench/width_40.json --ratios 0.4 --distill-ratios 0.4 --batch-size 16 \
+        --memory-steps --threads 1
+    python tools/bench_width.py --out bench/width.json --combine bench/width_20.json bench/width_40.json
 
 Methods (rows), for each budget (fraction of the blocks' parameters removed, --ratios):
   tp_magnitude        width_prune, torch-pruning's group magnitude importance
@@ -175,9 +180,29 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def combine(paths: list[str]) -> dict:
+    """Several runs' results as one (e.g. the budgets run as concurrent processes): rows in the given order, each
+    marked with its run's command; the runs must share the model, calibration, samples and teacher numbers."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    first = runs[0]
+    for r in runs[1:]:
+        for k in ("model", "calibration", "samples_per_class", "heads", "allocation"):
+            if r["settings"][k] != first["settings"][k]:
+                sys.exit(f"bench_width --combine: the runs differ in {k}: {first['settings'][k]} vs {r['settings'][k]}")
+        if r["teacher"] != first["teacher"]:
+            sys.exit("bench_width --combine: the runs' teacher numbers differ (not the same evaluation samples)")
+    rows = [{**row, "run": i} for i, r in enumerate(runs) for row in r["rows"]]
+    memory = next((r["peak_memory_by_steps"] for r in runs if r.get("peak_memory_by_steps")), None)
+    return {"rows": rows, "peak_memory_by_steps": memory, "teacher": first["teacher"],
+            "runs": [{"command": r["command"], "settings": r["settings"], "seconds": r["seconds"],
+                      "machine": r["machine"]} for r in runs]}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/width.json")
+    ap.add_argument("--combine", nargs="+", metavar="JSON", help="write --out from these runs' JSON files instead "
+                                                                 "of running (rows keep their run's index)")
     ap.add_argument("--model", default="zoo:tiny-flux-digits")
     ap.add_argument("--calibration", default=str(CALIBRATION), help="calibration set file (default: digits_10x2)")
     ap.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS),
@@ -200,6 +225,12 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    if args.combine:
+        res = combine(args.combine)
+        Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+        Path(args.out).with_suffix(".md").write_text(markdown(res))
+        print(markdown(res))
+        return
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         ap.error(f"unknown methods {unknown}; known: {','.join(METHODS)}")
