@@ -384,3 +384,21 @@ def test_an_idle_expert_still_sees_one_token_and_adds_nothing():
         out = moe(x)
         ref = _per_token(moe, x)
     assert seen[0] == 1 and (out - ref).abs().max() <= RTOL * ref.abs().max()
+
+
+def test_a_dense2moe_artifact_can_be_the_next_recipes_model(tmp_path):
+    """MoE FFNs restructure, they do not rewrite linears: a chained recipe (dense2moe -> quantize) may start from
+    the artifact; an artifact with quantized linears may not."""
+    import json as _json
+    from dicompress.errors import ModelError
+    from dicompress.job import source_manifest
+
+    def artifact(ops):
+        d = tmp_path / "_".join(ops)
+        d.mkdir()
+        (d / "config.json").write_text(_json.dumps({"_class_name": "FluxTransformer2DModel", "quantization_config": {
+            "quant_method": "dicompress", "manifest": [{"op": op, "module": "transformer_blocks.0.ff"} for op in ops]}}))
+        return d
+    assert [e["op"] for e in source_manifest(artifact(["moe_ffn", "width"]))] == ["moe_ffn", "width"]
+    with pytest.raises(ModelError, match="already rewritten"):
+        source_manifest(artifact(["moe_ffn", "tlq"]))

@@ -124,7 +124,7 @@ def _check_block(model: nn.Module, entry: dict, device) -> None:
 # ops whose `module` names a module of the *original* model (not present in the loaded one)
 ORIGINAL_MODEL_OPS = frozenset({"remove_block"})
 # ops of restructured (not rewritten) models: an artifact holding only these can be a recipe's model
-STRUCTURAL_OPS = frozenset({"ppcl_interval", "hybrid_stream", "remove_block", "width", "ppcl_width"})
+STRUCTURAL_OPS = frozenset({"ppcl_interval", "hybrid_stream", "remove_block", "width", "ppcl_width", "moe_ffn"})
 
 
 @register_manifest_op("remove_block")
