@@ -157,4 +157,9 @@ def _rebuild_ppcl_width(model: nn.Module, entry: dict, device) -> None:
     set_module(model, name, ResidualProjector(int(entry["dim"]), device=device, dtype=old.net[2].weight.dtype))
 
 
-from ..moe import manifest_op as _moe_manifest_op  # noqa: E402,F401  (registers the moe_ffn op)
+
+@register_manifest_op("moe_ffn")
+def _rebuild_moe_ffn(model: nn.Module, entry: dict, device) -> None:
+    """A Dense2MoE FFN: the dense FeedForward becomes an empty MoEFFN of the entry's shape (moe/manifest_op.py)."""
+    from ..moe.manifest_op import rebuild_moe_ffn   # lazy: moe imports io (no import cycle at module level)
+    rebuild_moe_ffn(model, entry, device)

@@ -1,4 +1,4 @@
-"""Manifest op `moe_ffn`: at load time, the dense FeedForward at `module` becomes an empty MoEFFN of the entry's
+"""Manifest op `moe_ffn` (registered in io/manifest.py, which imports this lazily): at load time, the dense FeedForward at `module` becomes an empty MoEFFN of the entry's
 shape (on the meta model, before the weights are read), so `from_pretrained(artifact)` and `dicompress.load`
 give the MoE model. Entry: {op, module, dim, hidden (the dense width it replaced), shared, expert_width, experts,
 top_k, bias, approximate}."""
@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..io.manifest import register_manifest_op
 from ..nn.surgery import set_module
 from .experts import MoEFFN, dense_parts
 
@@ -15,7 +14,6 @@ def moe_entry(name: str, moe: MoEFFN, hidden: int) -> dict:
     return {"op": "moe_ffn", "module": name, "hidden": int(hidden), **moe.spec()}
 
 
-@register_manifest_op("moe_ffn")
 def rebuild_moe_ffn(model: nn.Module, entry: dict, device) -> None:
     name = entry["module"]
     old = model.get_submodule(name)          # AttributeError names a missing module
