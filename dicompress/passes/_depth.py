@@ -11,10 +11,11 @@ from torch import nn
 
 from ..analysis import analyze_depth
 from ..analysis.depth import DepthAnalysis
-from ..distill import DistillConfig, EndToEndConfig, distill_block, distill_end_to_end
-from ..errors import DistillError, RecipeError
+from ..distill import DistillConfig, EndToEndConfig, distill_block
+from ..errors import RecipeError
 from ..nn.surgery import set_block_list
 from ..prune import list_of, teacher_io
+from ._recovery import block_store, check_teacher, end_to_end
 from .base import Pass, PassConfig
 
 ALLOWED_BEFORE = ("depth_analysis",)   # passes that leave the blocks and their calibration names as captured
@@ -55,20 +56,11 @@ class DepthPass(Pass):
 
     # -- shared steps ------------------------------------------------------------------------------------
     def blocks(self, state):
-        refs = state.adapter.blocks(state.model)
-        store = self.calibration(state)
-        captured = store.block_names
-        if captured and captured != [r.name for r in refs]:
-            raise DistillError(f"{self.name}: the calibration store was captured on blocks {captured[:3]}... but the "
-                               f"model has {[r.name for r in refs][:3]}...",
-                               hint="capture calibration on the model this pass prunes (delete the cache entry)")
-        return refs
+        block_store(self.name, state, self.calibration(state))
+        return state.adapter.blocks(state.model)
 
     def check_teacher(self, state) -> None:
-        if self.config.end_to_end is not None and state.teacher_factory is None:
-            raise DistillError(f"{self.name}: end_to_end distillation needs the uncompressed teacher, and none can "
-                               "be built here", hint="pass teacher=... to dicompress.compress, or set "
-                                                     "`end_to_end: null`")
+        check_teacher(self.name, state, self.config.end_to_end)
 
     def distill_groups(self, state, refs, groups: list[tuple[int, int, nn.Module]]) -> list[dict]:
         """Train each (start, end, student) on the teacher's input of `start` -> output of `end`."""
@@ -87,18 +79,7 @@ class DepthPass(Pass):
         return rows
 
     def end_to_end(self, state) -> dict | None:
-        cfg = self.config.end_to_end
-        if cfg is None or cfg.steps == 0:
-            return None
-        t, stats = time.perf_counter(), {}
-        store = self.calibration(state)
-        losses = distill_end_to_end(state.model, state.teacher, store.model_inputs(), cfg,
-                                    key=state.checkpoint_key(f"{self.name}:end_to_end"),
-                                    checkpoint_dir=state.work_dir, progress=state.progress,
-                                    trainable=[f"{attr}.*" for attr, _ in state.adapter.block_lists],
-                                    calibration_meta=store.meta, stats=stats)
-        return {"steps": len(losses), "loss_first": losses[0] if losses else None,
-                "loss_last": losses[-1] if losses else None, "seconds": round(time.perf_counter() - t, 2), **stats}
+        return end_to_end(self.name, state, self.calibration(state), self.config.end_to_end)
 
 
 def rebuild_lists(state, refs, replace: dict[int, tuple[int, nn.Module | None]]) -> dict[str, int]:

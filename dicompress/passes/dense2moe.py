@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from ..distill import DistillConfig, EndToEndConfig, distill_end_to_end
-from ..errors import DistillError, RecipeError
+from ..distill import DistillConfig, EndToEndConfig
+from ..errors import RecipeError
 from ..io.diffusers_plugin import _realign_cpu_tensors
 from ..moe import (MoEFFN, dense_parts, expert_mass, fit_router, moe_from_dense, partition_cluster,
                    partition_importance, partition_random, router_recall, split_widths, topk_coverage)
@@ -32,6 +32,7 @@ from ..moe.manifest_op import moe_entry
 from ..nn.surgery import set_module
 from ..prune import teacher_io
 from ..prune.width import LAYOUTS, select_blocks
+from ._recovery import block_store, check_teacher, end_to_end
 from .base import Pass, PassConfig, register_pass
 
 # passes that may run before: they leave plain nn.Linear FFNs (structural passes, the analysis, distillation)
@@ -136,15 +137,9 @@ class Dense2MoE(Pass):
     def apply(self, state) -> None:
         c, model, adapter = self.config, state.model, state.adapter
         targets = self.targets(model, adapter)
-        store = self.calibration(state)
+        store = block_store(self.name, state, self.calibration(state))
         names = [r.name for r in adapter.blocks(model)]
-        if store.block_names and store.block_names != names:
-            raise DistillError(f"{self.name}: the calibration store was captured on blocks {store.block_names[:3]}... "
-                               f"but the model has {names[:3]}...",
-                               hint="capture calibration on the model this pass changes (delete the cache entry)")
-        if c.end_to_end is not None and state.teacher_factory is None:
-            raise DistillError(f"{self.name}: end_to_end distillation needs the uncompressed teacher",
-                               hint="pass teacher=... to dicompress.compress, or set `end_to_end: null`")
+        check_teacher(self.name, state, c.end_to_end)
         total_before = sum(p.numel() for p in model.parameters())
         ffn_before = _all_ffn_params(model, adapter)
         rows = []
@@ -237,18 +232,7 @@ class Dense2MoE(Pass):
                 "balance_last": round(balance[-1], 4) if balance else None}
 
     def _end_to_end(self, state) -> dict | None:
-        cfg = self.config.end_to_end
-        if cfg is None or cfg.steps == 0:
-            return None
-        t, stats = time.perf_counter(), {}
-        store = self.calibration(state)
-        losses = distill_end_to_end(state.model, state.teacher, store.model_inputs(), cfg,
-                                    key=state.checkpoint_key(f"{self.name}:end_to_end"),
-                                    checkpoint_dir=state.work_dir, progress=state.progress,
-                                    trainable=[f"{attr}.*" for attr, _ in state.adapter.block_lists],
-                                    calibration_meta=store.meta, stats=stats)
-        return {"steps": len(losses), "loss_first": losses[0] if losses else None,
-                "loss_last": losses[-1] if losses else None, "seconds": round(time.perf_counter() - t, 2), **stats}
+        return end_to_end(self.name, state, self.calibration(state), self.config.end_to_end)
 
 
 def _mean(rows: list[dict], key: str) -> float | None:

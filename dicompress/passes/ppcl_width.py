@@ -25,7 +25,7 @@ from torch import nn
 
 from ..calib.encoding import to_module
 from ..distill import DistillConfig, distill_block
-from ..errors import DistillError, RecipeError
+from ..errors import RecipeError
 from ..io.diffusers_plugin import _realign_cpu_tensors
 from ..io.names import FFNS_NAME
 from ..nn.surgery import set_module
@@ -33,6 +33,7 @@ from ..prune import teacher_io
 from ..prune.projector import (NormalEquations, ResidualProjector, ffn_spec, fold_single_projector, init_projector,
                                single_mlp_spec)
 from ..prune.width import LAYOUTS, select_blocks
+from ._recovery import block_store
 from .base import Pass, PassConfig, register_pass
 
 # passes that may run before: they leave plain nn.Linear FFNs and the captured block inputs valid
@@ -112,12 +113,8 @@ class PPCLWidth(Pass):
     def apply(self, state) -> None:
         c, model, adapter = self.config, state.model, state.adapter
         targets = self.targets(model, adapter)
-        store = self.calibration(state)
+        store = block_store(self.name, state, self.calibration(state))
         names = [r.name for r in adapter.blocks(model)]
-        if store.block_names and store.block_names != names:
-            raise DistillError(f"{self.name}: the calibration store was captured on blocks {store.block_names[:3]}... "
-                               f"but the model has {names[:3]}...",
-                               hint="capture calibration on the model this pass changes (delete the cache entry)")
         every = _block_params(model, adapter)
         teacher, rows = {}, []
         for ref, found in targets:
