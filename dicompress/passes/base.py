@@ -96,3 +96,14 @@ def get_pass(name: str) -> type[Pass]:
         return PASSES[name]
     except KeyError:
         raise KeyError(f"unknown pass {name!r}; available: {', '.join(sorted(PASSES))}") from None
+
+
+# passes that leave plain nn.Linear modules behind: besides the structural passes, the analysis and end-to-end
+# distillation. Quantization, smoothing, rotation and activation quantization rewrite them.
+KEEPS_LINEARS = ("depth_analysis", "distill")
+
+
+def first_rewrite(previous: list[Pass]) -> tuple[int, Pass] | None:
+    """The first earlier pass that rewrites linears (a pass surgering plain linears must come before it)."""
+    return next(((i, p) for i, p in enumerate(previous)
+                 if not (getattr(p, "changes_structure", False) or p.name in KEEPS_LINEARS)), None)

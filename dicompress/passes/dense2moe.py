@@ -33,10 +33,7 @@ from ..nn.surgery import set_module
 from ..prune import teacher_io
 from ..prune.width import LAYOUTS, select_blocks
 from ._recovery import block_store, check_teacher, end_to_end
-from .base import Pass, PassConfig, register_pass
-
-# passes that may run before: they leave plain nn.Linear FFNs (structural passes, the analysis, distillation)
-ALLOWED_BEFORE = ("depth_analysis", "distill")
+from .base import Pass, PassConfig, first_rewrite, register_pass
 
 
 class Dense2MoEConfig(PassConfig):
@@ -88,10 +85,11 @@ class Dense2MoE(Pass):
         self.needs_teacher = self.config.end_to_end is not None
 
     def check(self, previous: list[Pass]) -> list[tuple[str, str]]:
-        for i, p in enumerate(previous):
-            if not (getattr(p, "changes_structure", False) or p.name in ALLOWED_BEFORE):
-                return [("", f"runs after passes[{i}].{p.name}, which rewrites linears; dense2moe splits plain "
-                             "FFNs, so put it before quantization, smoothing, rotation and activation quantization")]
+        found = first_rewrite(previous)
+        if found:
+            i, p = found
+            return [("", f"runs after passes[{i}].{p.name}, which rewrites linears; dense2moe splits plain "
+                         "FFNs, so put it before quantization, smoothing, rotation and activation quantization")]
         return []
 
     def check_model(self, model, adapter) -> list[tuple[str, str]]:

@@ -34,10 +34,7 @@ from ..prune.projector import (NormalEquations, ResidualProjector, ffn_spec, fol
                                single_mlp_spec)
 from ..prune.width import LAYOUTS, select_blocks
 from ._recovery import block_store
-from .base import Pass, PassConfig, register_pass
-
-# passes that may run before: they leave plain nn.Linear FFNs and the captured block inputs valid
-ALLOWED_BEFORE = ("depth_analysis", "distill")
+from .base import Pass, PassConfig, first_rewrite, register_pass
 
 
 class PPCLWidthConfig(PassConfig):
@@ -64,10 +61,11 @@ class PPCLWidth(Pass):
     changes_structure = True
 
     def check(self, previous: list[Pass]) -> list[tuple[str, str]]:
-        for i, p in enumerate(previous):
-            if not (getattr(p, "changes_structure", False) or p.name in ALLOWED_BEFORE):
-                return [("", f"runs after passes[{i}].{p.name}, which rewrites linears; ppcl_width replaces plain "
-                             "FFNs, so put it before quantization, smoothing, rotation and activation quantization")]
+        found = first_rewrite(previous)
+        if found:
+            i, p = found
+            return [("", f"runs after passes[{i}].{p.name}, which rewrites linears; ppcl_width replaces plain "
+                         "FFNs, so put it before quantization, smoothing, rotation and activation quantization")]
         return []
 
     def check_model(self, model, adapter) -> list[tuple[str, str]]:

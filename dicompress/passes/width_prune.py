@@ -20,11 +20,8 @@ from ..prune.width_importance import unit_scores
 from ..prune.width_plan import (WidthBudgetError, check_global, plan_global, plan_uniform, snap_widths,
                                 uniform_counts)
 from ..quant.hadamard import can_hadamard
-from .base import Pass, PassConfig, register_pass
+from .base import Pass, PassConfig, first_rewrite, register_pass
 
-# passes that may run before width pruning: they leave plain nn.Linear modules (the structural passes, the
-# analysis, end-to-end distillation). Quantization, smoothing, rotation and activation quantization rewrite them.
-ALLOWED_BEFORE = ("depth_analysis", "distill")
 # structural passes that swap the FFN modules for others (projectors, experts): width pruning cannot follow them
 REPLACES_FFNS = ("ppcl_width", "dense2moe")
 
@@ -77,10 +74,12 @@ class WidthPass(Pass):
             if p.name in REPLACES_FFNS:
                 return [("", f"runs after passes[{i}].{p.name}, which replaces FFN modules (no up / down projection "
                              "left to prune); put width pruning first")]
-            if not (getattr(p, "changes_structure", False) or p.name in ALLOWED_BEFORE):
-                return [("", f"runs after passes[{i}].{p.name}, which rewrites linears; width pruning removes rows "
-                             "and columns of plain linears, so put it before quantization, smoothing, rotation and "
-                             "activation quantization")]
+        found = first_rewrite(previous)
+        if found:
+            i, p = found
+            return [("", f"runs after passes[{i}].{p.name}, which rewrites linears; width pruning removes rows "
+                         "and columns of plain linears, so put it before quantization, smoothing, rotation and "
+                         "activation quantization")]
         return []
 
     def check_model(self, model, adapter) -> list[tuple[str, str]]:
