@@ -124,7 +124,8 @@ def _check_block(model: nn.Module, entry: dict, device) -> None:
 # ops whose `module` names a module of the *original* model (not present in the loaded one)
 ORIGINAL_MODEL_OPS = frozenset({"remove_block"})
 # ops of restructured (not rewritten) models: an artifact holding only these can be a recipe's model
-STRUCTURAL_OPS = frozenset({"ppcl_interval", "hybrid_stream", "remove_block", "width", "ppcl_width", "moe_ffn"})
+STRUCTURAL_OPS = frozenset({"ppcl_interval", "hybrid_stream", "remove_block", "width", "ppcl_width", "moe_ffn",
+                            "clear_attention"})
 
 
 @register_manifest_op("remove_block")
@@ -163,3 +164,10 @@ def _rebuild_moe_ffn(model: nn.Module, entry: dict, device) -> None:
     """A Dense2MoE FFN: the dense FeedForward becomes an empty MoEFFN of the entry's shape (moe/manifest_op.py)."""
     from ..moe.manifest_op import rebuild_moe_ffn   # lazy: moe imports io (no import cycle at module level)
     rebuild_moe_ffn(model, entry, device)
+
+
+@register_manifest_op("clear_attention")
+def _rebuild_clear_attention(model: nn.Module, entry: dict, device) -> None:
+    """CLEAR attention: the module's processor becomes the local-window one (clear/manifest_op.py)."""
+    from ..clear.manifest_op import rebuild_clear_attention   # lazy, as moe_ffn
+    rebuild_clear_attention(model, entry, device)
