@@ -2,8 +2,9 @@
 
     A8 (act_bits <= 8)  quantize_act -> int8 codes + per-token steps -> qlinear on the codes (fused path)
     A16 / wider acts    the float transform (smooth, rotation, fake quantization) -> qlinear on floats
-With autograd recording and an input (or the bias) that requires grad, the differentiable torch
-composition runs instead (the same reference math through the same codec, so the values are the same).
+With autograd recording and any tensor the ops would take requiring grad (the input, the bias, a codec or
+transform tensor a user made trainable), the differentiable torch composition runs instead (the same reference
+math through the same codec, so the values are the same; activation rounding is straight-through there).
 The layer's codec says which of its buffers the ops take (quant/codecs.py: Codec.kernel_args); a codec
 that is not registered is an error, never a silent dequantize-then-matmul.
 
@@ -33,6 +34,15 @@ MAX_CODE_BITS = 8                      # integer activation codes are held in in
 
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _layer_needs_grad(q, x: torch.Tensor) -> bool:
+    """Whether a QuantLinear call must record autograd: the input, the bias, a codec tensor or a transform
+    tensor requires grad (the ops have no backward, so any of them must take the composition)."""
+    if not torch.is_grad_enabled():
+        return False
+    codec = get_codec(q.codec).kernel_args.of(q)
+    return _needs_grad(x, q.bias, *codec, *(_act_args(q.act) if q.act is not None else ()))
 
 
 def _act_args(act) -> tuple:
@@ -94,7 +104,7 @@ def forget_act_codes() -> None:
 
 def act_forward(act, x: torch.Tensor) -> torch.Tensor:
     """ActTransform.forward: x / smooth -> rotation -> per-token fake quantization, in x's dtype."""
-    if _fused(act) and not _needs_grad(x):
+    if _fused(act) and not _needs_grad(x, *_act_args(act)):
         codes, steps = ops.quantize_act(x, *_act_args(act), act.act_bits)
         return reference.dequantize_act(codes, steps, x.dtype)
     x = reference.transform_act(x, *_act_args(act))
@@ -112,7 +122,7 @@ def _weight_args(q, int8_gemm: bool) -> tuple:
 
 def quant_linear_forward(q, x: torch.Tensor) -> torch.Tensor:
     """QuantLinear.forward: y = act(x) · decode(qweight)ᵀ + bias, in x's dtype."""
-    if _needs_grad(x, q.bias):                   # the differentiable torch composition
+    if _layer_needs_grad(q, x):                  # the differentiable torch composition
         if q.act is not None:
             x = act_forward(q.act, x)
         return reference.qlinear(x, None, *_weight_args(q, False), x.dtype)

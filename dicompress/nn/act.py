@@ -91,7 +91,9 @@ class ActTransform(nn.Module):
 
     @property
     def has_smooth(self) -> bool:
-        return "smooth" in self._buffers
+        # a parameter too: a user who trains the divisor makes it one (the layer then takes the differentiable
+        # path, kernels/linear.py)
+        return "smooth" in self._buffers or "smooth" in self._parameters
 
     def describe(self) -> str:
         """Short label for reports: e.g. 'smooth+hadamard+a8', 'identity'."""

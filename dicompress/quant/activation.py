@@ -30,9 +30,24 @@ def per_token_step(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def quantize_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Fake-quantize `x` to `bits` per token (symmetric absmax); returns x_hat in x's dtype and shape."""
+    """Fake-quantize `x` to `bits` per token (symmetric absmax); returns x_hat in x's dtype and shape.
+
+    With autograd recording, the gradient is straight-through (d x_hat / d x = identity): round() alone has a
+    zero derivative almost everywhere, which would give everything upstream of a quantized linear no gradient.
+    Nothing is clipped (the step is the token's own absmax), so the identity is the whole STE; the step is a
+    constant to autograd (per_token_step detaches)."""
     qmax = (1 << (check_act_bits(bits) - 1)) - 1
     xf = x.float()
     step = per_token_step(xf, bits)
     safe = torch.where(step > 0, step, torch.ones_like(step))   # an all-zero token stays zero
-    return ((xf / safe).round().clamp(-qmax, qmax) * safe).to(x.dtype)
+    x_hat = ((xf.detach() / safe).round().clamp(-qmax, qmax) * safe).to(x.dtype)
+    return straight_through(x, x_hat)
+
+
+def straight_through(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """x_hat's values with x's gradient: x_hat + (x - x.detach()). The added term is exactly zero, so the
+    value is x_hat bit for bit (x + (x_hat - x).detach() would round twice); with no gradient recorded,
+    x_hat itself."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return x_hat
+    return x_hat + (x - x.detach())

@@ -110,9 +110,16 @@ def _sylvester(m: int, dtype=torch.float64) -> torch.Tensor:
     return h
 
 
-@lru_cache(maxsize=32)
+@torch.compiler.assume_constant_result
 def _base_matrix(p: int) -> torch.Tensor:
-    """Unnormalised ±1 Hadamard matrix of a base order (float64; do not modify in place)."""
+    """Unnormalised ±1 Hadamard matrix of a base order (float64; do not modify in place). torch.compile calls
+    this at trace time and keeps the tensor as a constant: tracing into the cached build would break the graph
+    at its data-dependent check (torch.equal) on every call, as it does with gradients on."""
+    return _build_base_matrix(p)
+
+
+@lru_cache(maxsize=32)
+def _build_base_matrix(p: int) -> torch.Tensor:
     kind = _base_kind(p)
     if kind == "sylvester":
         h = torch.ones(1, 1, dtype=torch.float64)
