@@ -154,3 +154,128 @@ def test_only_attention_trains_and_distillation_lowers_the_loss(tiny_zoo_dir, tm
     summary = state.report["passes"][-1]
     assert summary["modules"] == 3 and summary["grid"] == [8, 8] and summary["steps"] == 12
     assert summary["loss_last"] < summary["loss_first"]
+
+
+# -- artifacts ------------------------------------------------------------------------------------------------
+
+def _synthetic_store(model, root):
+    cfg = CalibrationConfig(source="synthetic", seeds=[0, 1], steps=2, batch_size=2)
+    return capture(model, adapter_for(model), cfg, {"name": "t", "path": root}, root / "s", block_inputs=False,
+                   model_inputs=True, progress=False)
+
+
+LOAD = textwrap.dedent("""
+    import sys, torch
+    from diffusers import FluxTransformer2DModel
+    from dicompress.clear.processor import FluxClearAttnProcessor
+    art, inputs, out = sys.argv[1:4]
+    torch.set_num_threads(1)     # as the test process (conftest): reductions then round the same way
+    t = FluxTransformer2DModel.from_pretrained(art)
+    procs = [m.processor for n, m in t.named_modules() if type(m).__name__ == "FluxAttention"]
+    assert all(isinstance(p, FluxClearAttnProcessor) and p.radius == 3.0 and p.pool.factor == 2 for p in procs)
+    with torch.no_grad():
+        torch.save([t(**kw).sample for kw in torch.load(inputs)], out)
+    print("OK")
+""")
+
+
+def test_artifact_loads_in_a_fresh_process_and_runs_at_two_resolutions(tiny_flux_pipeline_dir, tmp_path):
+    src = str(tiny_flux_pipeline_dir / "transformer")
+    model = FluxTransformer2DModel.from_pretrained(src, torch_dtype=torch.float32)
+    state = dicompress.compress(model, [{"clear": {"radius": 3, "pooling": 2, "distill": {"steps": 0}}}],
+                                calibration=_synthetic_store(model, tmp_path), **QUIET)
+    with torch.no_grad():     # stand-in for trained pooling weights: the artifact must carry them
+        for n, p in model.named_parameters():
+            if ".processor.pool." in n:
+                p.uniform_(0.1, 0.4)
+    kws = [flux_inputs(model, grid, batch=1) for grid in ((8, 8), (5, 9))]    # the calibration's grid and another
+    for kw in kws:
+        kw["encoder_hidden_states"] = torch.randn(1, 8, model.config.joint_attention_dim)
+        kw["pooled_projections"] = torch.randn(1, model.config.pooled_projection_dim)
+        kw["guidance"] = torch.full((1,), 3.5)
+        kw["hidden_states"] = torch.randn(1, kw["hidden_states"].shape[1], model.config.in_channels)
+    with torch.no_grad():
+        ours = [model(**kw).sample for kw in kws]
+    art = dicompress.save(state, tmp_path / "art")
+    torch.save(kws, tmp_path / "in.pt")
+    run = subprocess.run([sys.executable, "-c", LOAD, str(art), str(tmp_path / "in.pt"), str(tmp_path / "o.pt")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "OK" in run.stdout, run.stderr[-3000:]
+    for a, b in zip(torch.load(tmp_path / "o.pt"), ours):
+        assert torch.equal(a, b)
+    # the model's own pipeline at two resolutions, neither the calibration's: 4x4 and 6x6 token grids
+    from diffusers import FluxPipeline
+    loaded = FluxTransformer2DModel.from_pretrained(art)
+    pipe = FluxPipeline.from_pretrained(tiny_flux_pipeline_dir, transformer=loaded, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    for size, tokens in ((64, 16), (96, 36)):
+        lat = pipe(prompt=["a red cat"], num_inference_steps=2, height=size, width=size, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).images
+        assert lat.shape == (1, tokens, 64) and torch.isfinite(lat).all()
+        assert loaded._clear_context.grid is None                  # cleared after each call
+    manifest = json.loads((art / "config.json").read_text())["quantization_config"]["manifest"]
+    n_attn = model.config.num_layers + model.config.num_single_layers
+    assert [e["op"] for e in manifest] == ["clear_attention"] * n_attn
+    assert manifest[0] == {"op": "clear_attention", "module": "transformer_blocks.0.attn", "radius": 3.0,
+                           "pooling": 2, "heads": model.config.num_attention_heads, "grid": [8, 8]}
+
+
+def _recipe(tmp_path, model_dir, passes, name, calibration=None):
+    data = {"model": str(model_dir), "output": str(tmp_path / name), "passes": passes,
+            "calibration": calibration or {"source": "classes", "classes": [0, 5], "seeds": [0], "steps": 2,
+                                           "batch_size": 2},
+            "eval": {"enabled": False}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_clear_then_w4a8_writes_one_artifact_that_loads(tiny_zoo_dir, tmp_path):
+    """The quantization after CLEAR calibrates on the CLEAR model; its linears (attention's included) are quantized
+    and the artifact, loaded as users load it, computes what the model in memory did."""
+    from dicompress.nn.qlinear import QuantLinear
+    passes = [{"clear": {"radius": 3, "distill": {"steps": 2, "batch_size": 2, "checkpoint_every": 0}}},
+              {"smooth": {"alpha": 0.5}}, {"tlq": {"bits": 4, "granularity": "channel"}}, {"act_quant": {"bits": 8}}]
+    report = dicompress.run(_recipe(tmp_path, tiny_zoo_dir, passes, "w"), progress=False, echo=lambda *a, **k: None)
+    assert all(p["bit_exact"] for p in report["load_check"]["probes"])
+    manifest = json.loads((tmp_path / "w" / "config.json").read_text())["quantization_config"]["manifest"]
+    ops = [e["op"] for e in manifest]
+    assert ops[:4] == ["clear_attention"] * 4 and "quantize" in ops and "clear_attention" not in ops[4:]
+    model = FluxTransformer2DModel.from_pretrained(tmp_path / "w")
+    attn = model.transformer_blocks[0].attn
+    assert isinstance(attn.processor, FluxClearAttnProcessor) and isinstance(attn.to_q, QuantLinear)
+    with torch.no_grad():
+        for grid in ((8, 8), (6, 4)):
+            kw = flux_inputs(model, grid, txt=4)
+            kw["encoder_hidden_states"] = torch.randn(2, 4, model.config.joint_attention_dim)
+            assert torch.isfinite(model(**kw).sample).all()
+
+
+def test_bad_inputs_before_any_work(tiny_zoo_dir, tiny_qwen_dir, tmp_path):
+    with pytest.raises(RecipeError, match="radius"):
+        build_passes([{"clear": {"radius": 0}}])
+    with pytest.raises(RecipeError, match="pooling"):
+        build_passes([{"clear": {"radius": 2, "pooling": 1}}])
+    with pytest.raises(RecipeError, match="before quantization"):
+        build_passes([{"tlq": {"bits": 4}}, {"clear": {"radius": 2}}])
+    build_passes([{"clear": {"radius": 2}}, {"tlq": {"bits": 4}}])
+    model = build()
+    store = _synthetic_store(model, tmp_path)                      # an 8x8 token grid
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for cfg, key, msg in (({"radius": 9}, "clear.radius", "larger than the calibration's 8x8"),
+                          ({"radius": 2, "pooling": 9}, "clear.pooling", "larger than the calibration's 8x8"),
+                          ({"radius": 2, "include": ["nothing.*"]}, "clear.include", "no block matches")):
+        with pytest.raises(RecipeError, match=msg) as e:
+            dicompress.compress(model, [{"clear": {**cfg, "distill": {"steps": 0}}}], calibration=store, **QUIET)
+        assert e.value.key == key
+    assert not any(isinstance(m.processor, FluxClearAttnProcessor) for m in model.modules() if hasattr(m, "processor"))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # an architecture whose attention the pass cannot replace: refused by the recipe check, before any capture
+    path = _recipe(tmp_path, tiny_qwen_dir, [{"clear": {"radius": 2, "distill": {"steps": 0}}}], "q",
+                   calibration={"source": "synthetic", "seeds": [0], "steps": 2})
+    with pytest.raises(RecipeError, match=r"passes\[0\]\.clear.*FLUX only; this model is qwenimage"):
+        dicompress.run(path, progress=False, echo=lambda *a, **k: None)
+    assert not (tmp_path / "q").exists()
+    qwen = QwenImageTransformer2DModel.from_pretrained(tiny_qwen_dir)
+    with pytest.raises(RecipeError, match="qwenimage"):
+        dicompress.compress(qwen, [{"clear": {"radius": 2, "distill": {"steps": 0}}}], calibration=store, **QUIET)

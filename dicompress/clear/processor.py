@@ -4,7 +4,9 @@ The processor is diffusers' FluxAttnProcessor (same q/k/v projections, qk-norms,
 `clear_attention` in place of dispatch_attention_fn. The window needs the number of text tokens and the image token
 grid of the current call; a forward pre-hook on the transformer (`ClearContext`) reads them from `txt_ids` /
 `img_ids`, checks the image ids are a row-major grid (what FLUX pipelines build at any resolution) and holds them for
-every processor of that model, so any resolution works without configuration.
+every processor of that model, so any resolution works without configuration. A block run on its own (the write-time
+load check, block-wise calibration and quantization) has no such call: it uses the grid the pass calibrated on
+(recorded in the manifest), the text tokens being the rest of the sequence.
 """
 from __future__ import annotations
 
@@ -40,13 +42,14 @@ def ids_layout(txt_ids: torch.Tensor, img_ids: torch.Tensor) -> tuple[int, tuple
 
 
 class ClearContext:
-    """The transformer's forward pre-hook: records (n_text, grid) of the current call for its CLEAR processors."""
+    """The transformer's forward hooks: (n_text, grid) of the current call for its CLEAR processors, cleared when
+    the call ends (a block run on its own afterwards never sees a stale grid)."""
 
     def __init__(self):
         self.n_text: int | None = None
         self.grid: tuple[int, int] | None = None
 
-    def __call__(self, module, args, kwargs):
+    def enter(self, module, args, kwargs):
         bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
         txt, img = bound.get("txt_ids"), bound.get("img_ids")
         if txt is None or img is None:
@@ -54,15 +57,25 @@ class ClearContext:
         self.n_text, self.grid = ids_layout(txt, img)
         return None
 
-    def layout(self, n: int) -> tuple[int, tuple[int, int]]:
-        if self.grid is None:
-            raise RuntimeError("CLEAR attention ran outside the transformer's forward: no image grid is known (call "
-                               "the transformer, whose pre-hook reads img_ids / txt_ids, before running its blocks)")
-        h, w = self.grid
-        if self.n_text + h * w != n:
-            raise RuntimeError(f"CLEAR attention got {n} tokens, but the transformer's last call had {self.n_text} "
-                               f"text + {h}x{w} image tokens (blocks run on inputs of another resolution?)")
-        return self.n_text, self.grid
+    def exit(self, module, args, kwargs, output):
+        self.n_text = self.grid = None
+        return None
+
+    def layout(self, n: int, fallback: tuple[int, int] | None) -> tuple[int, tuple[int, int]]:
+        """(n_text, grid) for a call of `n` tokens: the transformer's current call, else `fallback` (the
+        calibration grid; text = the other tokens)."""
+        if self.grid is not None:
+            n_text, grid = self.n_text, self.grid
+        elif fallback is not None:
+            grid = tuple(fallback)
+            n_text = n - grid[0] * grid[1]
+        else:
+            raise RuntimeError("CLEAR attention ran outside the transformer's forward and has no calibration grid "
+                               "to fall back on (call the transformer, whose pre-hook reads img_ids / txt_ids)")
+        if n_text < 0 or n_text + grid[0] * grid[1] != n:
+            raise RuntimeError(f"CLEAR attention got {n} tokens, which is not {n_text} text + {grid[0]}x{grid[1]} "
+                               "image tokens (a block run on its own at another resolution than the calibration's?)")
+        return n_text, grid
 
 
 def context_of(model: nn.Module) -> ClearContext:
@@ -71,7 +84,8 @@ def context_of(model: nn.Module) -> ClearContext:
     if ctx is None:
         ctx = ClearContext()
         setattr(model, CONTEXT_ATTR, ctx)
-        model.register_forward_pre_hook(ctx, with_kwargs=True)
+        model.register_forward_pre_hook(ctx.enter, with_kwargs=True)
+        model.register_forward_hook(ctx.exit, with_kwargs=True, always_call=True)
     return ctx
 
 
@@ -79,13 +93,15 @@ class FluxClearAttnProcessor(nn.Module):
     """FluxAttnProcessor with CLEAR attention (window `radius` on the image grid, text global) and optional pooled
     keys / values (`pool`). A module, so the pooling weights are parameters of the attention module that owns it."""
 
-    def __init__(self, radius: float, context: ClearContext, pool: KVPool | None = None):
+    def __init__(self, radius: float, context: ClearContext, pool: KVPool | None = None,
+                 grid: tuple[int, int] | None = None):
         super().__init__()
         if radius <= 0:
             raise ValueError(f"CLEAR radius must be > 0, got {radius}")
         self.radius = float(radius)
         self.context = context
         self.pool = pool
+        self.grid = tuple(grid) if grid is not None else None    # used by blocks run outside the model's forward
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         # lazy: diffusers' model modules take seconds to import
@@ -107,7 +123,9 @@ class FluxClearAttnProcessor(nn.Module):
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        n_text, grid = self.context.layout(query.shape[1])
+        n_text, grid = self.context.layout(query.shape[1], self.grid)
+        if encoder_hidden_states is not None and n_text != encoder_hidden_states.shape[1]:
+            raise RuntimeError(f"CLEAR attention: {encoder_hidden_states.shape[1]} text tokens, the layout says {n_text}")
         pk = pv = None
         if self.pool is not None:
             pk, pv = self.pool(key[:, n_text:], value[:, n_text:], grid)
@@ -122,7 +140,7 @@ class FluxClearAttnProcessor(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"radius={self.radius:g}"
+        return f"radius={self.radius:g}, grid={self.grid}"
 
 
 def is_flux_attention(module: nn.Module) -> bool:
@@ -132,11 +150,13 @@ def is_flux_attention(module: nn.Module) -> bool:
                                                               FluxClearAttnProcessor.__name__)
 
 
-def install_clear(model: nn.Module, names: list[str], radius: float, pooling: int | None) -> None:
-    """Give each attention module in `names` a CLEAR processor (pooling weights at 1/f^2 on its device / dtype)."""
+def install_clear(model: nn.Module, names: list[str], radius: float, pooling: int | None,
+                  grid: tuple[int, int] | None = None) -> None:
+    """Give each attention module in `names` a CLEAR processor (pooling weights at 1/f^2 on its device / dtype);
+    `grid`: the calibration's, for blocks run outside the model's forward."""
     ctx = context_of(model)
     for name in names:
         attn = model.get_submodule(name)
         p = next(q for q in attn.parameters() if q.is_floating_point())
         pool = KVPool(attn.heads, pooling, device=p.device, dtype=p.dtype) if pooling else None
-        attn.set_processor(FluxClearAttnProcessor(radius, ctx, pool))
+        attn.set_processor(FluxClearAttnProcessor(radius, ctx, pool, grid))

@@ -118,9 +118,9 @@ class Clear(Pass):
                               key=self.name, hint="capture calibration on a FLUX model")
         n_text, grid = ids_layout(inputs["txt_ids"], inputs["img_ids"])
         self.check_grid(grid)
-        install_clear(model, names, c.radius, c.pooling)
+        install_clear(model, names, c.radius, c.pooling, grid)
         for n in names:
-            state.record(clear_entry(n, model.get_submodule(n), c.radius, c.pooling))
+            state.record(clear_entry(n, model.get_submodule(n), c.radius, c.pooling, grid))
         patterns = [f"{n}.*" for n in names]
         trained = select_trainable(model, patterns)
         params = dict(model.named_parameters())
