@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from dicompress.moe import (MoEFFN, balanced_assign, expert_mass, fit_router, moe_from_dense, partition_cluster,
+from dicompress.moe import (AttnOutPlusMLP, MoEFFN, balanced_assign, expert_mass, fit_router, moe_from_dense, partition_cluster,
                             partition_importance, partition_random, router_recall, split_widths,
                             switch_balance_loss, topk_coverage)
 
@@ -211,16 +211,18 @@ def test_split_then_distillation_approach_the_teacher(store):
                         **QUIET)
     for m in (split, dist):
         assert all(isinstance(b.ff, MoEFFN) and isinstance(b.ff_context, MoEFFN) for b in m.transformer_blocks)
-        assert isinstance(m.single_transformer_blocks[0].proj_mlp, nn.Linear)       # single blocks stay dense
+        single = m.single_transformer_blocks[0]                    # the MLP of proj_mlp / proj_out's columns
+        assert isinstance(single.proj_mlp, MoEFFN) and isinstance(single.proj_out, AttnOutPlusMLP)
     rep = s1.report["passes"][-1]
-    # FFN 32 -> 128: shared 16 + 7 x 16, top-2: 3 of 8 slices plus the router (7 x 33) and the output bias
+    # FFN 32 -> 128: shared 16 + 7 x 16, top-2: 3 of 8 slices plus the router (7 x 33) and the output bias (a
+    # single block's MLP: proj_mlp, proj_out's MLP columns and its bias, which the MoE takes over: the same count)
     ffn = 32 * 128 + 128 + 128 * 32 + 32
     active = 16 * 33 + 16 * 32 + 2 * (16 * 33 + 16 * 32) + 7 * 33 + 32
-    assert rep["ffns_converted"] == 4 and rep["activated_ffn_param_fraction"] == round(active / ffn, 4)
-    assert rep["activated_param_fraction"] < 1 and rep["activated_ffn_param_fraction_model"] > \
-        rep["activated_ffn_param_fraction"]                              # the single block's MLP counts whole
+    assert rep["ffns_converted"] == 5 and rep["activated_ffn_param_fraction"] == round(active / ffn, 4)
+    assert rep["activated_param_fraction"] < 1 and rep["activated_ffn_param_fraction_model"] == \
+        rep["activated_ffn_param_fraction"]                              # every FFN of the model converted
     rows = [r for r in s1.report["layers"] if r["method"] == "dense2moe"]
-    assert tuple(r["module"] for r in rows) == FFNS
+    assert tuple(r["module"] for r in rows) == FFNS + ("single_transformer_blocks.0.mlp",)
     assert all(len(r["load"]) == 7 and abs(sum(r["load"]) - 1) < 1e-3 for r in rows)
     assert all(r["loss_last"] < r["loss_first"] for r in rows if "loss_first" in r)
     # the fitted router picks better than chance (2 of 7) the experts holding the most mass
@@ -229,9 +231,30 @@ def test_split_then_distillation_approach_the_teacher(store):
     for b in zero.transformer_blocks:
         for f in (b.ff, b.ff_context):
             f.net[2].weight.data.zero_(), f.net[2].bias.data.zero_()
-    for name in ("transformer_blocks.0", "transformer_blocks.1"):
+    zero.single_transformer_blocks[0].proj_out.weight.data[:, 32:] = 0
+    for name in ("transformer_blocks.0", "transformer_blocks.1", "single_transformer_blocks.0"):
         e_dist, e_split, e_zero = (block_error(m, store, name) for m in (dist, split, zero))
         assert e_dist < e_split < e_zero, (name, e_dist, e_split, e_zero)
+
+
+def test_a_single_blocks_mlp_split_whole_is_the_dense_block():
+    """FLUX single block: all experts routed (top_k = experts) under a uniform router compute the dense block; the
+    attention columns of proj_out stay a plain linear."""
+    from dicompress.moe.single import install_single_moe, single_mlp_parts
+    model = build()
+    block = model.single_transformer_blocks[0]
+    with torch.no_grad():
+        block.proj_out.bias.normal_()
+    kw = {"hidden_states": torch.randn(2, 6, 32), "encoder_hidden_states": torch.randn(2, 3, 32),
+          "temb": torch.randn(2, 32)}
+    with torch.no_grad():
+        want = block(**kw)
+        shared, experts = partition_random(128, 16, 7, 16, seed=1)
+        install_single_moe(block, moe_from_dense(single_mlp_parts(block), shared, experts, top_k=7))
+        got = block(**kw)
+    assert type(block.proj_out.attn) is nn.Linear and block.proj_out.attn.bias is None
+    for a, b in zip(got, want):
+        assert (a - b).abs().max() <= RTOL * b.abs().max()
 
 
 def test_cluster_partition_and_include_keep(store):
@@ -264,7 +287,7 @@ LOAD = textwrap.dedent("""
     art, pipe_dir, out = sys.argv[1:4]
     torch.set_num_threads(1)     # as the test process (conftest): GEMM reductions then round the same way
     t = FluxTransformer2DModel.from_pretrained(art)
-    assert sum(isinstance(m, MoEFFN) for m in t.modules()) == 4
+    assert sum(isinstance(m, MoEFFN) for m in t.modules()) == 2 * len(t.transformer_blocks) + len(t.single_transformer_blocks)
     kw = adapter_for(t).synthetic_inputs(t, 2, torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.save(t(**kw).sample, out)
@@ -291,7 +314,9 @@ def test_artifact_loads_in_a_fresh_process_and_runs_in_the_pipeline(tiny_flux_pi
     assert run.returncode == 0 and "OK" in run.stdout, run.stderr[-3000:]
     assert torch.equal(torch.load(tmp_path / "o.pt"), ours)
     manifest = json.loads((art / "config.json").read_text())["quantization_config"]["manifest"]
-    assert [e["op"] for e in manifest] == ["moe_ffn"] * 4
+    assert [e["op"] for e in manifest] == ["moe_ffn"] * (4 + len(model.single_transformer_blocks))
+    assert [e["module"] for e in manifest if e.get("ffn") == "mlp"] == [
+        f"single_transformer_blocks.{i}" for i in range(len(model.single_transformer_blocks))]
     assert manifest[0]["experts"] == 7 and manifest[0]["top_k"] == 2 and manifest[0]["shared"] + 7 * \
         manifest[0]["expert_width"] == manifest[0]["hidden"]
     assert torch.equal(dicompress.load(art)(**kw).sample, ours)
@@ -321,6 +346,8 @@ def test_dense2moe_then_w4a8_writes_one_artifact_that_loads(tiny_zoo_dir, tmp_pa
     quantized = {m for op, m in ops if op == "quantize"}
     assert {"transformer_blocks.0.ff.shared.up", "transformer_blocks.0.ff.experts.6.down",
             "transformer_blocks.1.ff_context.experts.0.up"} <= quantized
+    assert {"single_transformer_blocks.0.proj_mlp.shared.up", "single_transformer_blocks.0.proj_mlp.experts.2.down",
+            "single_transformer_blocks.0.proj_out.attn"} <= quantized
     assert not any("router" in m for m in quantized)
     model = FluxTransformer2DModel.from_pretrained(art)
     ff = model.transformer_blocks[0].ff
@@ -342,7 +369,6 @@ def test_bad_inputs_before_any_work(store, tiny_zoo_dir, tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for cfg, msg in [({"include": ["nothing.*"]}, "no FFN selected"),
                      ({"keep": ["*"]}, "no FFN selected"),
-                     ({"include": ["single_*"]}, "no separate FFN module"),
                      ({"shared_width": 128}, r"shared expert of 128 neurons does not fit an FFN of 128"),
                      ({"experts": 200}, "200 routed experts do not fit the 112 neurons")]:
         with pytest.raises(RecipeError, match=msg):

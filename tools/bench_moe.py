@@ -199,7 +199,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--samples-per-class", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the CPU is shared; more threads than free cores stall)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

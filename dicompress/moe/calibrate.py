@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..calib.encoding import to_module
+from .single import hooks_of
 
 
 class _Reservoir:
@@ -36,12 +37,13 @@ class _Reservoir:
 def ffn_statistics(block: nn.Module, adapter, chunks, ffns: list[str], *, probes: int = 2, tokens: int = 4096,
                    seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
     """{ffn path relative to the block: {"scores": [N] Taylor scores, "inputs": [<= tokens, dim] sampled FFN
-    inputs}} from running `block` (a dense teacher block) on the calibration `chunks` (block-input dicts)."""
+    inputs}} from running `block` (a dense teacher block) on the calibration `chunks` (block-input dicts). `ffns`:
+    FeedForward paths, or "mlp" for a FLUX single block's MLP (moe/single.py)."""
     gen = torch.Generator().manual_seed(seed)
-    modules = {rel: block.get_submodule(rel) for rel in ffns}
+    sites = {rel: hooks_of(block, rel) for rel in ffns}      # (input module, activation module, width)
     seen: dict[str, list[torch.Tensor]] = {rel: [] for rel in ffns}
     res = {rel: _Reservoir(tokens, gen) for rel in ffns}
-    scores = {rel: torch.zeros(m.net[0].proj.out_features) for rel, m in modules.items()}
+    scores = {rel: torch.zeros(width) for rel, (_, _, width) in sites.items()}
 
     def keep_act(rel):
         def hook(mod, args, out):
@@ -53,8 +55,8 @@ def ffn_statistics(block: nn.Module, adapter, chunks, ffns: list[str], *, probes
     def keep_in(rel):
         return lambda mod, args: res[rel].add(args[0])
 
-    hooks = [m.net[0].register_forward_hook(keep_act(rel)) for rel, m in modules.items()]
-    hooks += [m.register_forward_pre_hook(keep_in(rel)) for rel, m in modules.items()]
+    hooks = [act.register_forward_hook(keep_act(rel)) for rel, (_, act, _) in sites.items()]
+    hooks += [inp.register_forward_pre_hook(keep_in(rel)) for rel, (inp, _, _) in sites.items()]
     p = next(block.parameters())
     try:
         for chunk in chunks:

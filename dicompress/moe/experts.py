@@ -168,11 +168,12 @@ def dense_parts(ffn: nn.Module) -> dict:
 
 
 @torch.no_grad()
-def moe_from_dense(ffn: nn.Module, shared: torch.Tensor, experts: list[torch.Tensor], top_k: int,
+def moe_from_dense(ffn: nn.Module | dict, shared: torch.Tensor, experts: list[torch.Tensor], top_k: int,
                    router: tuple[torch.Tensor, torch.Tensor] | None = None) -> MoEFFN:
     """An MoEFFN holding exactly the dense FFN's neurons: `shared` (neuron indices) and `experts` (one index tensor
-    per routed expert, equal lengths); `router` = (weight [E, dim], bias [E]) or a zero (uniform) router."""
-    d = dense_parts(ffn)
+    per routed expert, equal lengths); `router` = (weight [E, dim], bias [E]) or a zero (uniform) router.
+    `ffn`: a FeedForward, or its parts as dense_parts returns them (a FLUX single block's MLP: moe/single.py)."""
+    d = ffn if isinstance(ffn, dict) else dense_parts(ffn)
     w1, b1, w2, b2 = d["w1"], d["b1"], d["w2"], d["b2"]
     widths = {len(e) for e in experts}
     if len(widths) != 1:

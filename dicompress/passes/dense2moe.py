@@ -8,9 +8,9 @@ Switch load-balancing loss (moe/distill.py), and optionally the whole model end 
 The manifest op `moe_ffn` rebuilds the MoE FFNs at load time; quantization passes that follow quantize each
 expert's linears (the routers stay in full precision).
 
-FLUX single blocks are refused: their MLP is no module of its own (proj_mlp's GELU output is concatenated with the
-attention output and read by proj_out's columns). Dual-stream FFNs only: FLUX ff / ff_context, Qwen-Image
-img_mlp / txt_mlp.
+FFNs converted: FLUX ff / ff_context and single blocks' MLPs (moe/single.py: proj_mlp becomes the MoE FFN, whose
+down-projections are proj_out's MLP columns; proj_out keeps its attention columns), Qwen-Image img_mlp / txt_mlp.
+A single block's MLP reads text and image tokens alike, so `text_stream: false` does not exclude it.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from ..moe import (MoEFFN, dense_parts, expert_mass, fit_router, moe_from_dense,
 from ..moe.calibrate import ffn_statistics
 from ..moe.distill import distill_moe_block, expert_load
 from ..moe.manifest_op import moe_entry
+from ..moe.single import MLP, install_single_moe, single_mlp_parts
 from ..nn.surgery import set_module
 from ..prune import teacher_io
 from ..prune.width import LAYOUTS, select_blocks
@@ -48,7 +49,7 @@ class Dense2MoEConfig(PassConfig):
         "importance", description="routed neurons: importance (contiguous chunks in Taylor-score order) | cluster "
                                   "(balanced k-means on co-activation profiles) | random (seeded)")
     include: tuple[str, ...] | None = Field(None, description="block names whose FFNs are converted (fnmatch, full "
-                                                              "names); null = every dual-stream block")
+                                                              "names); null = every block (FLUX: double and single)")
     keep: tuple[str, ...] = Field((), description="block names whose FFNs stay dense (fnmatch)")
     text_stream: bool = Field(True, description="also convert the text stream's FFN (ff_context / txt_mlp)")
     taylor_probes: int = Field(2, ge=1, description="random output directions per calibration chunk (Taylor)")
@@ -103,8 +104,8 @@ class Dense2MoE(Pass):
     def targets(self, model, adapter) -> list[tuple[object, list[tuple[str, bool, int]]]]:
         """[(block ref, [(FFN path, text stream?, hidden width)])], or a RecipeError naming what does not fit."""
         c = self.config
-        dual = tuple(f"{attr}.*" for attr, stream in adapter.block_lists if stream == "double")
-        include = c.include if c.include is not None else dual
+        every = tuple(f"{attr}.*" for attr, _ in adapter.block_lists)
+        include = c.include if c.include is not None else every
         refs = select_blocks(adapter.blocks(model), include, c.keep)
         if not refs:
             raise RecipeError(f"no block matches include {list(include)} minus keep {list(c.keep)}: no FFN selected",
@@ -112,18 +113,19 @@ class Dense2MoE(Pass):
         out = []
         for r in refs:
             layout = LAYOUTS.get((adapter.name, r.stream))
-            if layout is None or any(f.after_heads for f in layout.ffns):
-                raise RecipeError(f"{r.name} is a {adapter.name} {r.stream}-stream block, which has no separate FFN "
-                                  "module (FLUX single blocks: proj_mlp's output is concatenated with the attention "
-                                  "output and read by proj_out)", key=f"{self.name}.include",
-                                  hint=f"select dual-stream blocks only, e.g. include: {list(dual)}")
+            if layout is None:
+                raise RecipeError(f"{r.name} is a {adapter.name} {r.stream}-stream block, whose FFN layout dense2moe "
+                                  "does not know", key=f"{self.name}.include",
+                                  hint=f"select other blocks (include: {list(every)})")
             ffns = []
             for f in layout.ffns:
                 if f.text and not c.text_stream:
                     continue
-                path = f"{r.name}.{f.key}"
+                path = f"{r.name}.{MLP if f.after_heads else f.key}"
                 try:
-                    hidden = dense_parts(model.get_submodule(path))["w1"].shape[0]
+                    block = model.get_submodule(r.name)
+                    parts = single_mlp_parts(block) if f.after_heads else dense_parts(model.get_submodule(path))
+                    hidden = parts["w1"].shape[0]
                     split_widths(hidden, c.experts, c.shared_fraction, c.shared_width)
                 except ValueError as e:
                     key = "shared_width" if str(e).startswith("a shared expert") else "experts"
@@ -152,7 +154,7 @@ class Dense2MoE(Pass):
             block_rows[0].update(self._distill(state, store, names, ref, ffns))
             load = expert_load(block, adapter, store.iter_block_inputs(ref.name))
             for r, rel in zip(block_rows, rels):
-                counts = load[rel].double()
+                counts = load["proj_mlp" if rel == MLP else rel].double()
                 r["load"] = [round(float(x), 4) for x in counts / counts.sum().clamp_min(1)]
                 r["load_max_over_mean"] = round(float(counts.max() / counts.mean().clamp_min(1e-12)), 3)
                 r["seconds"] = round(time.perf_counter() - t, 2)
@@ -186,8 +188,11 @@ class Dense2MoE(Pass):
 
     def _convert(self, state, path: str, text: bool, hidden: int, stats: dict) -> dict:
         """Split one FFN, fit its router, put the MoE FFN in place, record the manifest entry; the report row."""
-        c, old = self.config, state.model.get_submodule(path)
-        d = dense_parts(old)
+        c = self.config
+        block_name, _, rel = path.rpartition(".")
+        single = rel == MLP
+        old = state.model.get_submodule(block_name if single else path)
+        d = single_mlp_parts(old) if single else dense_parts(old)
         shared_w, width = split_widths(hidden, c.experts, c.shared_fraction, c.shared_width)
         x = stats["inputs"]
         with torch.no_grad():
@@ -203,10 +208,14 @@ class Dense2MoE(Pass):
         rw, rb = fit_router(x, mass, c.ridge)
         logits = x @ rw.T + rb
         p = d["w1"]
-        moe = moe_from_dense(old, shared, experts, c.top_k, (rw.to(p.device, p.dtype), rb.to(p.device, p.dtype)))
-        dense_params = sum(q.numel() for q in old.parameters())
-        set_module(state.model, path, moe)
-        state.record(moe_entry(path, moe, hidden))
+        moe = moe_from_dense(d, shared, experts, c.top_k, (rw.to(p.device, p.dtype), rb.to(p.device, p.dtype)))
+        dense_params = sum(q.numel() for q in (d["w1"], d["b1"], d["w2"], d["b2"]) if q is not None)
+        if single:
+            install_single_moe(old, moe)
+            state.record(moe_entry(block_name, moe, hidden, ffn=MLP))
+        else:
+            set_module(state.model, path, moe)
+            state.record(moe_entry(path, moe, hidden))
         return {"module": path, "method": self.name, "stream": "text" if text else "image", "hidden": hidden,
                 "shared": shared_w, "experts": f"{c.experts}x{width}", "top_k": c.top_k,
                 "params_dense": dense_params, "params_activated": moe.activated_params(),
@@ -221,7 +230,10 @@ class Dense2MoE(Pass):
             return {}
         i = names.index(ref.name)
         inputs, targets = teacher_io(store, names, i, i)
-        streams = tuple(dict.fromkeys("encoder_hidden_states" if text else "hidden_states" for _, text, _ in ffns))
+        # a single block's MLP writes text and image tokens alike: both of its outputs
+        streams = tuple(dict.fromkeys(s for path, text, _ in ffns for s in (
+            ("hidden_states", "encoder_hidden_states") if path.endswith(f".{MLP}")
+            else ("encoder_hidden_states" if text else "hidden_states",))))
         losses, balance = distill_moe_block(
             state.model.get_submodule(ref.name), state.adapter, inputs, targets, c.distill, streams=streams,
             loss=c.loss, balance_weight=c.balance_weight, key=state.checkpoint_key(f"{self.name}:{ref.name}"),
@@ -239,17 +251,21 @@ def _mean(rows: list[dict], key: str) -> float | None:
 
 
 def _all_ffn_params(model, adapter) -> int:
-    """Parameters of every FFN of the model (FLUX single blocks: proj_mlp and proj_out's MLP columns)."""
+    """Parameters of every FFN of the model (FLUX single blocks: proj_mlp, proj_out's MLP columns and its bias)."""
     total = 0
     for r in adapter.blocks(model):
         block = model.get_submodule(r.name)
         for f in LAYOUTS[(adapter.name, r.stream)].ffns:
-            ffn = None if f.after_heads else block.get_submodule(f.key)
+            ffn = block.proj_mlp if f.after_heads else block.get_submodule(f.key)
+            if f.after_heads and isinstance(ffn, MoEFFN):      # a converted single-block MLP
+                total += ffn.activated_params()
+                continue
+            ffn = None if f.after_heads else ffn
             if ffn is not None and type(ffn).__name__ != "FeedForward":    # already replaced: what a token reads
                 total += ffn.activated_params() if isinstance(ffn, MoEFFN) else sum(p.numel() for p in ffn.parameters())
                 continue
             up, down = block.get_submodule(f.up), block.get_submodule(f.down)
             total += sum(p.numel() for p in up.parameters()) + up.out_features * down.out_features
-            if not f.after_heads and down.bias is not None:
+            if down.bias is not None:       # a single block's proj_out bias counts as the MLP's (MoEFFN takes it)
                 total += down.bias.numel()
     return total

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..arch.base import NormFold, RowsFold
 from ..errors import CalibrationError, ModelError, RecipeError
+from ..lora.folds import record_fold
 from ..nn.act import TransformedLinear, act_entry
 from ..nn.surgery import affine_layernorm, affine_norm_entry, set_module
 from ..quant.smooth import column_absmax, fold_into_modulated_norm_, fold_into_rows_, scale_columns_, smooth_factors
@@ -83,6 +84,10 @@ def _exists(model: nn.Module, name: str) -> bool:
         return False
 
 
+def _is_linear(model: nn.Module, name: str) -> bool:
+    return _exists(model, name) and hasattr(model.get_submodule(name), "in_features")
+
+
 def plan_groups(model: nn.Module, adapter, selected: list[str], fold: bool) -> list[Group]:
     """Smoothing groups covering `selected`: the adapter's InputGroups with a selected member (all their
     present members join: they read the scaled tensor too), then one online group per other selected linear."""
@@ -90,7 +95,9 @@ def plan_groups(model: nn.Module, adapter, selected: list[str], fold: bool) -> l
     if fold:
         for ref in adapter.blocks(model):
             for g in adapter.input_groups.get(ref.stream, ()):
-                members = [f"{ref.name}.{m}" for m in g.linears if _exists(model, f"{ref.name}.{m}")]
+                # members that are still linears: a restructured FFN (dense2moe puts a MoEFFN at a FLUX single
+                # block's proj_mlp) leaves the group, its experts then smooth online like other ungrouped linears
+                members = [f"{ref.name}.{m}" for m in g.linears if _is_linear(model, f"{ref.name}.{m}")]
                 if chosen.intersection(members):
                     groups.append(Group(members, g.fold, ref.name))
                     claimed.update(members)
@@ -176,10 +183,14 @@ def validate(model: nn.Module, groups: list[Group], stats: dict) -> None:
 
 def _fold(model: nn.Module, g: Group, s: torch.Tensor, state) -> None:
     f = g.fold
+    # kept on the block so a LoRA can see the original input / emit the original scale (lora/folds.py)
+    for m in g.members:
+        record_fold(model, state, g.block, m[len(g.block) + 1:], "in", s)
     if isinstance(f, RowsFold):
         for t in f.linears:
             lin = model.get_submodule(g.site(t))
             fold_into_rows_(lin.weight, lin.bias, s)
+            record_fold(model, state, g.block, t, "out", s)
         return
     lin, norm_name = model.get_submodule(g.site(f.linear)), g.site(f.norm)
     norm = model.get_submodule(norm_name)
@@ -189,6 +200,7 @@ def _fold(model: nn.Module, g: Group, s: torch.Tensor, state) -> None:
         state.record(affine_norm_entry(norm_name, norm))
     rows = slice(f.shift * s.numel(), (f.shift + 1) * s.numel())
     fold_into_modulated_norm_(norm.weight, norm.bias, lin.weight[rows], lin.bias[rows], s)
+    record_fold(model, state, g.block, f.linear, "out", s, rows)
 
 
 def smooth_group(model: nn.Module, g: Group, stats: dict, alpha: float, state) -> tuple[torch.Tensor, list[dict]]:
