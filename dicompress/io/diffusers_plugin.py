@@ -195,3 +195,5 @@ def register_with_diffusers() -> None:
     check_diffusers_version()
     _auto.AUTO_QUANTIZATION_CONFIG_MAPPING[DicompressMethod.DICOMPRESS.value] = DicompressConfig
     _auto.AUTO_QUANTIZER_MAPPING[DicompressMethod.DICOMPRESS.value] = DicompressQuantizer
+    from ..lora import install_if_available   # LoRA on compressed layers through diffusers' own API
+    install_if_available()

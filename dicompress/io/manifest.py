@@ -166,6 +166,13 @@ def _rebuild_moe_ffn(model: nn.Module, entry: dict, device) -> None:
     rebuild_moe_ffn(model, entry, device)
 
 
+@register_manifest_op("fold_scale")
+def _rebuild_fold_scale(model: nn.Module, entry: dict, device) -> None:
+    """Smoothing folded into a norm or a producer's rows, recorded on the block for LoRA (lora/folds.py)."""
+    from ..lora.folds import rebuild_fold_scale
+    rebuild_fold_scale(model, entry, device)
+
+
 @register_manifest_op("clear_attention")
 def _rebuild_clear_attention(model: nn.Module, entry: dict, device) -> None:
     """CLEAR attention: the module's processor becomes the local-window one (clear/manifest_op.py)."""
