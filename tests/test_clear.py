@@ -279,3 +279,21 @@ def test_bad_inputs_before_any_work(tiny_zoo_dir, tiny_qwen_dir, tmp_path):
     qwen = QwenImageTransformer2DModel.from_pretrained(tiny_qwen_dir)
     with pytest.raises(RecipeError, match="qwenimage"):
         dicompress.compress(qwen, [{"clear": {"radius": 2, "distill": {"steps": 0}}}], calibration=store, **QUIET)
+
+
+def test_recipes_validate_and_flux_dev_fails_fast_without_weights(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from dicompress.errors import DicompressError
+    from dicompress.recipe import load_recipe
+    root = Path(__file__).resolve().parents[1]
+    tiny = load_recipe(root / "recipes/tiny_flux_clear.yaml").pass_objects()
+    assert [(p.name, p.config.radius) for p in tiny] == [("clear", 3.0)] and tiny[0].config.distill.steps > 0
+    dev = load_recipe(root / "recipes/flux_dev_clear.yaml")
+    assert [(p.name, p.config.radius) for p in dev.pass_objects()] == [("clear", 16.0)]
+    assert dev.calibration.height == dev.calibration.width == 1024          # 64x64 tokens: r = 16 fits
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(DicompressError, match="FLUX.1-dev") as e:
+        dicompress.run(root / "recipes/flux_dev_clear.yaml", progress=False, echo=lambda *a, **k: None,
+                       output=str(tmp_path / "o"))
+    assert "--model" in str(e.value) + str(getattr(e.value, "hint", ""))
