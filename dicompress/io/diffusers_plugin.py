@@ -24,7 +24,8 @@ from ..nn.act import TransformedLinear
 from ..nn.qlinear import QuantLinear
 from ..nn.surgery import set_module
 from .incomplete import refuse_unfinished_config
-from .manifest import FORMAT_VERSION, ORIGINAL_MODEL_OPS, replay
+from .manifest import FORMAT_VERSION, ORIGINAL_MODEL_OPS, dicompress_version, replay
+from .on_load import OnLoadQuantizer
 
 DIFFUSERS_RANGE = ">=0.35,<0.43"
 
@@ -56,7 +57,10 @@ class DicompressConfig(QuantizationConfigMixin):
 
     def __init__(self, manifest: list[dict] | None = None, format_version: int = FORMAT_VERSION,
                  dicompress_version: str | None = None, source: dict | None = None,
-                 quant_method: str = DicompressMethod.DICOMPRESS.value, incomplete: dict | None = None, **extra):
+                 quant_method: str = DicompressMethod.DICOMPRESS.value, incomplete: dict | None = None,
+                 passes: list[dict] | None = None, **extra):
+        """An artifact's config (`manifest` ...), or a quantize-on-load request: `passes=[{"tlq": {"bits": 4}}]`
+        (one weight-only tlq / rtn pass with gptq off; checked here, before any weight is read)."""
         if incomplete is not None:        # a temp directory's config.json, read before the write finished
             refuse_unfinished_config(incomplete)
         if not isinstance(format_version, int) or format_version < 1:
@@ -73,11 +77,24 @@ class DicompressConfig(QuantizationConfigMixin):
         self.manifest = list(manifest or [])
         self.source = dict(source or {})
         self.extra = extra  # keys from a newer writer of the same format: kept, round-tripped
+        if passes is not None:
+            if self.manifest:
+                raise ArtifactError("a DicompressConfig holds either an artifact's manifest or on-load passes",
+                                    hint="pass only `passes` to quantize an original model on load")
+            from .on_load import check_on_load_passes
+            check_on_load_passes(passes)
+        self.passes = None if passes is None else [dict(p) if isinstance(p, dict) else p for p in passes]
+
+    @property
+    def on_load(self) -> bool:
+        """A request to quantize while loading (not yet an artifact's config)."""
+        return self.passes is not None
 
     def to_dict(self) -> dict:
-        return {"quant_method": self.quant_method.value, "format_version": self.format_version,
-                "dicompress_version": self.dicompress_version, "manifest": self.manifest,
-                "source": self.source, **self.extra}
+        d = {"quant_method": self.quant_method.value, "format_version": self.format_version,
+             "dicompress_version": self.dicompress_version, "manifest": self.manifest,
+             "source": self.source, **self.extra}
+        return {**d, "passes": self.passes} if self.on_load else d
 
     def to_diff_dict(self) -> dict:
         # The mixin's to_json_string/__repr__ call this but only bitsandbytes' config defines it.
@@ -85,6 +102,8 @@ class DicompressConfig(QuantizationConfigMixin):
 
     def __repr__(self) -> str:
         # Short: diffusers formats the config into debug-log f-strings on every load.
+        if self.on_load:
+            return f"DicompressConfig(quantize on load: {self.passes})"
         return (f"DicompressConfig(format {self.format_version}, {len(self.manifest)} manifest entries, "
                 f"written by dicompress {self.dicompress_version})")
 
@@ -96,8 +115,12 @@ class DicompressQuantizer(DiffusersQuantizer):
     use_keep_in_fp32_modules = True  # the model's fp32-kept modules stay fp32, as in a plain load
 
     def __init__(self, quantization_config, **kwargs):
+        # an on-load request quantizes an original checkpoint (diffusers' pre_quantized=False path)
+        self.requires_calibration = not quantization_config.on_load
         super().__init__(quantization_config, **kwargs)
         self._stored_dtype: dict[str, torch.dtype] = {}
+        self._on_load: OnLoadQuantizer | None = None
+        self._dtype: torch.dtype | None = None
 
     def validate_environment(self, *args, **kwargs):
         check_diffusers_version()
@@ -106,8 +129,18 @@ class DicompressQuantizer(DiffusersQuantizer):
             raise ModelError("dicompress artifacts cannot be offloaded to disk (device_map has 'disk')",
                              hint="give the model a cpu or cuda device_map; it is already compressed")
 
+    def update_torch_dtype(self, torch_dtype):
+        self._dtype = torch_dtype          # what the unquantized parameters (and biases) become
+        return torch_dtype
+
     def _process_model_before_weight_loading(self, model, **kwargs):
         cfg = self.quantization_config
+        if cfg.on_load:
+            if self.pre_quantized:
+                raise ArtifactError("this checkpoint is already a dicompress artifact; it loads without passes",
+                                    hint="call from_pretrained without quantization_config")
+            self._on_load = OnLoadQuantizer(model, cfg.passes)
+            return model
         replay(model, cfg.manifest, device="meta", written_by=cfg.dicompress_version)
         # Buffers of rebuilt modules are format tensors (codes, scales ...): their dtype is part of
         # the format, unlike parameters, which follow the user's torch_dtype.
@@ -117,6 +150,8 @@ class DicompressQuantizer(DiffusersQuantizer):
         return model
 
     def check_if_quantized_param(self, model, param_value, param_name, state_dict, **kwargs) -> bool:
+        if self._on_load is not None:
+            return self._on_load.claims(param_name)
         return param_name in self._stored_dtype
 
     def check_quantized_param_shape(self, param_name, current_param, loaded_param):
@@ -129,6 +164,9 @@ class DicompressQuantizer(DiffusersQuantizer):
     def create_quantized_param(self, model, param_value, param_name, target_device, state_dict,
                                unexpected_keys=None, **kwargs):
         value = state_dict[param_name]  # the tensor as stored, before diffusers cast it to torch_dtype
+        if self._on_load is not None:
+            self._on_load.quantize_weight(model, param_name, value, target_device, self._dtype)
+            return
         want = self._stored_dtype[param_name]
         if value.dtype != want:
             raise ArtifactError(f"{param_name} is stored as {value.dtype}, the format says {want}",
@@ -144,6 +182,13 @@ class DicompressQuantizer(DiffusersQuantizer):
             raise ArtifactError(f"{len(missing)} tensors were not in the artifact's weights, e.g. {missing[:5]}",
                                 hint="the artifact is incomplete; run dicompress.io.verify_artifact on it")
         _realign_cpu_tensors(model)
+        if self._on_load is not None:      # from now on an ordinary artifact's config: save_pretrained writes it
+            cfg = self.quantization_config
+            cfg.manifest = self._on_load.manifest()
+            cfg.dicompress_version = dicompress_version()
+            cfg.source = {"on_load": cfg.passes, "name": str(getattr(model.config, "_name_or_path", "") or "")}
+            cfg.passes, self._on_load = None, None
+            self.pre_quantized = True
         return model
 
     def _dequantize(self, model):
