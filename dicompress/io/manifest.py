@@ -125,7 +125,7 @@ def _check_block(model: nn.Module, entry: dict, device) -> None:
 ORIGINAL_MODEL_OPS = frozenset({"remove_block"})
 # ops of restructured (not rewritten) models: an artifact holding only these can be a recipe's model
 STRUCTURAL_OPS = frozenset({"ppcl_interval", "hybrid_stream", "remove_block", "width", "ppcl_width", "moe_ffn",
-                            "clear_attention"})
+                            "mob_gate", "clear_attention"})
 
 
 @register_manifest_op("remove_block")
@@ -164,6 +164,13 @@ def _rebuild_moe_ffn(model: nn.Module, entry: dict, device) -> None:
     """A Dense2MoE FFN: the dense FeedForward becomes an empty MoEFFN of the entry's shape (moe/manifest_op.py)."""
     from ..moe.manifest_op import rebuild_moe_ffn   # lazy: moe imports io (no import cycle at module level)
     rebuild_moe_ffn(model, entry, device)
+
+
+@register_manifest_op("mob_gate")
+def _rebuild_mob_gate(model: nn.Module, entry: dict, device) -> None:
+    """A Mixture-of-Blocks block: gated by a router on its temb (moe/mob_op.py); its own keys are unchanged."""
+    from ..moe.mob_op import rebuild_mob_gate   # lazy, as moe_ffn
+    rebuild_mob_gate(model, entry, device)
 
 
 @register_manifest_op("fold_scale")
