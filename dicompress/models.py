@@ -7,9 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import diffusers
 import torch
-from huggingface_hub import snapshot_download
 
 from .arch import adapter_for_class, supported_classes
 from .errors import ModelError
@@ -73,6 +71,7 @@ def resolve_model(spec: str) -> ModelInfo:
     looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") != 1
     if looks_like_path:
         raise ModelError(f"model path {spec} does not exist", hint=HINT)
+    from huggingface_hub import snapshot_download   # lazy: only hub ids need it
     try:  # a hub id: only what is already on this machine; dicompress never downloads weights
         local = Path(snapshot_download(spec, local_files_only=True))
     except Exception:
@@ -81,8 +80,13 @@ def resolve_model(spec: str) -> ModelInfo:
     return _from_dir(spec, local)
 
 
+def _diffusers_class(info: ModelInfo):
+    import diffusers   # lazy: resolving a model (recipe checks, --dry-run) reads JSON alone; diffusers takes seconds
+    return getattr(diffusers, info.class_name)
+
+
 def load_transformer(info: ModelInfo, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    cls = getattr(diffusers, info.class_name)
+    cls = _diffusers_class(info)
     model = cls.from_pretrained(str(info.path), torch_dtype=dtype).to(device)
     # from_pretrained leaves zero-copy views into the mmapped checkpoint at unaligned offsets, where CPU GEMMs
     # round differently (1 ulp) than on aligned memory; the artifact loader realigns, so the model in memory must
@@ -94,6 +98,6 @@ def load_transformer(info: ModelInfo, dtype: torch.dtype = torch.float32, device
 
 def meta_model(info: ModelInfo):
     """The model's module tree on the meta device (shapes only, no memory, no weights read)."""
-    cls = getattr(diffusers, info.class_name)
+    cls = _diffusers_class(info)
     with torch.device("meta"):
         return cls.from_config(cls.load_config(str(info.path)))

@@ -182,3 +182,12 @@ def test_compile_with_gradients_has_no_graph_break(w4a8):
     ours = [r for r in explain.break_reasons if any("dicompress" in str(f.filename) for f in r.user_stack)]
     assert not ours, [str(r.reason)[:300] for r in ours]
     assert explain.graph_break_count == 0, [str(r.reason)[:300] for r in explain.break_reasons]
+
+
+def test_the_compile_mark_is_torchs_own():
+    """compile_hints sets the attribute torch.compiler.assume_constant_result sets (without importing dynamo at
+    dicompress's import): if a torch release changes the mark, this fails rather than graphs silently breaking."""
+    from dicompress.compile_hints import MARK, assume_constant_result
+    from dicompress.quant.hadamard import _base_matrix
+    assert getattr(torch.compiler.assume_constant_result(lambda: 0), MARK) is True
+    assert getattr(assume_constant_result(lambda: 0), MARK) is True and getattr(_base_matrix, MARK) is True

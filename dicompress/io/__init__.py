@@ -13,11 +13,26 @@
     diffusers_plugin.py the "dicompress" quantizer registered with diffusers
     storage.py          the dtype kept parameters are stored in;  pluggable.py  PPCL's intervals at load time
 """
-from .diffusers_plugin import register_with_diffusers
-from .loader import load
-from .manifest import FORMAT_VERSION, register_manifest_op, replay
-from .verify import verify_artifact
-from .writer import write_artifact, write_artifact_from_shards
+from importlib import import_module
+
+# name -> the module defining it, imported on first use (PEP 562): `from dicompress.io.names import ...` (a
+# pass reading a file name, a recipe check) then does not import diffusers' quantizers, seconds here, through
+# the plug-in
+_EXPORTS = {"register_with_diffusers": "diffusers_plugin", "load": "loader", "FORMAT_VERSION": "manifest",
+            "register_manifest_op": "manifest", "replay": "manifest", "verify_artifact": "verify",
+            "write_artifact": "writer", "write_artifact_from_shards": "writer"}
 
 __all__ = ["write_artifact", "write_artifact_from_shards", "verify_artifact", "load", "replay",
            "register_manifest_op", "FORMAT_VERSION", "register_with_diffusers"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -34,6 +34,8 @@ from functools import lru_cache
 
 import torch
 
+from ..compile_hints import assume_constant_result
+
 BACKENDS = ("auto", "reference")
 MODES = ("decode", "int8", "int8_unpacked")  # what the ops compute with (never "auto")
 SETTINGS = ("auto", *MODES)                  # what DICOMPRESS_GEMM_MODE and gemm_mode accept
@@ -99,7 +101,7 @@ def _auto_mode(device_type: str, int8_gemm: bool) -> str:
     return _cpu_auto_mode()
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result   # not torch.compiler's: that imports torch._dynamo when this module loads
 def _cpu_auto_mode() -> str:
     # torch.compile calls this at trace time and keeps the string: the probe never enters a graph (a graph
     # compiled before a change of thread count keeps the earlier choice)

@@ -23,7 +23,6 @@ from pydantic import Field, model_validator
 
 from ..distill import DistillConfig, EndToEndConfig
 from ..errors import RecipeError
-from ..io.diffusers_plugin import _realign_cpu_tensors
 from ..moe import (MoEFFN, dense_parts, expert_mass, fit_router, moe_from_dense, partition_cluster,
                    partition_importance, partition_random, router_recall, split_widths, topk_coverage)
 from ..moe.calibrate import ffn_statistics
@@ -159,6 +158,7 @@ class Dense2MoE(Pass):
                 r["load_max_over_mean"] = round(float(counts.max() / counts.mean().clamp_min(1e-12)), 3)
                 r["seconds"] = round(time.perf_counter() - t, 2)
             rows += block_rows
+        from ..io.diffusers_plugin import _realign_cpu_tensors   # lazy: diffusers' quantizers take seconds to import
         _realign_cpu_tensors(model)
         e2e = self._end_to_end(state)
         moes = [m for m in model.modules() if isinstance(m, MoEFFN)]

@@ -26,7 +26,6 @@ from torch import nn
 from ..calib.encoding import to_module
 from ..distill import DistillConfig, distill_block
 from ..errors import RecipeError
-from ..io.diffusers_plugin import _realign_cpu_tensors
 from ..io.names import FFNS_NAME
 from ..nn.surgery import set_module
 from ..prune import teacher_io
@@ -140,6 +139,7 @@ class PPCLWidth(Pass):
             for r in rows[-len(found):]:
                 r.update(steps, seconds=round(time.perf_counter() - t, 2))
                 r["removed_fraction"] = round(1 - r["params_after"] / r["params_before"], 4)
+        from ..io.diffusers_plugin import _realign_cpu_tensors   # lazy: diffusers' quantizers take seconds to import
         _realign_cpu_tensors(model)
         if c.keep_teacher_ffns:
             state.files[FFNS_NAME] = save(teacher)

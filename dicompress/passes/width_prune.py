@@ -14,7 +14,6 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from ..errors import RecipeError
-from ..io.diffusers_plugin import _realign_cpu_tensors
 from ..prune.width import block_shape, layout_for, prune_width, select_blocks
 from ..prune.width_importance import unit_scores
 from ..prune.width_plan import (WidthBudgetError, check_global, plan_global, plan_uniform, snap_widths,
@@ -163,6 +162,7 @@ class WidthPass(Pass):
         # offsets, where CPU GEMMs round differently (1 ulp) from aligned memory; the artifact's loader realigns
         # them. Realign here too, so the model in memory computes bit for bit what the artifact will (measured on
         # the embedded model: 104 unaligned parameters, 1.4e-6 at the output, 0.0155 once act_quant rounds it).
+        from ..io.diffusers_plugin import _realign_cpu_tensors   # lazy: diffusers' quantizers take seconds to import
         _realign_cpu_tensors(model)
         for e in entries:
             state.record(e)

@@ -26,6 +26,8 @@ from functools import lru_cache
 
 import torch
 
+from ..compile_hints import assume_constant_result
+
 
 @dataclass(frozen=True)
 class HadamardPlan:
@@ -110,7 +112,7 @@ def _sylvester(m: int, dtype=torch.float64) -> torch.Tensor:
     return h
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _base_matrix(p: int) -> torch.Tensor:
     """Unnormalised ±1 Hadamard matrix of a base order (float64; do not modify in place). torch.compile calls
     this at trace time and keeps the tensor as a constant: tracing into the cached build would break the graph
