@@ -1,0 +1,156 @@
+"""CLEAR attention at linear cost, in pure torch: block-sparse tiling of the image token grid.
+
+Image queries are split into ty x tx tiles. A tile's keys are the global keys (text + pooled, shared by every tile,
+so never copied per tile) and the (ty + 2*hy) x (tx + 2*hx) image window around it, hy/hx = the largest grid offset
+inside the circle (ceil(r) - 1, clamped to the grid). The window is gathered with pad + unfold, masked to the circle
+and to the real grid, and ONE softmax runs over [global scores | window scores] per query, so the split needs no
+log-sum-exp merge. Every tile is a batched matmul; tile rows are processed in chunks to bound the score memory.
+Text queries attend to everything (text, image, pooled): one SDPA call, linear in N for a fixed text length.
+Cost per image query: (ty + 2*hy)(tx + 2*hx) + n_global keys, independent of the grid size.
+
+bf16/fp16 inputs: matmuls run in the input dtype, scores are upcast to fp32 for the mask and softmax and the
+probabilities cast back for the value matmul (as SDPA's math path does).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+
+def halo(radius: float, size: int) -> int:
+    """Largest |offset| along one axis that the circle (dy^2 + dx^2) < r^2 admits, clamped to the grid."""
+    return max(0, min(math.ceil(radius) - 1, size - 1))
+
+
+def tile_shape(grid: tuple[int, int], radius: float, tile: int | None = None) -> tuple[int, int]:
+    """(ty, tx): the query tile. Default: the side minimising keys per query, (t + 2*halo)^2 / t^2 plus a per-tile
+    overhead, among 4/8/16 (see choose_tile); never larger than the grid."""
+    h, w = grid
+    t = tile if tile is not None else choose_tile(radius)
+    return min(t, h), min(t, w)
+
+
+def choose_tile(radius: float) -> int:
+    """Tile side by radius, measured on this CPU (bench/clear_scaling.md, tune rows): small windows favour 8x8
+    tiles (bigger matmuls, fewer tiles); from r = 24 the window dominates and 16x16 tiles waste less."""
+    return 8 if radius < 24 else 16
+
+
+def window_mask(tile: tuple[int, int], halos: tuple[int, int], radius: float, device=None) -> torch.Tensor:
+    """(ty*tx, wy*wx) bool: query (a, b) of a tile may see window key (c, d) when
+    (c - hy - a)^2 + (d - hx - b)^2 < r^2. The same for every tile (offsets are tile-relative)."""
+    (ty, tx), (hy, hx) = tile, halos
+    wy, wx = ty + 2 * hy, tx + 2 * hx
+    dy = torch.arange(wy, device=device)[None, :] - hy - torch.arange(ty, device=device)[:, None]   # (ty, wy)
+    dx = torch.arange(wx, device=device)[None, :] - hx - torch.arange(tx, device=device)[:, None]   # (tx, wx)
+    d2 = dy[:, None, :, None] ** 2 + dx[None, :, None, :] ** 2                                       # (ty,tx,wy,wx)
+    return (d2 < radius * radius).reshape(ty * tx, wy * wx)
+
+
+def _inside(n_tiles: int, t: int, halo_: int, size: int, device) -> torch.Tensor:
+    """(n_tiles, t + 2*halo) bool: which window positions along one axis fall on the real grid."""
+    pos = torch.arange(n_tiles, device=device)[:, None] * t + torch.arange(t + 2 * halo_, device=device) - halo_
+    return (pos >= 0) & (pos < size)
+
+
+def tiled_flops(n_text: int, grid: tuple[int, int], radius: float, n_pooled: int, heads: int, head_dim: int,
+                batch: int = 1, tile: int | None = None) -> int:
+    """FLOPs this path computes for Q K^T and P V (2 per multiply-add each), padding included."""
+    h, w = grid
+    ty, tx = tile_shape(grid, radius, tile)
+    hy, hx = halo(radius, h), halo(radius, w)
+    n_img_padded = math.ceil(h / ty) * ty * math.ceil(w / tx) * tx
+    n = n_text + h * w
+    pairs = n_text * (n + n_pooled) + n_img_padded * ((ty + 2 * hy) * (tx + 2 * hx) + n_text + n_pooled)
+    return 4 * batch * heads * head_dim * pairs
+
+
+def tiled_clear_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, n_text: int,
+                          grid: tuple[int, int], radius: float, pooled_key: torch.Tensor | None = None,
+                          pooled_value: torch.Tensor | None = None, tile: int | None = None) -> torch.Tensor:
+    """clear_attention's contract: (B, N, H, D) in [text | image] order -> (B, N, H, D); differentiable."""
+    b, n, heads, d = query.shape
+    h, w = grid
+    if n != n_text + h * w:
+        raise ValueError(f"sequence of {n} tokens is not {n_text} text + {h}x{w} image tokens")
+    if radius <= 0:
+        raise ValueError(f"CLEAR radius must be > 0, got {radius}")
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))                 # (B, H, N, D)
+    gk, gv = k[:, :, :n_text], v[:, :, :n_text]                                  # global keys: text + pooled
+    if pooled_key is not None:
+        pk, pv = pooled_key.transpose(1, 2), pooled_value.transpose(1, 2)
+        gk, gv = torch.cat([gk, pk], 2), torch.cat([gv, pv], 2)
+        k_all, v_all = torch.cat([k, pk], 2), torch.cat([v, pv], 2)
+    else:
+        k_all, v_all = k, v
+    outs = []
+    if n_text:
+        outs.append(F.scaled_dot_product_attention(q[:, :, :n_text], k_all, v_all))
+    outs.append(_image_queries(q[:, :, n_text:], k[:, :, n_text:], v[:, :, n_text:], gk, gv, grid, radius,
+                               tile_shape(grid, radius, tile)))
+    return torch.cat(outs, 2).transpose(1, 2)
+
+
+def _image_queries(q, k, v, gk, gv, grid, radius, tile):
+    """(B, H, h*w, D) image queries/keys/values, (B, H, G, D) global keys/values -> (B, H, h*w, D)."""
+    b, heads, _, d = q.shape
+    (h, w), (ty, tx) = grid, tile
+    hy, hx = halo(radius, h), halo(radius, w)
+    nty, ntx = math.ceil(h / ty), math.ceil(w / tx)
+    wy, wx = ty + 2 * hy, tx + 2 * hx
+    t_q = ty * tx
+    dev = q.device
+    # queries into tiles (B, H, nty, ntx, ty*tx, D), pre-scaled; keys/values padded by the halo and the tile rest
+    qg = F.pad((q * d ** -0.5).reshape(b, heads, h, w, d), (0, 0, 0, ntx * tx - w, 0, nty * ty - h))
+    qg = qg.reshape(b, heads, nty, ty, ntx, tx, d).permute(0, 1, 2, 4, 3, 5, 6).reshape(b, heads, nty, ntx, t_q, d)
+    pad = (0, 0, hx, hx + ntx * tx - w, hy, hy + nty * ty - h)
+    kp, vp = (F.pad(x.reshape(b, heads, h, w, d), pad) for x in (k, v))
+    # window keys in column-major order (x outer, y inner), so a tile's window is one contiguous block of a strip
+    allowed = window_mask((ty, tx), (hy, hx), radius, dev).reshape(t_q, wy, wx).transpose(1, 2)
+    allowed = (allowed[None, None] & _inside(nty, ty, hy, h, dev)[:, None, None, None, :]
+               & _inside(ntx, tx, hx, w, dev)[None, :, None, :, None])               # (nty, ntx, Tq, wx, wy)
+    # padding queries (the grid rest of the last tile row/column) may see every key: no row is fully masked
+    real_q = (_inside(nty, ty, 0, h, dev)[:, None, :, None] & _inside(ntx, tx, 0, w, dev)[None, :, None, :])
+    blocked = ~(allowed | ~real_q.reshape(nty, ntx, t_q, 1, 1)).reshape(nty, ntx, t_q, wx * wy)
+    out = []
+    for i in range(nty):
+        # the strip of key/value rows this tile row's windows span, transposed to (B, H, Wp + 2hx, wy, D): tile j's
+        # window is then the contiguous block at column j*tx, a strided view (each key copied wy/ty times, not
+        # (wy*wx)/(ty*tx) times as a per-tile gather would)
+        ks, vs = (x[:, :, i * ty:i * ty + wy].transpose(2, 3).contiguous() for x in (kp, vp))
+        kw, vw = (x.unfold(2, wx, tx).permute(0, 1, 2, 5, 3, 4).reshape(b, heads, ntx, wx * wy, d) for x in (ks, vs))
+        rows = [[_tile_row(qg[bi, hi, i], kw[bi, hi], vw[bi, hi], gk[bi, hi], gv[bi, hi], blocked[i])
+                 for hi in range(heads)] for bi in range(b)]
+        out.append(torch.stack([torch.stack(r) for r in rows]))
+    o = torch.stack(out, 2).reshape(b, heads, nty, ntx, ty, tx, d).permute(0, 1, 2, 4, 3, 5, 6)
+    return o.reshape(b, heads, nty * ty, ntx * tx, d)[:, :, :h, :w].reshape(b, heads, h * w, d)
+
+
+def _tile_row(qc, kw, vw, gk, gv, blocked):
+    """One row of tiles of one head: qc (ntx, Tq, D) scaled queries, kw/vw (ntx, Tk, D) window keys/values,
+    gk/gv (G, D) global keys/values, blocked (ntx, Tq, Tk) -> (ntx, Tq, D). Softmax over [global | window]
+    scores without concatenating them: one row max, one normaliser."""
+    ntx, t_q, d = qc.shape
+    n_glob = gk.shape[0]
+    s_loc = torch.bmm(qc, kw.transpose(1, 2))                                  # (ntx, Tq, Tk)
+    s_loc.masked_fill_(blocked, -math.inf)     # -inf, not a large finite value: exp() of those is far slower
+    up = s_loc.dtype in (torch.float16, torch.bfloat16)
+    if up:
+        s_loc = s_loc.float()
+    m = s_loc.detach().amax(-1, keepdim=True)  # any row max stabilises; its gradient would cancel exactly
+    if n_glob:
+        s_glob = torch.mm(qc.reshape(ntx * t_q, d), gk.t()).reshape(ntx, t_q, n_glob)
+        if up:
+            s_glob = s_glob.float()
+        m = torch.maximum(m, s_glob.detach().amax(-1, keepdim=True))
+    e_loc = s_loc.sub_(m).exp_()
+    z = e_loc.sum(-1, keepdim=True)
+    o = torch.bmm(e_loc.to(qc.dtype), vw)
+    if n_glob:
+        e_glob = s_glob.sub_(m).exp_()
+        z = z + e_glob.sum(-1, keepdim=True)
+        o = o + torch.mm(e_glob.to(qc.dtype).reshape(ntx * t_q, n_glob), gv).reshape(o.shape)
+    return (o / z.to(o.dtype)) if not up else (o.float() / z).to(qc.dtype)
