@@ -14,6 +14,7 @@ from .arch import adapter_for
 from .calibrate import check_calibration
 from .distributed import init_distributed
 from .errors import ArtifactError, SettingsError
+from .eval.pipeline_check import check_pipeline_eval, run_pipeline_eval
 from .job import Job, has_finished_work, recipe_hash, resolve_device, work_dir_for
 from .kernels.dispatch import check_settings
 from .models import resolve_model
@@ -97,6 +98,7 @@ def run(recipe: Recipe | str | Path, progress: bool = True, echo=print, override
                                          "decode | int8 | int8_unpacked (README, Kernels)") from None
     info = resolve_model(recipe.model)               # fails fast: before any weight is read
     check_calibration(recipe, info)
+    pipeline_eval = check_pipeline_eval(recipe, info)    # eval.prompts: a pipeline to compare with, prompts in the file
     _check_on_model(passes, info, recipe.source_file)    # e.g. width_prune's budget against the shapes
     out = Path(recipe.output)
     lead = int(os.environ.get("RANK", "0")) == 0     # torchrun's ranks share the output: rank 0 locks it
@@ -105,7 +107,10 @@ def run(recipe: Recipe | str | Path, progress: bool = True, echo=print, override
             raise ArtifactError(f"output {out} already exists", hint="choose another --output, delete it, "
                                 "or set `overwrite: true` in the recipe")
         with _work_dir_kept_only_with_work(work_dir_for(out), lead):
-            return _run(recipe, passes, info, progress, echo)
+            report = _run(recipe, passes, info, progress, echo)
+        if pipeline_eval is not None and lead:   # the written output in its pipeline vs the original
+            report["pipeline_eval"] = run_pipeline_eval(recipe, info, echo)
+        return report
 
 
 def _run(recipe: Recipe, passes: list[Pass], info, progress: bool, echo) -> dict:

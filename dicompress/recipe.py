@@ -15,44 +15,63 @@ from .calib.config import MAX_SEED, CalibrationConfig  # defined in the calibrat
 from .config import StrictModel as _Strict
 from .errors import RecipeError
 from .passes import PASSES, Pass
+from .passes.catalog import _nested_model, suggest
 
 
 class EvalConfig(_Strict):
-    enabled: bool = True
-    samples_per_class: int = Field(20, ge=1, le=10000)  # digits models: samples per class (PSNR, accuracy, Frechet)
-    steps: int | None = Field(None, ge=1, le=1000)      # default: the model's default sampling steps
-    seed: int = Field(1000, ge=0, le=MAX_SEED)          # first seed; disjoint from calibration seeds
-    grid: bool = True                       # write samples.png (teacher | compressed)
+    enabled: bool = Field(True, description="evaluate the result against the uncompressed model at the end of the run")
+    samples_per_class: int = Field(20, ge=1, le=10000, description="digits models: samples per class (PSNR, "
+                                                                   "class accuracy, Frechet distance)")
+    steps: int | None = Field(None, ge=1, le=1000, description="sampling steps; null = the model's default (digits) "
+                                                               "or 4 (pipeline eval)")
+    seed: int = Field(1000, ge=0, le=MAX_SEED, description="first seed (sample i uses seed + i); disjoint from the "
+                                                           "calibration seeds")
+    grid: bool = Field(True, description="write the side-by-side image grid (samples.png / pipeline_eval.png)")
+    prompts: str | None = Field(None, description="pipeline eval: a prompt file (one per line); the original and the "
+                                                  "compressed pipeline generate from each with the same seed, scored "
+                                                  "by PSNR and SSIM of the decoded images")
+    pipeline: str | None = Field(None, description="pipeline eval: the original pipeline directory; null = the "
+                                                   "recipe's model, when it is a pipeline directory")
+    height: int | None = Field(None, ge=16, le=4096, description="pipeline eval: image height; null = 256")
+    width: int | None = Field(None, ge=16, le=4096, description="pipeline eval: image width; null = 256")
+    guidance_scale: float | None = Field(None, ge=0, description="pipeline eval: guidance scale; null = the "
+                                                                 "pipeline's default")
 
 
 class StreamingConfig(_Strict):
     """Block-by-block compression: one block's weights in memory at a time, read from the checkpoint's
     safetensors when it is that block's turn (models larger than memory)."""
 
-    enabled: Literal["auto"] | bool = "auto"      # auto: stream when every pass can (one process)
-    # the next block's calibration inputs: the original block's outputs (as a whole-model capture; the artifact
-    # equals the in-memory run's) or the compressed block's (sequential, as llm-compressor's pipeline)
-    propagate: Literal["original", "compressed"] = "original"
+    enabled: Literal["auto"] | bool = Field("auto", description="auto: stream when every pass can (one process)")
+    propagate: Literal["original", "compressed"] = Field(
+        "original", description="the next block's calibration inputs: the original block's outputs (as a whole-model "
+                                "capture; the artifact equals the in-memory run's) or the compressed block's "
+                                "(sequential, as llm-compressor's pipeline)")
 
 
 class Recipe(_Strict):
-    model: str = Field(min_length=1)        # zoo:NAME, a local diffusers directory, or a hub id (already downloaded)
-    calibration: CalibrationConfig | None = None
-    passes: list[Any] = Field(min_length=1)  # at least one: a recipe without passes would write a plain copy
-    output: str = Field(min_length=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"   # auto: fp32 on CPU, bf16 on CUDA
-    # the dtype of the artifact's kept (unquantized) parameters; auto: the checkpoint's own (bf16 for hub models)
-    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    seed: int = Field(0, ge=0, le=MAX_SEED)
-    overwrite: bool = False
-    # what `output` holds: `pipeline` a complete diffusers pipeline directory (the artifact as transformer/, the
-    # model's other components beside it; the model must be a pipeline directory), `transformer` the artifact alone;
-    # auto: pipeline when the model is a pipeline directory
-    output_layout: Literal["auto", "pipeline", "transformer"] = "auto"
-    copy_components: bool = False           # pipeline layout: copy the other components instead of hard-linking them
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    streaming: StreamingConfig = Field(default_factory=StreamingConfig)
+    model: str = Field(min_length=1, description="zoo:NAME, a local diffusers directory (transformer or pipeline), "
+                                                 "or a hub id already downloaded")
+    calibration: CalibrationConfig | None = Field(None, description="the calibration set (or a YAML file holding "
+                                                                    "one); needed by passes that read activations")
+    passes: list[Any] = Field(min_length=1, description="the passes in order, each `- NAME: {keys}` "
+                                                        "(`dicompress passes` lists them)")
+    output: str = Field(min_length=1, description="the output directory")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="compute dtype; auto: fp32 on CPU, bf16 on CUDA")
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the artifact's kept (unquantized) parameters; auto: the checkpoint's own")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the run's random choices")
+    overwrite: bool = Field(False, description="replace an existing output directory")
+    output_layout: Literal["auto", "pipeline", "transformer"] = Field(
+        "auto", description="pipeline: a complete pipeline directory (the artifact as transformer/, the model's "
+                            "other components beside it); transformer: the artifact alone; auto: pipeline when the "
+                            "model is a pipeline directory")
+    copy_components: bool = Field(False, description="pipeline layout: copy the other components instead of "
+                                                     "hard-linking them")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation at the end of the run")
+    streaming: StreamingConfig = Field(default_factory=StreamingConfig, description="block-by-block compression")
     source_file: str | None = Field(default=None, exclude=True)
     # the `--set KEY=VALUE` texts applied to the file's mapping (private: a recipe file cannot claim any)
     _overrides: tuple[str, ...] = PrivateAttr(default=())
@@ -72,12 +91,29 @@ def _loc(loc: tuple) -> str:
     return out
 
 
-def _messages(err: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+def _keys_at(model: type | None, loc: tuple) -> list[str]:
+    """The keys of the settings model that holds the last part of `loc` (walking nested models from `model`)."""
+    for part in loc[:-1]:
+        if model is None or isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        model = _nested_model(field.annotation) if field is not None else None
+    return [k for k, f in getattr(model, "model_fields", {}).items() if not f.exclude] if model else []
+
+
+def _unknown_key(name, valid: list[str]) -> str:
+    """'unknown key' with the valid ones and the nearest (granularty -> granularity)."""
+    if not valid:
+        return "unknown key"
+    return f"unknown key{suggest(name, valid)}; valid keys: {', '.join(valid)}"
+
+
+def _messages(err: ValidationError, prefix: str = "", model: type | None = None) -> list[tuple[str, str]]:
     res = []
     for e in err.errors():
         key = _loc(tuple(p for p in e["loc"]))
         key = f"{prefix}.{key}" if prefix and key else (prefix or key)
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = _unknown_key(e["loc"][-1], _keys_at(model, e["loc"])) if e["type"] == "extra_forbidden" else e["msg"]
         if e["type"] == "literal_error":
             msg = f"{msg} (got {e.get('input')!r})"
         res.append((key, msg))
@@ -100,7 +136,8 @@ def build_passes(specs: list, file: str | None = None) -> list[Pass]:
             continue
         (name, params), = spec.items()
         if name not in PASSES:
-            problems.append((f"passes[{i}]", f"unknown pass {name!r}; available: {', '.join(sorted(PASSES))}"))
+            problems.append((f"passes[{i}]", f"unknown pass {name!r}{suggest(name, PASSES)}; available: "
+                                             f"{', '.join(sorted(PASSES))} (`dicompress passes` lists their keys)"))
             continue
         if params is not None and not isinstance(params, dict):
             problems.append((f"passes[{i}].{name}", "parameters must be a mapping"))
@@ -108,7 +145,7 @@ def build_passes(specs: list, file: str | None = None) -> list[Pass]:
         try:
             objs.append(PASSES[name](**(params or {})))
         except ValidationError as e:
-            problems += _messages(e, f"passes[{i}].{name}")
+            problems += _messages(e, f"passes[{i}].{name}", PASSES[name].Config)
     if not problems:
         for i, p in enumerate(objs):
             for key, msg in p.check(objs[:i]):
@@ -177,15 +214,30 @@ def _resolve_calibration(data: dict, file: str | None) -> None:
                 cal[key] = str(path)
 
 
+def _resolve_eval_files(data: dict, file: str | None) -> None:
+    """`eval.prompts` must name an existing file and `eval.pipeline` a directory (relative to the recipe, as
+    calibration files)."""
+    ev = data.get("eval")
+    if not isinstance(ev, dict):
+        return
+    for key, isit, what in (("prompts", Path.is_file, "file"), ("pipeline", Path.is_dir, "directory")):
+        if isinstance(ev.get(key), str):
+            path = resolve_path(ev[key], file)
+            if not isit(path):
+                raise RecipeError(f"{what} {ev[key]!r} not found", file=file, key=f"eval.{key}")
+            ev[key] = str(path)
+
+
 def parse_recipe(data: Any, file: str | None = None) -> Recipe:
     """Validate a recipe mapping completely (schema, passes, order rules)."""
     if not isinstance(data, dict):
         raise RecipeError("a recipe must be a YAML mapping with keys model, passes, output ...", file=file)
     _resolve_calibration(data, file)
+    _resolve_eval_files(data, file)
     try:
         recipe = Recipe(**data, source_file=file)
     except ValidationError as e:
-        raise _recipe_error(_messages(e), file) from None
+        raise _recipe_error(_messages(e, model=Recipe), file) from None
     if recipe.copy_components and recipe.output_layout == "transformer":
         raise RecipeError("copy_components applies to the pipeline layout, but output_layout is transformer "
                           "(the artifact alone, no components to copy)", file=file, key="copy_components",

@@ -1,16 +1,31 @@
 """Evaluation: quality metrics, footprint, latency, sample grids and the run summary.
 
-`artifact_eval` (an artifact measured against its source model, and `dicompress inspect`) loads models and
-artifacts, so it is imported where used (the CLI), not here."""
-from .digits_eval import evaluate_digits, layer_sqnr_table
-from .footprint import bf16_bytes, dir_bytes, quantized_linear_bytes, tensor_bytes
-from .grid import save_sample_grid
-from .latency import latency_ms_per_step
-from .metrics import class_accuracy, frechet_distance, psnr_db, sqnr_db
-from .summary import format_summary
+Names are imported from their modules on first use (PEP 562): `digits_eval` imports diffusers' pipelines
+(seconds), which recipe checks and `dicompress run --dry-run` never need. `artifact_eval` (an artifact
+measured against its source model, and `dicompress inspect`) and `pipeline_eval` (a compressed transformer
+inside its real pipeline) load models, so they are imported where used (the CLI, the run), not here."""
+from importlib import import_module
+
+_EXPORTS = {"evaluate_digits": "digits_eval", "layer_sqnr_table": "digits_eval", "bf16_bytes": "footprint",
+            "dir_bytes": "footprint", "quantized_linear_bytes": "footprint", "tensor_bytes": "footprint",
+            "save_sample_grid": "grid", "latency_ms_per_step": "latency", "class_accuracy": "metrics",
+            "frechet_distance": "metrics", "psnr_db": "metrics", "sqnr_db": "metrics", "format_summary": "summary",
+            "ssim": "ssim"}
 
 __all__ = [
-    "psnr_db", "sqnr_db", "class_accuracy", "frechet_distance",
+    "psnr_db", "sqnr_db", "class_accuracy", "frechet_distance", "ssim",
     "tensor_bytes", "bf16_bytes", "quantized_linear_bytes", "dir_bytes",
     "latency_ms_per_step", "save_sample_grid", "evaluate_digits", "layer_sqnr_table", "format_summary",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

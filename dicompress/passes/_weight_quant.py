@@ -31,7 +31,8 @@ ColumnQuantizerFactory = Callable[[dict, int, "int | None"], Callable]
 
 class WeightQuantConfig(PassConfig):
     bits: int = Field(ge=2, le=8, description="bits per weight")
-    granularity: Literal["channel", "group"] = "channel"
+    granularity: Literal["channel", "group"] = Field("channel", description="one scale per output channel, or "
+                                                                             "one per group_size input weights")
     group_size: int = Field(128, description="weights per scale along in_features; only with granularity: group")
     include: tuple[str, ...] | None = Field(None, description="fnmatch patterns of linears to quantize; "
                                                                "null = the architecture's default")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from ..quant.tlq import DEFAULT_ETAS, DEFAULT_PERCENTILES, TLQ_CODEC, tlq_column_quantizer, tlq_quantize
 from ._weight_quant import WeightQuantConfig, WeightQuantPass, quantize_linears
@@ -11,8 +11,10 @@ from .base import register_pass
 
 
 class TLQConfig(WeightQuantConfig):
-    etas: tuple[float, ...] | None = None          # null = DEFAULT_ETAS, searched per layer by weight MSE
-    percentiles: tuple[float, ...] | None = None   # null = DEFAULT_PERCENTILES (top-of-grid clip)
+    etas: tuple[float, ...] | None = Field(None, description="twin-log grid shapes searched per layer by weight "
+                                                             "MSE; null = quant/tlq.py DEFAULT_ETAS")
+    percentiles: tuple[float, ...] | None = Field(None, description="top-of-grid clip percentiles searched per layer; "
+                                                                    "null = quant/tlq.py DEFAULT_PERCENTILES")
 
     @field_validator("etas")
     @classmethod
