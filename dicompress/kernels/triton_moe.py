@@ -111,9 +111,11 @@ def _interp_bf16(a: torch.Tensor) -> bool:
 def tile(rows: int, n_experts: int, dtype: torch.dtype) -> dict:
     """A fixed tile per dtype and load (no autotuning: compile time counts on a lent GPU). 16-bit inputs take
     128 x 128 x 64 (a bf16 GEMM's usual tile: 96 KiB of shared memory at 3 stages) once the experts average more
-    than 64 rows each, 64-row blocks below that (fewer padded rows); fp32 halves the tile (IEEE fp32 dots)."""
+    than 64 rows each, 64-row blocks below that (fewer padded rows); fp32 (IEEE dots on the FMA units) 64 x 64 x 32
+    at 8 warps, which compiles without spills for sm_90 and sm_86 (4 warps spilled 16 B per thread on sm_90:
+    tools/aot_moe_kernels.py)."""
     if dtype == torch.float32:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
     bm = 128 if rows > 64 * n_experts else 64
     return {"BLOCK_M": bm, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8 if bm == 128 else 4,
             "num_stages": 3}
