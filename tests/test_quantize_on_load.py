@@ -18,8 +18,8 @@ from dicompress.errors import RecipeError
 from dicompress.io.diffusers_plugin import DicompressConfig
 from dicompress.nn.qlinear import QuantLinear
 
-# TLQ's grid search is the slow part: a quarter of the linears keeps the test short (and exercises include)
-PASSES = {"tlq": {"tlq": {"bits": 4, "include": ["transformer_blocks.0.*"]}},
+# TLQ's grid search is the slow part: one block's attention keeps the test short (and exercises include)
+PASSES = {"tlq": {"tlq": {"bits": 4, "include": ["transformer_blocks.0.attn.*"]}},
           "rtn": {"rtn": {"bits": 4, "granularity": "group", "group_size": 64}}}
 
 
@@ -51,6 +51,14 @@ def test_on_load_equals_the_pass_in_memory(name, tiny_zoo_dir):
     cfg = model.config.quantization_config
     assert not cfg.on_load and [e["module"] for e in cfg.manifest] == \
         [n for n, m in ref.named_modules() if isinstance(m, QuantLinear)]
+
+
+def test_rtn_in_row_chunks_gives_the_same_codes(tiny_zoo_dir, monkeypatch):
+    from dicompress.io import on_load
+    monkeypatch.setattr(on_load, "RTN_CHUNK", 40 * 32 + 5)   # uneven chunks of 3..40 rows
+    model = FluxTransformer2DModel.from_pretrained(tiny_zoo_dir, quantization_config=DicompressConfig(
+        passes=[PASSES["rtn"]]))
+    assert _same(model, _in_memory(tiny_zoo_dir, PASSES["rtn"]))
 
 
 LOAD_BACK = """

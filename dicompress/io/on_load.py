@@ -19,6 +19,7 @@ from ..nn.surgery import iter_linears, set_module
 from ..quant.packing import pack_codes
 
 ON_LOAD_PASSES = ("tlq", "rtn")
+RTN_CHUNK = 1 << 22          # weights per RTN row chunk (about 150 MB of temporaries)
 HINT = ("passes that read calibration data (gptq: true, smooth, ars, act_quant, pruning, distillation) run "
         "with `dicompress run RECIPE.yaml`, which writes an artifact that from_pretrained then loads")
 
@@ -77,17 +78,25 @@ class OnLoadQuantizer:
         name = self.targets[param_name]
         linear = model.get_submodule(name)
         dev = torch.device(device) if not isinstance(device, torch.device) else device
-        w = weight.to(dev, torch.float32)
-        codes, buffers, _ = self.quantize(w, self.config.bits, self.config.effective_group_size)
-        del w
         has_bias = linear.bias is not None
         bias_dtype = bias_dtype or (linear.bias.dtype if has_bias else torch.float32)
-        q = QuantLinear(linear.in_features, linear.out_features, has_bias, self.codec, self.config.bits,
-                        self.config.effective_group_size, device=dev, bias_dtype=bias_dtype)
+        bits, gs = self.config.bits, self.config.effective_group_size
+        q = QuantLinear(linear.in_features, linear.out_features, has_bias, self.codec, bits, gs, device=dev,
+                        bias_dtype=bias_dtype)
+        # RTN treats rows independently: row chunks give the same codes with temporaries of one chunk. TLQ
+        # searches its eta over the whole layer, so it takes the layer at once.
+        step = max(1, RTN_CHUNK // linear.in_features) if self.pass_name == "rtn" else linear.out_features
         with torch.no_grad():
-            q.qweight.copy_(pack_codes(codes, self.config.bits))
-            for n, t in buffers.items():
-                getattr(q, n).copy_(t)
+            for r0 in range(0, linear.out_features, step):
+                rows = slice(r0, r0 + step)
+                codes, buffers, _ = self.quantize(weight[rows].to(dev, torch.float32), bits, gs)
+                q.qweight[rows] = pack_codes(codes, bits)
+                for n, t in buffers.items():
+                    if t.dim() == 0 or t.shape[0] != codes.shape[0]:     # a per-layer value (TLQ's eta)
+                        getattr(q, n).copy_(t)
+                    else:
+                        getattr(q, n)[rows] = t
+                del codes, buffers
             if has_bias:
                 if linear.bias.is_meta:     # diffusers sets it when the checkpoint's bias comes
                     q.bias = nn.Parameter(torch.empty_like(linear.bias, device="meta", dtype=bias_dtype),
