@@ -261,6 +261,18 @@ def test_bench_exits_clearly_without_cuda(capsys):
     assert e.value.code == 2 and "no CUDA device" in capsys.readouterr().err
 
 
+@pytest.mark.triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke run; a GPU runs the real one (gpu tests)")
+def test_bench_smoke_runs_every_step(tmp_path):
+    pytest.importorskip("triton")
+    res = _bench().main(["--smoke", "--out", str(tmp_path / "moe.json")])
+    (row,) = res["rows"]
+    assert row["moe_triton_ms"] > 0 and row["dense_ms"] > 0 and row["moe_loop_ms"] > 0
+    assert row["rel_err_triton"] <= 1.25 * row["rel_err_loop"] < 2 * 2.0 ** -8, row      # bf16, as below
+    assert abs(sum(row["load"]) - 1) < 0.01 and row["forward_takes_triton"] == _forward_calls_grouped()
+    assert "| 37 |" in (tmp_path / "moe.md").read_text()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("tokens", [1024, 4096])

@@ -17,7 +17,8 @@ weights, routed as the measured model routes (fp32_reference). `forward_takes_tr
 itself reaches grouped_routed_ffn (true once experts.py calls it). `pack_extra_mib`: GPU memory the packing
 added (0: the experts' parameters now view the packed buffers).
 
-Without CUDA the script exits with a message and status 2.
+Without CUDA the script exits with a message and status 2; --smoke runs all of it on the CPU through Triton's
+interpreter at toy sizes (the check that it works before a GPU session spends time on it).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -101,13 +103,18 @@ def loop_forward(moe, x: torch.Tensor) -> torch.Tensor:
 
 
 def time_ms(fns: dict, x: torch.Tensor, repeats: int, warmup: int = 3) -> dict:
-    """Median CUDA-event milliseconds of each fn(x), the fns run back to back in each round."""
+    """Median milliseconds of each fn(x) (CUDA events; the wall clock on CPU), the fns back to back each round."""
     for _ in range(warmup):
         for fn in fns.values():
             fn(x)
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if x.device.type != "cuda":
+                t = time.perf_counter()
+                fn(x)
+                times[name].append((time.perf_counter() - t) * 1e3)
+                continue
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn(x)
@@ -149,16 +156,15 @@ def forward_takes_triton(moe, x: torch.Tensor) -> bool:
 
 @torch.no_grad()
 def rows(tokens: list[int], repeats: int, dtype: torch.dtype, dim: int = 3072, hidden: int = 12288,
-         slices: int = 8, top_k: int = 2) -> list[dict]:
+         slices: int = 8, top_k: int = 2, device: str = "cuda", warmup: int = 3) -> list[dict]:
     from dicompress.moe.grouped import pack_experts
-    dev = torch.device("cuda")
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
     parts = dense_parts(dim, hidden, dev, dtype)
     moe = flux_moe(parts, slices, top_k)
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
+    before = torch.cuda.memory_allocated() if cuda else 0
     pack_experts(moe)
-    torch.cuda.synchronize()
-    extra = (torch.cuda.memory_allocated() - before) / 2 ** 20
+    extra = round((torch.cuda.memory_allocated() - before) / 2 ** 20, 1) if cuda else None
     out = []
     g = torch.Generator(device=dev).manual_seed(1)
     for n in tokens:
@@ -166,10 +172,10 @@ def rows(tokens: list[int], repeats: int, dtype: torch.dtype, dim: int = 3072, h
         ref = fp32_reference(moe, x)
         loop, tri = loop_forward(moe, x), triton_forward(moe, x)
         ms = time_ms({"dense": lambda v: dense_ffn(parts, v), "loop": lambda v: loop_forward(moe, v),
-                      "triton": lambda v: triton_forward(moe, v)}, x, repeats)
+                      "triton": lambda v: triton_forward(moe, v)}, x, repeats, warmup)
         counts = torch.bincount(moe.route(x)[0].reshape(-1), minlength=slices - 1).double()
-        out.append({"kind": "moe_ffn_gpu", "device": torch.cuda.get_device_name(dev), "dtype": str(dtype)[6:],
-                    "dim": dim, "hidden": hidden, "shared": hidden // slices,
+        out.append({"kind": "moe_ffn_gpu", "device": torch.cuda.get_device_name(dev) if cuda else "cpu",
+                    "dtype": str(dtype)[6:], "dim": dim, "hidden": hidden, "shared": hidden // slices,
                     "experts": f"{slices - 1}x{hidden // slices}", "top_k": top_k, "tokens": n, "batch": 1,
                     "dense_ms": round(ms["dense"], 4), "moe_loop_ms": round(ms["loop"], 4),
                     "moe_triton_ms": round(ms["triton"], 4),
@@ -178,10 +184,11 @@ def rows(tokens: list[int], repeats: int, dtype: torch.dtype, dim: int = 3072, h
                     "triton_over_loop": round(ms["triton"] / ms["loop"], 3),
                     "rel_err_loop": rel_err(loop, ref), "rel_err_triton": rel_err(tri, ref),
                     "load": [round(v, 3) for v in (counts / counts.sum()).tolist()],
-                    "pack_extra_mib": round(extra, 1), "forward_takes_triton": forward_takes_triton(moe, x)})
+                    "pack_extra_mib": extra, "forward_takes_triton": forward_takes_triton(moe, x)})
+        r = out[-1]
         print(f"{n} tokens: dense {ms['dense']:.3f} ms, MoE loop {ms['loop']:.3f} ms, MoE Triton {ms['triton']:.3f} "
-              f"ms (Triton / loop {out[-1]['triton_over_loop']}, Triton / dense {out[-1]['triton_over_dense']}); "
-              f"rel err loop {out[-1]['rel_err_loop']:.2e}, Triton {out[-1]['rel_err_triton']:.2e}", flush=True)
+              f"ms (Triton / loop {r['triton_over_loop']}, Triton / dense {r['triton_over_dense']}); rel err loop "
+              f"{r['rel_err_loop']:.2e}, Triton {r['rel_err_triton']:.2e}", flush=True)
     return out
 
 
@@ -203,17 +210,25 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
+    ap.add_argument("--smoke", action="store_true", help="CPU, Triton's interpreter, a 64 -> 256 FFN, 1 repeat: "
+                    "the whole script runs without a GPU (tests/test_kernels_moe.py; timings meaningless)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
+    command = "python tools/bench_moe_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    res = {"dtype": args.dtype, "torch": torch.__version__, "host": platform.node(), "command": command}
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")     # before triton is first imported
+        from dicompress.moe.grouped import interpreted
+        with interpreted():
+            res.update(device="cpu (smoke: Triton's interpreter)", triton="interpreter",
+                       rows=rows([37], 1, DTYPES[args.dtype], dim=64, hidden=256, device="cpu", warmup=0))
+    elif not torch.cuda.is_available():
         print("bench_moe_gpu: no CUDA device visible; this benchmark times the Triton grouped GEMM on a GPU "
               "(the CPU numbers are tools/bench_moe.py's ffn_kernel rows)", file=sys.stderr)
         raise SystemExit(2)
-    import triton
-    torch.manual_seed(0)
-    res = {"device": torch.cuda.get_device_name(0), "dtype": args.dtype, "torch": torch.__version__,
-           "triton": triton.__version__, "host": platform.node(),
-           "command": "python tools/bench_moe_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "rows": rows(args.tokens, args.repeats, DTYPES[args.dtype])}
+    else:
+        import triton
+        res.update(device=torch.cuda.get_device_name(0), triton=triton.__version__,
+                   rows=rows(args.tokens, args.repeats, DTYPES[args.dtype]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(markdown(res))
