@@ -227,7 +227,7 @@ def test_dense2moe_then_mob_then_w4a8_is_one_artifact(tiny_zoo_dir, tmp_path):
     assert b.mob_router.weight.dtype == torch.float32
 
 
-def test_bad_inputs_before_any_work(store):
+def test_bad_inputs_before_any_work(store, tiny_zoo_dir, tmp_path):
     for cfg, msg in [({"skip": 0}, "skip"), ({"skip": 1.0}, "skip"), ({"temperature": 0}, "temperature")]:
         with pytest.raises(RecipeError, match=msg):
             build_passes([{"mob": cfg}])
@@ -246,6 +246,10 @@ def test_bad_inputs_before_any_work(store):
             dicompress.compress(model, [{"mob": cfg}], calibration=store, **QUIET)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert not any(is_gated(m) for m in model.modules())
+    with pytest.raises(RecipeError, match=r"passes\[1\]\.mob\.group_size"):      # in a recipe: before capture
+        dicompress.run(_recipe(tmp_path, tiny_zoo_dir, [{"dense2moe": {}}, {"mob": {"group_size": 5}}], "bad"),
+                       progress=False, echo=lambda *a, **k: None)
+    assert not (tmp_path / "bad").exists()
     qwen = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
                                        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
                                        axes_dims_rope=(8, 4, 4))
