@@ -23,6 +23,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _mod
 
 from ..kernels.dispatch import force_reference, has_triton, triton_supported
 
@@ -41,17 +42,18 @@ def interpreted():
         _interpreter[0] = before
 
 
-def _linears(moe) -> list[nn.Module]:
-    return [lin for ex in moe.experts for lin in (ex.up, ex.down)]
+def _experts(moe) -> tuple[list[nn.Module], list[nn.Module]]:
+    """The routed experts' up and down linears, read from the module dicts (this runs on every call and
+    nn.Module.__getattr__ costs a few microseconds per attribute)."""
+    experts = list(moe._modules["experts"]._modules.values())
+    return [ex._modules["up"] for ex in experts], [ex._modules["down"] for ex in experts]
 
 
-def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
-
-
-def _global_hooks() -> bool:
-    from torch.nn.modules import module as m
-    return bool(m._global_forward_hooks or m._global_forward_pre_hooks)
+def _groups(ups: list[nn.Module], downs: list[nn.Module]) -> list[list[torch.Tensor] | None]:
+    """[up weights, up biases (None without), down weights]: what is packed, one buffer each."""
+    w1 = [lin._parameters["weight"] for lin in ups]
+    b1 = [lin._parameters["bias"] for lin in ups]
+    return [w1, None if b1[0] is None else b1, [lin._parameters["weight"] for lin in downs]]
 
 
 def _device_ok(device: torch.device) -> bool:
@@ -66,45 +68,41 @@ def applies(moe, x: torch.Tensor, gates: torch.Tensor) -> bool:
     """Whether grouped_routed_ffn runs the Triton path for this call (see the module docstring)."""
     if force_reference() or x.dim() != 2 or x.dtype not in DTYPES or not _device_ok(x.device):
         return False
-    if torch.is_autocast_enabled(x.device.type) or _global_hooks():
+    if torch.is_autocast_enabled(x.device.type) or _mod._global_forward_hooks or _mod._global_forward_pre_hooks:
         return False
-    lins = _linears(moe)
-    if any(type(lin) is not nn.Linear or _hooked(lin) for lin in lins):
+    ups, downs = _experts(moe)
+    if any(type(lin) is not nn.Linear or lin._forward_hooks or lin._forward_pre_hooks for lin in ups + downs):
         return False
-    params = [p for lin in lins for p in lin.parameters()]
-    if any(p.dtype != x.dtype or p.device != x.device for p in params):
+    params = [p for group in _groups(ups, downs) if group is not None for p in group]
+    if any(p is None or p.dtype != x.dtype or p.device != x.device for p in params):
         return False
     return not (torch.is_grad_enabled() and (x.requires_grad or gates.requires_grad
                                              or any(p.requires_grad for p in params)))
 
 
 def _stacked_view(params: list[torch.Tensor]) -> torch.Tensor | None:
-    """[E, *shape] over the parameters' storage if they are contiguous slices laid back to back in it, else None."""
+    """[E, *shape] over the parameters' memory if they lie back to back in one allocation, else None. Runs on
+    every call, so it reads pointers only: parameter i must start where i slices past parameter 0 start, and
+    as_strided checks the whole [E, ...] extent against parameter 0's storage, so every slice lies in that one
+    allocation (live allocations never overlap), i.e. is the memory its parameter views."""
     first = params[0]
-    shape, numel = first.shape, first.numel()
-    if not first.is_contiguous():
+    step = first.numel() * first.element_size()
+    base = first.data_ptr()
+    if not first.is_contiguous() or any(p.data_ptr() != base + i * step for i, p in enumerate(params)):
         return None
-    ptr, size = first.data_ptr(), first.element_size()
-    storage = first.untyped_storage().data_ptr()
-    for i, p in enumerate(params):
-        if (p.shape != shape or p.dtype != first.dtype or p.device != first.device or not p.is_contiguous()
-                or p.untyped_storage().data_ptr() != storage or p.data_ptr() != ptr + i * numel * size):
-            return None
-    strides = (numel, *first.stride())
-    if first.storage_offset() + len(params) * numel > first.untyped_storage().nbytes() // size:
+    try:
+        return first.detach().as_strided((len(params), *first.shape), (first.numel(), *first.stride()),
+                                         first.storage_offset())
+    except RuntimeError:                    # the extent runs past parameter 0's storage: separate tensors
         return None
-    return first.detach().as_strided((len(params), *shape), strides, first.storage_offset())
 
 
 def packed_experts(moe) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
     """(up weight [E, width, dim], up bias [E, width] or None, down weight [E, dim, width]) as views of the
     experts' own parameters, or None when they are not packed (never packed, or the layout was broken since)."""
-    ups = [ex.up for ex in moe.experts]
-    w1 = _stacked_view([lin.weight for lin in ups])
-    has_bias = ups[0].bias is not None
-    b1 = _stacked_view([lin.bias for lin in ups]) if has_bias else None
-    w2 = _stacked_view([ex.down.weight for ex in moe.experts])
-    if w1 is None or w2 is None or (has_bias and b1 is None):
+    views = [None if group is None else _stacked_view(group) for group in _groups(*_experts(moe))]
+    w1, b1, w2 = views
+    if w1 is None or w2 is None or (b1 is None) != (moe.experts[0].up.bias is None):
         return None
     return w1, b1, w2
 
@@ -117,13 +115,12 @@ def pack_experts(moe) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     done = packed_experts(moe)
     if done is not None:
         return done
-    groups = [[ex.up.weight for ex in moe.experts], [ex.down.weight for ex in moe.experts]]
-    if moe.experts[0].up.bias is not None:
-        groups.append([ex.up.bias for ex in moe.experts])
     # ordinary tensors even inside inference_mode: a parameter holding an inference tensor could not be
     # updated in place afterwards (load_state_dict, an optimizer step)
     with torch.inference_mode(False):
-        for params in groups:
+        for params in _groups(*_experts(moe)):
+            if params is None:
+                continue
             buf = torch.stack([p.detach() for p in params])
             for p, row in zip(params, buf):
                 p.data = row
