@@ -196,3 +196,15 @@ def test_qwenimage_lora_format(tiny_qwen_dir, tmp_path):
         pipe.load_lora_weights(tmp_path / "lora")
         effects.append(_out(model, kw) - base)
     assert _rel(effects[1], effects[0]) < 0.05 and effects[0].norm() > 0.02 * base.norm()
+
+
+def test_narrower_lora_input_is_zero_padded_wider_refused(made):
+    from dicompress.lora.hooks import _pad_lora_inputs
+    model = FluxTransformer2DModel.from_pretrained(made["root"] / "w4")
+    q = model.transformer_blocks[0].attn.to_q
+    key = "transformer.transformer_blocks.0.attn.to_q.lora_A.weight"
+    a = torch.randn(4, q.in_features - 8)
+    padded = _pad_lora_inputs(model, {key: a.clone()}, "transformer.")[key]
+    assert padded.shape == (4, q.in_features) and torch.equal(padded[:, :-8], a) and not padded[:, -8:].any()
+    with pytest.raises(ModelError, match="input features"):
+        _pad_lora_inputs(model, {key: torch.randn(4, q.in_features + 1)}, "transformer.")

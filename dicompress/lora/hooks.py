@@ -1,6 +1,6 @@
 """Teach peft and diffusers' LoRA loaders about dicompress layers (installed once, idempotent).
 
-What this relies on (peft 0.17-0.21, diffusers 0.35-0.42; tests/test_lora.py):
+What this relies on (tested with peft 0.21.2 and diffusers 0.42.1; tests/test_lora.py):
   - peft `LoraModel._create_new_module(lora_config, adapter_name, target, **kwargs)`, a staticmethod trying
     dispatchers in turn: ours is tried first and returns None for layers it does not handle;
   - diffusers `PeftAdapterMixin.load_lora_adapter` / `add_adapter` injecting into the model: before they run,
