@@ -242,7 +242,8 @@ def test_flux_launches_compile_for_hopper(tmp_path):
 
 @pytest.mark.slow
 def test_every_variant_compiles_for_hopper_and_ampere(tmp_path):
-    assert len(_aot(tmp_path, "--arch", "90", "86")) == 16
+    from dicompress.kernels.triton_moe import TILE_CANDIDATES
+    assert len(_aot(tmp_path, "--arch", "90", "86")) == 2 * 8 + 2 * (len(TILE_CANDIDATES) - 1)   # sweep: sm_90
 
 
 # -- the GPU benchmark's comparisons (tools/bench_moe_gpu.py) ---------------------------------------------
@@ -263,9 +264,13 @@ def test_bench_exits_clearly_without_cuda(capsys):
 
 @pytest.mark.triton
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke run; a GPU runs the real one (gpu tests)")
-def test_bench_smoke_runs_every_step(tmp_path):
+def test_bench_smoke_runs_every_step(tmp_path, monkeypatch):
     pytest.importorskip("triton")
-    res = _bench().main(["--smoke", "--out", str(tmp_path / "moe.json")])
+    from dicompress.kernels import triton_moe
+    monkeypatch.setattr(triton_moe, "TILE_CANDIDATES", [{}, {"BLOCK_N": 256, "num_stages": 4}])   # 2 of them
+    res = _bench().main(["--smoke", "--sweep", "--out", str(tmp_path / "moe.json")])
+    assert [r["tile"] for r in res["sweep"]] == ["default", str({"BLOCK_N": 256, "num_stages": 4})]
+    assert res["sweep"][1]["max_abs_diff_vs_default"] < 0.05 and res["sweep"][0]["vs_default"] == 1
     (row,) = res["rows"]
     assert row["moe_triton_ms"] > 0 and row["dense_ms"] > 0 and row["moe_loop_ms"] > 0
     assert row["rel_err_triton"] <= 1.25 * row["rel_err_loop"] < 2 * 2.0 ** -8, row      # bf16, as below

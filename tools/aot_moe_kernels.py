@@ -2,7 +2,7 @@
 GPU, as grouped_routed_ffn launches it at FLUX width (3072 -> 1536-wide experts, 7 routed, top-2, 4096 tokens), and
 report what the compiler made of it: registers, spills, shared memory, tensor-core instructions, pipelined loads.
 
-    python tools/aot_moe_kernels.py --arch 90 86 --out bench/aot_moe.json     # every variant (~1 min)
+    python tools/aot_moe_kernels.py --arch 90 86 --out bench/aot_moe.json     # every variant + the sweep tiles
     python tools/aot_moe_kernels.py --arch 90 --quick                         # the two bf16 FLUX launches
 
 Triton's interpreter runs code its GPU compiler refuses; this is the check that the kernel compiles, done by
@@ -64,11 +64,12 @@ def resource_usage(cubin: bytes) -> dict:
     return {"registers": int(fields.get("REG", -1)), "stack_bytes": int(fields.get("STACK", -1))}
 
 
-def compile_variant(dtype: str, n: int, k: int, activation: str, up: bool, rows: int, arch: int) -> dict:
+def compile_variant(dtype: str, n: int, k: int, activation: str, up: bool, rows: int, arch: int,
+                    extra: dict | None = None) -> dict:
     """The kernel compiled as grouped_gemm would launch it: pointers 16-byte aligned, integer arguments marked
     divisible by 16 where they are (Triton's launcher specialises them so)."""
     fn = triton_moe._grouped_gemm_kernel
-    cfg = triton_moe.tile(rows, EXPERTS, _DTYPES[dtype])
+    cfg = dict(triton_moe.tile(rows, EXPERTS, _DTYPES[dtype]), **(extra or {}))
     t = "*" + dtype
     ptrs = {"a_ptr": t, "a_rows_ptr": "*i32", "w_ptr": t, "bias_ptr": t, "gate_ptr": t, "out_ptr": t,
             "out_rows_ptr": "*i32", "block_ends_ptr": "*i32", "starts_ptr": "*i32", "counts_ptr": "*i32"}
@@ -104,9 +105,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     rows = []
     for arch in args.arch:
-        for name, dtype, n, k, activation, up, m in (QUICK if args.quick else VARIANTS):
+        # the sweep's tiles are Hopper's (up to 192 KiB of shared memory: more than Ampere's 99 KiB per block)
+        sweep = [] if args.quick or arch < 90 else [(f"{name} sweep", *rest, extra) for name, *rest in QUICK
+                                                    for extra in triton_moe.TILE_CANDIDATES[1:]]
+        for name, dtype, n, k, activation, up, m, *extra in (QUICK if args.quick else VARIANTS) + sweep:
             try:
-                row = compile_variant(dtype, n, k, activation, up, m, arch)
+                row = compile_variant(dtype, n, k, activation, up, m, arch, *extra)
             except Exception as e:  # noqa: BLE001  (recorded: a variant the compiler refuses)
                 row = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
             rows.append({"arch": arch, "kernel": f"{name} {dtype}", "rows": m, "N": n, "K": k, **row})

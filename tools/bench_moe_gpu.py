@@ -2,6 +2,7 @@
 against the dense FFN, at FLUX width.
 
     python tools/bench_moe_gpu.py --out bench/gpu/moe.json        # also writes bench/gpu/moe.md
+    python tools/bench_moe_gpu.py --out bench/gpu/moe.json --sweep   # + the routed experts per candidate tile
 
 The FFN: 3072 -> 12288 -> 3072, GELU tanh, bf16 (--dtype), batch 1 at --tokens tokens. The MoEFFN holds the same
 neurons in 8 equal slices of 1536: a shared expert + 7 routed experts, top-2 (3 of 8 slices per token, 0.375 of
@@ -192,6 +193,27 @@ def rows(tokens: list[int], repeats: int, dtype: torch.dtype, dim: int = 3072, h
     return out
 
 
+@torch.no_grad()
+def sweep_rows(tokens: int, repeats: int, dtype: torch.dtype, dim: int = 3072, hidden: int = 12288,
+               device: str = "cuda", warmup: int = 3) -> list[dict]:
+    """The routed experts alone (grouped_routed_ffn, both launches) with each of triton_moe.TILE_CANDIDATES."""
+    from dicompress.kernels.triton_moe import TILE_CANDIDATES
+    from dicompress.moe.grouped import grouped_routed_ffn
+    moe = flux_moe(dense_parts(dim, hidden, torch.device(device), dtype))
+    x = torch.randn(tokens, dim, generator=torch.Generator(device=device).manual_seed(2), device=device).to(dtype)
+    idx, gates, _ = moe.route(x)
+    first = grouped_routed_ffn(moe, x, idx, gates)
+    fns = {str(c or "default"): (lambda v, c=c: grouped_routed_ffn(moe, v, idx, gates, blocks=c))
+           for c in TILE_CANDIDATES}
+    ms = time_ms(fns, x, repeats, warmup)
+    out = [{"kind": "moe_tile_sweep", "tokens": tokens, "tile": name, "routed_ms": round(t, 4),
+            "vs_default": round(t / ms["default"], 3), "max_abs_diff_vs_default":
+            float((fns[name](x).float() - first.float()).abs().max())} for name, t in ms.items()]
+    for r in out:
+        print(f"sweep {r['tile']}: {r['routed_ms']:.3f} ms ({r['vs_default']}x default)", flush=True)
+    return out
+
+
 def markdown(res: dict) -> str:
     lines = [f"MoE FFN on {res['device']} ({res['dtype']}, torch {res['torch']}, triton {res['triton']}): "
              f"`{res['command']}`", "",
@@ -201,6 +223,10 @@ def markdown(res: dict) -> str:
         lines.append(f"| {r['tokens']} | {r['dense_ms']:.3f} | {r['moe_loop_ms']:.3f} | {r['moe_triton_ms']:.3f} | "
                      f"{r['loop_over_dense']:.3f} | {r['triton_over_dense']:.3f} | {r['triton_over_loop']:.3f} | "
                      f"{r['rel_err_loop']:.1e} | {r['rel_err_triton']:.1e} |")
+    if res.get("sweep"):
+        lines += ["", f"Routed experts alone at {res['sweep'][0]['tokens']} tokens, per tile:", "",
+                  "| tile | ms | vs default |", "|---|---|---|"]
+        lines += [f"| {r['tile']} | {r['routed_ms']:.3f} | {r['vs_default']:.3f} |" for r in res["sweep"]]
     return "\n".join(lines) + "\n"
 
 
@@ -212,6 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     ap.add_argument("--smoke", action="store_true", help="CPU, Triton's interpreter, a 64 -> 256 FFN, 1 repeat: "
                     "the whole script runs without a GPU (tests/test_kernels_moe.py; timings meaningless)")
+    ap.add_argument("--sweep", action="store_true", help="also time the routed experts with each tile of "
+                    "triton_moe.TILE_CANDIDATES at the largest --tokens")
     args = ap.parse_args(argv)
     command = "python tools/bench_moe_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
     res = {"dtype": args.dtype, "torch": torch.__version__, "host": platform.node(), "command": command}
@@ -221,6 +249,8 @@ def main(argv: list[str] | None = None) -> dict:
         with interpreted():
             res.update(device="cpu (smoke: Triton's interpreter)", triton="interpreter",
                        rows=rows([37], 1, DTYPES[args.dtype], dim=64, hidden=256, device="cpu", warmup=0))
+            if args.sweep:
+                res["sweep"] = sweep_rows(37, 1, DTYPES[args.dtype], dim=64, hidden=256, device="cpu", warmup=0)
     elif not torch.cuda.is_available():
         print("bench_moe_gpu: no CUDA device visible; this benchmark times the Triton grouped GEMM on a GPU "
               "(the CPU numbers are tools/bench_moe.py's ffn_kernel rows)", file=sys.stderr)
@@ -229,6 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
         import triton
         res.update(device=torch.cuda.get_device_name(0), triton=triton.__version__,
                    rows=rows(args.tokens, args.repeats, DTYPES[args.dtype]))
+        if args.sweep:
+            res["sweep"] = sweep_rows(max(args.tokens), args.repeats, DTYPES[args.dtype])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(markdown(res))

@@ -108,6 +108,12 @@ def _interp_bf16(a: torch.Tensor) -> bool:
     return a.dtype == torch.bfloat16 and a.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# What tools/bench_moe_gpu.py --sweep times for 16-bit inputs at the FLUX load (the first is tile()'s default);
+# each compiles for sm_90 with no spills and both operands in the async-copy pipeline (tools/aot_moe_kernels.py)
+TILE_CANDIDATES: list[dict] = [{}, {"num_stages": 4}, {"BLOCK_N": 256}, {"BLOCK_N": 256, "num_stages": 4},
+                               {"BLOCK_K": 128, "num_stages": 2}, {"BLOCK_M": 64, "num_warps": 4}]
+
+
 def tile(rows: int, n_experts: int, dtype: torch.dtype) -> dict:
     """A fixed tile per dtype and load (no autotuning: compile time counts on a lent GPU). 16-bit inputs take
     128 x 128 x 64 (a bf16 GEMM's usual tile: 96 KiB of shared memory at 3 stages) once the experts average more
