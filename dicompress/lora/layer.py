@@ -78,11 +78,12 @@ class CompressedLoraLinear(nn.Module, LoraLayer):
         if not active:
             return result
         out_dtype = result.dtype
-        xb = x if self.fold_in is None else x * self.fold_in.to(x.dtype)
         delta = None
         for name in active:
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-            h = self._cast_input_dtype(xb, lora_A.weight.dtype)
+            h = self._cast_input_dtype(x, lora_A.weight.dtype)    # cast first: the fold applies in A's precision
+            if self.fold_in is not None:
+                h = h * self.fold_in.to(h.dtype)
             d = lora_B(lora_A(self.lora_dropout[name](h))) * self.scaling[name]
             delta = d if delta is None else delta + d
         if self.fold_out is not None:
