@@ -6,8 +6,9 @@ nn.Linear parameters (quantization passes, state_dict and checkpoints see them a
 them once into contiguous [E, width, dim] / [E, width] / [E, dim, width] buffers and re-points each parameter's
 `.data` at its slice, so the weights are held once. `packed_experts` rebuilds the [E, ...] views from the
 parameters themselves (as_strided over expert 0's storage) whenever they still lie back to back in one storage;
-nothing else is cached, so a `.to()`, a `load_state_dict` into new tensors or a replaced parameter (which break
-that layout) only cost one re-pack at the next call, and no stale copy outlives the parameters.
+nothing else is cached, so a `.to()`, a `load_state_dict(..., assign=True)` or a replaced parameter (which break
+that layout; a plain load_state_dict copies in place and keeps it) only cost one re-pack at the next call, and
+no stale copy outlives the parameters.
 
 Where the Triton path applies (`applies`): CUDA tensors on a GPU the Triton kernels support (dispatch.py), or
 the CPU inside `interpreted()` with TRITON_INTERPRET=1 (tests); DICOMPRESS_KERNELS not `reference`; every
