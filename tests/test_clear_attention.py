@@ -39,8 +39,10 @@ def test_tiled_gradients_match_reference(grid, radius, n_text, pooled, tile):
     pk, pv = p if p else (None, None)
     kw = dict(n_text=n_text, grid=grid, radius=radius, pooled_key=pk, pooled_value=pv)
     up = torch.randn(1, n, 2, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    g_ref = torch.autograd.grad((reference_clear_attention(q, k, v, **kw) * up).sum(), leaves)
-    g_til = torch.autograd.grad((tiled_clear_attention(q, k, v, tile=tile, **kw) * up).sum(), leaves)
+    ref, out = reference_clear_attention(q, k, v, **kw), tiled_clear_attention(q, k, v, tile=tile, **kw)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)    # the autograd path's forward (not the no-grad one)
+    g_ref = torch.autograd.grad((ref * up).sum(), leaves)
+    g_til = torch.autograd.grad((out * up).sum(), leaves)
     for a, b in zip(g_til, g_ref):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
@@ -99,3 +101,15 @@ def test_bad_shapes_and_radius_raise():
         tiled_clear_attention(q, k, v, n_text=4, grid=(3, 5), radius=2)
     with pytest.raises(ValueError, match="radius"):
         tiled_clear_attention(q, k, v, n_text=5, grid=(3, 5), radius=0)
+
+
+def test_bench_ideal_flops_count_the_mask():
+    """tools/bench_clear_scaling.ideal_flops (the exact masked count reported next to each row) equals the allowed
+    pairs of clear_mask, border clipping included."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from bench_clear_scaling import ideal_flops
+    for grid, radius, n_text in [((7, 9), 3, 4), ((5, 5), 2.5, 0), ((4, 6), 30, 2)]:
+        pairs = int(clear_mask(n_text, grid, radius).sum())
+        assert ideal_flops(n_text, grid, radius, heads=1, head_dim=1) == 4 * pairs
