@@ -6,7 +6,8 @@
    streams), plus `budget_weight` x (mean skip probability over the skippable blocks - their target rate)^2. Only
    the routers train: one chain, so the budget is shared and the skips go where the group features suffer least.
 2. Binarise (`binarize`): one threshold over every skippable block's logits on the calibration rows, chosen so that
-   exactly the target share of block executions is skipped there, folded into each router's bias (run iff > 0).
+   at least the target share of block executions is skipped there (more only where rows with the same temb, e.g.
+   the same class and timestep, decide together), folded into each router's bias (run iff > 0).
 3. Recovery (`recover_groups`, optional): with the hard gates, each group's blocks learn (block weights, not the
    routers) to map the teacher's inputs at the group's start to its outputs at the group's end.
 """

@@ -28,7 +28,8 @@ from .base import Pass, PassConfig, first_rewrite, register_pass
 
 class MoBConfig(PassConfig):
     skip: float = Field(0.25, gt=0, lt=1, description="target fraction of all block executions skipped (blocks x "
-                                                      "calibration rows), met exactly on the calibration data")
+                                                      "calibration rows), met on the calibration data (rows with the "
+                                                      "same temb decide together: it may be a little exceeded)")
     group_size: int = Field(3, ge=1, description="consecutive blocks per group of the group feature loss (and of "
                                                  "the recovery); must divide the number of blocks")
     include: tuple[str, ...] | None = Field(None, description="blocks that may be skipped (fnmatch, full names); "
