@@ -13,9 +13,11 @@ dense FFN exactly (up to summation order). The dense down-projection's bias is `
 
 Execution groups tokens by expert: the (token, expert) assignments are sorted by expert, each expert gathers its
 tokens (index_select), runs one matmul pair over them, scales by the gate and scatters back (index_add). No loop
-over tokens; one Python iteration per expert. Each forward with gradients enabled leaves `aux_loss` (the Switch
-load-balancing loss E * sum_i f_i P_i: f_i the fraction of assignments to expert i, P_i its mean router
-probability) and, while `track_load` is set, adds each expert's assignment count to `load`.
+over tokens; one Python iteration per expert. On CUDA, in inference, the routed experts run instead as one Triton
+grouped GEMM per projection (moe/grouped.py: grouped_routed_ffn, kernels/triton_moe.py). Each forward with
+gradients enabled leaves `aux_loss` (the Switch load-balancing loss E * sum_i f_i P_i: f_i the fraction of
+assignments to expert i, P_i its mean router probability) and, while `track_load` is set, adds each expert's
+assignment count to `load`.
 
 An expert no token chose in a forward still runs one token (the one its router probability is highest for) and
 its output is dropped: every expert's linears then see inputs in every forward, so calibration captured on the
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .grouped import grouped_routed_ffn
 from .partition import switch_balance_loss
 
 
@@ -108,12 +111,27 @@ class MoEFFN(nn.Module):
         out = self.shared(x) if self.shared is not None else x.new_zeros(x.shape)
         if self.bias is not None:
             out.add_(self.bias)
-        # group the (token, expert) assignments by expert: one gather / matmul pair / scatter per expert
         flat = idx.reshape(-1)
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        # the Triton grouped GEMM where it applies (CUDA, plain nn.Linear experts, no gradient: moe/grouped.py),
+        # else the torch loop
+        routed = grouped_routed_ffn(self, x, idx, gates)
+        if routed is not None:
+            out.add_(routed)
+        else:
+            self._routed_loop(x, flat, gates, probs, counts, out)
+        # only while training: a stored graph would hold memory and make the module impossible to deepcopy
+        self.aux_loss = switch_balance_loss(probs, counts) if torch.is_grad_enabled() else None
+        if self.track_load:
+            self.load += counts.detach().cpu()
+        return out.reshape(shape)
+
+    def _routed_loop(self, x, flat, gates, probs, counts, out) -> None:
+        """Adds the routed experts' gated outputs to `out`: the (token, expert) assignments grouped by expert, one
+        gather / matmul pair / scatter per expert."""
         order = flat.argsort(stable=True)
         token = order // self.top_k
         gate = gates.reshape(-1)[order]
-        counts = torch.bincount(flat, minlength=self.n_experts)
         starts = counts.cumsum(0) - counts
         for e, (s, n) in enumerate(zip(starts.tolist(), counts.tolist())):
             if n == 0:       # idle: its best-scoring token, output dropped (see the module docstring)
@@ -125,11 +143,6 @@ class MoEFFN(nn.Module):
             expert = self.experts[e]
             h = expert.hidden(x.index_select(0, t)).mul_(gate[s:s + n, None])   # GELU's backward reads its input
             out.index_add_(0, t, expert.down(h))
-        # only while training: a stored graph would hold memory and make the module impossible to deepcopy
-        self.aux_loss = switch_balance_loss(probs, counts) if torch.is_grad_enabled() else None
-        if self.track_load:
-            self.load += counts.detach().cpu()
-        return out.reshape(shape)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, shared={self.shared_width}, experts={self.n_experts}x{self.expert_width}, "
