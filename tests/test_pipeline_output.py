@@ -155,8 +155,8 @@ def test_readers_take_the_pipeline_directory(outs):
     assert res.exit_code == 0 and f"artifact: {out / 'transformer'}" in res.output and "verified: OK" in res.output
     res = cli("inspect", outs["src"])            # an uncompressed pipeline is still described as a model
     assert res.exit_code == 0 and res.output.startswith(f"model: {outs['src']} ")
-    res = cli("eval", out)                       # not a digits model: the per-layer table against the source
-    assert res.exit_code == 0, res.output
+    res = cli("eval", out)                       # not a digits model: no metric without --pipeline, said (issue 20)
+    assert res.exit_code == 2 and "no quality metric" in res.output and f"--pipeline {outs['src']}" in res.output
 
 
 def test_rot_in_the_pipeline_transformer_is_named(outs, tmp_path):
