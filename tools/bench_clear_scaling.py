@@ -67,7 +67,8 @@ def _time(fn, est_s: float, repeats: int) -> tuple[float, int]:
     return best * 1e3, repeats
 
 
-def attention_rows(grids=GRIDS, radii=RADII, repeats: int = 3, gflops_s: float = 10.0, log=print) -> list[dict]:
+def attention_rows(grids=GRIDS, radii=RADII, repeats: int = 3, gflops_s: float = 10.0, log=print,
+                   methods=("dense", "clear")) -> list[dict]:
     rows = []
     for g in grids:
         grid, n = (g, g), N_TEXT + g * g
@@ -75,20 +76,20 @@ def attention_rows(grids=GRIDS, radii=RADII, repeats: int = 3, gflops_s: float =
         q, k, v = (torch.randn(1, n, HEADS, HEAD_DIM, generator=gen) for _ in range(3))
         qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
         flops = dense_flops(n)
-        with torch.no_grad():
-            ms, reps = _time(lambda: F.scaled_dot_product_attention(qt, kt, vt), flops / gflops_s / 1e9, repeats)
-        dense_ms = ms
-        rows.append(dict(kind="attention", grid=f"{g}x{g}", tokens=n, method="dense", radius=None, ms=round(ms, 1),
-                         repeats=reps, attn_flops=flops, attn_flops_ideal=flops, speedup_vs_dense=1.0))
-        log(rows[-1])
-        for r in radii:
+        if "dense" in methods:
+            with torch.no_grad():
+                ms, reps = _time(lambda: F.scaled_dot_product_attention(qt, kt, vt), flops / gflops_s / 1e9, repeats)
+            rows.append(dict(kind="attention", grid=f"{g}x{g}", tokens=n, method="dense", radius=None,
+                             ms=round(ms, 1), repeats=reps, attn_flops=flops, attn_flops_ideal=flops))
+            log(rows[-1])
+        for r in (radii if "clear" in methods else ()):
             flops = path_flops(N_TEXT, grid, r, 0, HEADS, HEAD_DIM)
             with torch.no_grad():
                 ms, reps = _time(lambda: clear_attention(q, k, v, n_text=N_TEXT, grid=grid, radius=r),
                                  flops / gflops_s / 1e9, repeats)
             rows.append(dict(kind="attention", grid=f"{g}x{g}", tokens=n, method="clear", radius=r, ms=round(ms, 1),
                              repeats=reps, attn_flops=flops, attn_flops_ideal=ideal_flops(N_TEXT, grid, r),
-                             path=clear_path(N_TEXT, grid, r, 0), speedup_vs_dense=round(dense_ms / ms, 2)))
+                             path=clear_path(N_TEXT, grid, r, 0)))
             log(rows[-1])
     return rows
 
@@ -137,7 +138,7 @@ def _rotary(grid: tuple[int, int]):
 
 
 def block_rows(grids=BLOCK_GRIDS, radius: float = 16, repeats: int = 2, gflops_s: float = 10.0,
-               log=print) -> list[dict]:
+               log=print, methods=("dense", "clear")) -> list[dict]:
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
     rows, blocks = [], _flux_blocks()
     dim = HEADS * HEAD_DIM
@@ -149,18 +150,16 @@ def block_rows(grids=BLOCK_GRIDS, radius: float = 16, repeats: int = 2, gflops_s
         rope = _rotary(grid)
         for name, block in blocks.items():
             linear = 2 * n * sum(p.numel() for p in block.parameters() if p.dim() == 2)   # rough, for repeats only
-            dense_ms = None
-            for method in ("dense", "clear"):
+            for method in methods:
                 block.attn.set_processor(FluxAttnProcessor() if method == "dense"
                                          else ClearFluxProcessor(N_TEXT, grid, radius))
                 attn = dense_flops(n) if method == "dense" else path_flops(N_TEXT, grid, radius, 0, HEADS, HEAD_DIM)
                 with torch.no_grad():
                     ms, reps = _time(lambda: block(x, enc, temb, image_rotary_emb=rope),
                                      (linear + attn) / gflops_s / 1e9, repeats)
-                dense_ms = dense_ms or ms
                 rows.append(dict(kind="block", block=name, grid=f"{g}x{g}", tokens=n, method=method,
                                  radius=None if method == "dense" else radius, ms=round(ms, 1), repeats=reps,
-                                 attn_flops=attn, speedup_vs_dense=round(dense_ms / ms, 2)))
+                                 attn_flops=attn))
                 log(rows[-1])
     return rows
 
@@ -168,7 +167,16 @@ def block_rows(grids=BLOCK_GRIDS, radius: float = 16, repeats: int = 2, gflops_s
 def scaling_rows(grids=GRIDS, radii=RADII, block_grids=BLOCK_GRIDS, block_radius: float = 16, repeats: int = 3,
                  log=print) -> list[dict]:
     """Every scaling row (attention, then blocks); tools/bench_clear.py imports this for its `scaling` rows."""
-    return attention_rows(grids, radii, repeats, log=log) + block_rows(block_grids, block_radius, log=log)
+    return add_speedups(attention_rows(grids, radii, repeats, log=log) + block_rows(block_grids, block_radius, log=log))
+
+
+def add_speedups(rows: list[dict]) -> list[dict]:
+    """speedup_vs_dense = the dense row's ms / this row's ms, same kind, grid (and block)."""
+    dense = {(r["kind"], r["grid"], r.get("block")): r["ms"] for r in rows if r["method"] == "dense"}
+    for r in rows:
+        d = dense.get((r["kind"], r["grid"], r.get("block")))
+        r["speedup_vs_dense"] = round(d / r["ms"], 2) if d else None
+    return rows
 
 
 def to_markdown(rows: list[dict], meta: dict) -> str:
@@ -181,7 +189,7 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
         if r["kind"] == "attention":
             lines.append(f"| {r['grid']} | {r['tokens']} | {r['method']} | {r['radius'] or ''} | {r.get('path', 'sdpa')}"
                          f" | {r['ms']:.0f} | {r['repeats']} | {r['attn_flops'] / 1e9:.1f} | "
-                         f"{r['attn_flops_ideal'] / 1e9:.1f} | {r['speedup_vs_dense']:.2f}x |")
+                         f"{r['attn_flops_ideal'] / 1e9:.1f} | {r['speedup_vs_dense'] or 0:.2f}x |")
     lines += ["", "FLUX-width blocks (random weights), dense processor vs CLEAR processor:", "",
               "| block | grid | tokens | method | radius | ms | repeats | attn GFLOP | speedup vs dense |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -189,7 +197,7 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
         if r["kind"] == "block":
             lines.append(f"| {r['block']} | {r['grid']} | {r['tokens']} | {r['method']} | {r['radius'] or ''} | "
                          f"{r['ms']:.0f} | {r['repeats']} | {r['attn_flops'] / 1e9:.1f} | "
-                         f"{r['speedup_vs_dense']:.2f}x |")
+                         f"{r['speedup_vs_dense'] or 0:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -220,6 +228,7 @@ def main(argv=None):
     ap.add_argument("--block-grids", type=int, nargs="*", default=list(BLOCK_GRIDS))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--methods", nargs="+", default=["dense", "clear"], choices=["dense", "clear"])
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of --out for the (kind, grid, method) this run does not measure")
     args = ap.parse_args(argv)
@@ -233,13 +242,15 @@ def main(argv=None):
     def log(row):
         print(json.dumps(row), flush=True)
 
-    rows = attention_rows(args.grids, radii, args.repeats, log=log) + block_rows(args.block_grids, 16, log=log)
+    rows = (attention_rows(args.grids, radii, args.repeats, log=log, methods=args.methods)
+            + block_rows(args.block_grids, 16, log=log, methods=args.methods))
     if args.merge and out.exists():
         done = {(r["kind"], r["grid"], r["method"]) for r in rows}
         old = json.loads(out.read_text())
         rows = [r for r in old["rows"] if (r["kind"], r["grid"], r["method"]) not in done] + rows
         rows.sort(key=lambda r: (r["kind"], r["tokens"]))
         meta["command"] = old["meta"]["command"] + " ; " + meta["command"]
+    rows = add_speedups(rows)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     out.with_suffix(".md").write_text(to_markdown(rows, meta))
