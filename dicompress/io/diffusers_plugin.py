@@ -25,7 +25,7 @@ from ..nn.qlinear import QuantLinear
 from ..nn.surgery import set_module
 from .incomplete import refuse_unfinished_config
 from .manifest import FORMAT_VERSION, ORIGINAL_MODEL_OPS, dicompress_version, replay
-from .on_load import OnLoadQuantizer
+from .on_load import OnLoadQuantizer, check_on_load_passes
 
 DIFFUSERS_RANGE = ">=0.35,<0.43"
 
@@ -81,7 +81,6 @@ class DicompressConfig(QuantizationConfigMixin):
             if self.manifest:
                 raise ArtifactError("a DicompressConfig holds either an artifact's manifest or on-load passes",
                                     hint="pass only `passes` to quantize an original model on load")
-            from .on_load import check_on_load_passes
             check_on_load_passes(passes)
         self.passes = None if passes is None else [dict(p) if isinstance(p, dict) else p for p in passes]
 
