@@ -2,14 +2,19 @@
 
 Image queries are split into ty x tx tiles. A tile's keys are the global keys (text + pooled, shared by every tile,
 so never copied per tile) and the (ty + 2*hy) x (tx + 2*hx) image window around it, hy/hx = the largest grid offset
-inside the circle (ceil(r) - 1, clamped to the grid). The window is gathered with pad + unfold, masked to the circle
-and to the real grid, and ONE softmax runs over [global scores | window scores] per query, so the split needs no
-log-sum-exp merge. Every tile is a batched matmul; tile rows are processed in chunks to bound the score memory.
+inside the circle (ceil(r) - 1, clamped to the grid). Windows come from a padded, transposed strip of key rows as
+strided views (no per-tile gather), are masked to the circle and to the real grid, and ONE softmax runs over
+[global scores | window scores] per query, so the split needs no log-sum-exp merge. Work is one tile row of one head
+at a time (batched matmuls over the row's tiles), which bounds the score memory and keeps it in cache.
 Text queries attend to everything (text, image, pooled): one SDPA call, linear in N for a fixed text length.
 Cost per image query: (ty + 2*hy)(tx + 2*hx) + n_global keys, independent of the grid size.
 
-bf16/fp16 inputs: matmuls run in the input dtype, scores are upcast to fp32 for the mask and softmax and the
-probabilities cast back for the value matmul (as SDPA's math path does).
+Two code paths, the same math: with autograd (the distillation trains q/k/v through it) a masked two-part softmax
+(_tile_row); without (inference) scores written in place into one buffer and an in-place softmax
+(_tile_row_inference). fp32/fp64 compute in the input dtype; bf16/fp16 inputs run the matmuls in the input dtype and
+the softmax in fp32, the probabilities cast back for the value matmuls (as SDPA's math path does).
+Works on any device torch runs on; on CUDA it is correct but launch-bound (many small matmuls): a fused kernel
+(FlexAttention or Triton) is the better CUDA path and is not written yet.
 """
 from __future__ import annotations
 
@@ -18,10 +23,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-
-
 # Tile side. Smaller tiles compute fewer keys per query ((t + 2*halo)^2) but run smaller matmuls and more Python
-# calls; measured on this CPU (1 thread, 4 heads x 128, 512 text; min of 3): 64x64 r=8: t=4 888 ms, t=8 877 ms,
+# calls; measured on this CPU (1 thread, 4 heads x 128, 512 text; min of 3; the first, all-autograd revision): 64x64 r=8: t=4 888 ms, t=8 877 ms,
 # t=16 1148 ms; 64x64 r=16: 1615 / 1651 / 2057 ms; 96x96 r=32: 10132 / 9394 / 12023 ms.
 TILE = 8
 
