@@ -121,6 +121,8 @@ def test_pass_meets_the_budget_and_keeps_the_keys(store):
     rates = {r["module"]: r["skip_rate"] for r in state.report["layers"]}
     assert rates["transformer_blocks.0"] == 0 and sum(rates.values()) == pytest.approx(1.0)
     assert rep["routers"]["steps"] == 15 and len(rep["recovery"]) == 2
+    for g, (first, last) in zip(rep["recovery"], [BLOCKS[:2], BLOCKS[2:]]):      # a group without skips: untouched
+        assert g["steps"] == (3 if rates[first] + rates[last] > 0 else 0)
     assert rep["activated_param_fraction"] < 1
     # the model skips on the calibration rows as binarised: run its blocks on the captured inputs
     from dicompress.moe.mob_train import router_logits

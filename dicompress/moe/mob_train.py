@@ -122,12 +122,16 @@ def binarize(model: nn.Module, store, names: list[str], skippable: list[int], sk
 
 
 def recover_groups(model: nn.Module, adapter, store, names: list[str], groups, cfg: DistillConfig, *,
-                   loss: str = "normalized_l2", key: str, checkpoint_dir: Path | None = None,
-                   progress: bool = True) -> list[dict]:
+                   skip_rate: dict[str, float], loss: str = "normalized_l2", key: str,
+                   checkpoint_dir: Path | None = None, progress: bool = True) -> list[dict]:
     """Per group, with the hard gates: its blocks' weights (not the routers) learn the teacher's group
-    input -> output map."""
+    input -> output map. A group none of whose blocks skips on the calibration rows is left alone: on the teacher's
+    inputs it computes the teacher's outputs exactly (loss 0, nothing to learn)."""
     rows = []
     for s, e in groups:
+        if not any(skip_rate.get(names[i], 0.0) > 0 for i in range(s, e + 1)):
+            rows.append({"group": f"{names[s]}..{names[e]}", "steps": 0, "reason": "no block of the group skips"})
+            continue
         chain = nn.ModuleList(model.get_submodule(names[i]) for i in range(s, e + 1))
         inputs, targets = teacher_io(store, names, s, e)
         trainable = [n for n, p in chain.named_parameters() if p.is_floating_point() and "mob_router" not in n]

@@ -128,9 +128,9 @@ class MoB(Pass):
         model.zero_grad(set_to_none=True)
         bin_ = binarize(model, store, names, skippable, c.skip)
         t_routers = time.perf_counter() - t0
-        rec = recover_groups(model, adapter, store, names, groups, c.recovery, loss=c.loss,
-                             key=state.checkpoint_key(f"{self.name}:recovery"), checkpoint_dir=state.work_dir,
-                             progress=state.progress) if c.recovery.steps else []
+        rec = recover_groups(model, adapter, store, names, groups, c.recovery, skip_rate=bin_["skip_rate"],
+                             loss=c.loss, key=state.checkpoint_key(f"{self.name}:recovery"),
+                             checkpoint_dir=state.work_dir, progress=state.progress) if c.recovery.steps else []
         for i in skippable:
             state.record(mob_entry(names[i], model.get_submodule(names[i])))
         rates = [bin_["skip_rate"].get(n, 0.0) for n in names]
