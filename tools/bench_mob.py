@@ -209,9 +209,15 @@ def markdown(res: dict) -> str:
                      f"{r['skipped_block_fraction_latency']:.3f} | {r['activated_param_fraction']:.3f} | "
                      f"{r['class_acc']:.3f} ({r['class_acc_teacher']:.3f}) | {r['frechet']:.2f} "
                      f"({r['frechet_teacher']:.2f}) | {r['psnr_db']:.2f} | {r['latency_ratio']:.3f}x "
-                     f"({r['latency_ratio_dense2moe']:.3f}x) | {r['sampling_latency_ratio']:.3f}x "
-                     f"({r['sampling_latency_ratio_dense2moe']:.3f}x) | {r['distill_seconds']:.0f} |")
+                     f"({r['latency_ratio_dense2moe']:.3f}x) | {_x(r.get('sampling_latency_ratio'))} "
+                     f"({_x(r.get('sampling_latency_ratio_dense2moe'))}) | {r['distill_seconds']:.0f} |")
+    if res.get("note"):
+        lines += ["", res["note"]]
     return "\n".join(lines) + "\n"
+
+
+def _x(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}x"
 
 
 if __name__ == "__main__":
