@@ -131,6 +131,26 @@ def test_pass_meets_the_budget_and_keeps_the_keys(store):
     assert int((logits <= 0).sum()) == 18
 
 
+def test_end_to_end_recovery_keeps_the_binarised_routers(store):
+    """With `end_to_end`, every block's weights then learn the teacher's predictions through the hard gates: the
+    routers (no gradient through a hard skip) and so the skip decisions stay as binarised."""
+    model, teacher = build(), build()
+    state = dicompress.compress(model, [{"mob": {"skip": 0.25, "group_size": 2, **FAST, "end_to_end": {
+        "steps": 3, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 0}}}], calibration=store, teacher=teacher,
+                                **QUIET)
+    rep = state.report["passes"][-1]
+    assert rep["end_to_end"]["steps"] == 3 and rep["skipped_block_fraction"] == 0.25
+    plain = build()
+    dicompress.compress(plain, [{"mob": {"skip": 0.25, "group_size": 2, **FAST}}], calibration=store, **QUIET)
+    for name in ("transformer_blocks.1", "single_transformer_blocks.0"):
+        a, b = model.get_submodule(name), plain.get_submodule(name)
+        assert torch.equal(a.mob_router.weight, b.mob_router.weight)
+        assert not torch.equal(a.attn.to_q.weight, b.attn.to_q.weight)
+    with pytest.raises(Exception, match="needs the uncompressed teacher"):
+        dicompress.compress(build(), [{"mob": {"group_size": 2, "end_to_end": {"steps": 1}}}], calibration=store,
+                            **QUIET)
+
+
 LOAD = textwrap.dedent("""
     import sys, torch
     from diffusers import FluxPipeline, FluxTransformer2DModel

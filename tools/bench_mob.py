@@ -35,9 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 from bench_moe import CALIBRATION, moe_passes  # noqa: E402
 
-# bench_moe.py's defaults for its dense2moe row
-MOE_ARGS = argparse.Namespace(experts=7, top_k=2, shared_fraction=0.125, balance_weight=0.01, distill_steps=300,
-                              distill_lr=1e-4, batch_size=32, seed=0)
+# bench_moe.py's defaults for its dense2moe row (bench_moe.py's `dense2moe+mob` method runs mob_row on the very
+# model of its dense2moe row)
+MOE_ARGS = argparse.Namespace(experts=8, top_k=2, shared_fraction=0.125, balance_weight=0.01, distill_steps=200,
+                              distill_lr=1e-4, batch_size=32, seed=0, e2e_steps=600, e2e_lr=2e-4, e2e_batch_size=16)
 
 
 def _tracking(model, on: bool) -> None:
@@ -95,7 +96,7 @@ def mob_row(moe_model, teacher, store, zoo_dir, mob: dict, *, moe_report: dict, 
     cond = load_conditioning(zoo_dir)
     dense2moe = copy.deepcopy(moe_model)
     t = time.perf_counter()
-    state = dicompress.compress(moe_model, [{"mob": mob}], calibration=store, progress=False)
+    state = dicompress.compress(moe_model, [{"mob": mob}], calibration=store, teacher=teacher, progress=False)
     secs = time.perf_counter() - t
     rep = state.report["passes"][-1]
     common = {"samples_per_class": samples_per_class, "progress": False}
@@ -170,7 +171,8 @@ def main():
     else:
         store = capture(teacher, adapter_for(teacher), cfg, meta, root / "teacher", block_inputs=True, progress=False)
         moe = load_transformer(info)
-        state = dicompress.compress(moe, moe_passes("dense2moe", MOE_ARGS), calibration=store, progress=False)
+        state = dicompress.compress(moe, moe_passes("dense2moe", MOE_ARGS), calibration=store, teacher=teacher,
+                                    progress=False)
         moe_report = state.report["passes"][-1]
         if art is not None:
             dicompress.save(state, art, overwrite=True)

@@ -10,9 +10,12 @@ runs 3 of 8 slices (0.375 of the FFN's parameters, plus a 7 x 3072 router). Batc
 has random weights (near-uniform load, reported). dense_ms / moe_ms: medians of --repeats forwards, the two timed
 back to back in each round; speedup = dense_ms / moe_ms (the issue's target: moe <= 0.5x dense, speedup >= 2).
 
-Quality rows on zoo:tiny-flux-digits (the 4 dual-stream blocks' ff and ff_context; FLUX single blocks' MLPs stay
-dense, see the dense2moe pass), every method with the same split shape (--experts, --top-k, --shared-fraction):
-  dense2moe          importance partition, router fit, per-block distillation with the balance loss
+Quality rows on zoo:tiny-flux-digits (every FFN: the 4 double blocks' ff and ff_context and the 8 single blocks'
+MLPs, 128 -> 512; default split: shared 64 + 8 routed experts of 56, top-2, so a token runs 176 of 512 neurons,
+0.344 of the FFN parameters, 0.35 with the router), every method with the same split shape (--experts, --top-k,
+--shared-fraction):
+  dense2moe          importance partition, router fit, per-block distillation with the balance loss, then
+                     end-to-end distillation against the teacher's predictions (--e2e-steps)
   dense2moe_cluster  co-activation clustering partition, same distillation
   naive_split        the same experts and router as dense2moe, no distillation
   random_partition   a random neuron partition (shared included), same router fit and distillation
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import copy
 import json
 import os
 import platform
@@ -41,7 +45,7 @@ from dicompress.moe import moe_from_dense
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIBRATION = ROOT / "calibration/digits_10x8.yaml"
-METHODS = ("dense2moe", "dense2moe_cluster", "naive_split", "random_partition")
+METHODS = ("dense2moe", "dense2moe+mob", "naive_split", "random_partition", "dense2moe_cluster")
 
 
 def _ms(fn, x) -> float:
@@ -95,9 +99,11 @@ def moe_passes(method: str, args) -> list[dict]:
                "checkpoint_every": 0}
     part = {"dense2moe": "importance", "dense2moe_cluster": "cluster", "naive_split": "importance",
             "random_partition": "random"}[method]
+    e2e = {"steps": args.e2e_steps, "lr": args.e2e_lr, "batch_size": args.e2e_batch_size, "checkpoint_every": 0}
     if method == "naive_split":
-        distill = {"steps": 0}
-    return [{"dense2moe": {**shape, "partition": part, "distill": distill}}]
+        distill, e2e = {"steps": 0}, None
+    return [{"dense2moe": {**shape, "partition": part, "distill": distill,
+                           "end_to_end": e2e if args.e2e_steps else None}}]
 
 
 def quality_rows(args) -> tuple[list[dict], dict]:
@@ -120,13 +126,23 @@ def quality_rows(args) -> tuple[list[dict], dict]:
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     store = capture(teacher, adapter_for(teacher), cfg, {"name": info.name, "path": info.path}, root,
                     block_inputs=True, progress=False)
-    rows = []
+    rows, kept = [], {}
     for method in args.methods:
+        if method == "dense2moe+mob":
+            rows.append(_mob_row(args, info, teacher, store, cfg, root, kept, base, images))
+            print(f"{method:18s} skipped {rows[-1]['skipped_block_fraction']:.3f}  acc {rows[-1]['class_acc']:.3f}  "
+                  f"frechet {rows[-1]['frechet']:.2f}  psnr {rows[-1]['psnr_db']:.2f}  latency "
+                  f"{rows[-1]['latency_ratio']:.3f}x (dense2moe {rows[-1]['latency_ratio_dense2moe']:.3f}x)", flush=True)
+            Path(args.out).with_suffix(".partial.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+            continue
         student = load_transformer(info)
         t = time.perf_counter()
-        state = dicompress.compress(student, moe_passes(method, args), calibration=store, progress=False)
+        state = dicompress.compress(student, moe_passes(method, args), calibration=store, teacher=teacher,
+                                    progress=False)
         secs = time.perf_counter() - t
         rep = state.report["passes"][-1]
+        if method == "dense2moe" and "dense2moe+mob" in args.methods:
+            kept["dense2moe"] = (copy.deepcopy(student), rep, secs)        # MoB trains on this very model
         m, _ = evaluate_digits(student, teacher, info.path, teacher_samples=images["teacher"], **common)
         row = {"kind": "quality", "method": method,
                **{k: rep[k] for k in ("activated_ffn_param_fraction", "activated_ffn_param_fraction_model",
@@ -149,9 +165,43 @@ def quality_rows(args) -> tuple[list[dict], dict]:
                 "calibration_rows": int(store.model_inputs()["hidden_states"].shape[0]),
                 "experts": args.experts, "top_k": args.top_k, "shared_fraction": args.shared_fraction,
                 "balance_weight": args.balance_weight, "distill_steps": args.distill_steps,
+                "e2e_steps": args.e2e_steps, "e2e_lr": args.e2e_lr, "e2e_batch_size": args.e2e_batch_size,
                 "distill_lr": args.distill_lr, "batch_size": args.batch_size,
                 "samples_per_class": args.samples_per_class}
     return rows, settings
+
+
+def mob_settings(args) -> dict:
+    def distill(steps, lr):
+        return {"steps": steps, "lr": lr, "batch_size": args.batch_size, "checkpoint_every": 0}
+    return {"skip": args.mob_skip, "group_size": args.mob_group_size,
+            "distill": distill(args.mob_router_steps, args.mob_router_lr), "budget_weight": 10.0, "temperature": 0.5,
+            "recovery": distill(args.mob_recovery_steps, 1e-4),
+            "end_to_end": {"steps": args.e2e_steps, "lr": args.e2e_lr, "batch_size": args.e2e_batch_size,
+                           "checkpoint_every": 0} if args.e2e_steps else None}
+
+
+def _mob_row(args, info, teacher, store, cfg, root, kept, base, images) -> dict:
+    """dense2moe (the dense2moe row's model when it ran first in this run, else converted again with the same
+    settings) then mob, trained on the calibration captured again on the MoE model (as a recipe does after a
+    structural pass); bench_mob.mob_row evaluates it and times the dense2moe model in the same run."""
+    from bench_mob import mob_row
+    from dicompress.arch import adapter_for
+    from dicompress.calib import capture
+    from dicompress.models import load_transformer
+    if "dense2moe" in kept:
+        moe, rep, moe_secs = kept.pop("dense2moe")
+    else:
+        moe, t = load_transformer(info), time.perf_counter()
+        state = dicompress.compress(moe, moe_passes("dense2moe", args), calibration=store, teacher=teacher,
+                                    progress=False)
+        rep, moe_secs = state.report["passes"][-1], time.perf_counter() - t
+    store_moe = capture(moe, adapter_for(moe), cfg, {"name": info.name, "path": info.path}, root / "moe",
+                        block_inputs=True, progress=False)
+    row = mob_row(moe, teacher, store_moe, info.path, mob_settings(args), moe_report=rep,
+                  teacher_images=images["teacher"], base=base, samples_per_class=args.samples_per_class)
+    row["distill_seconds"] = round(row["distill_seconds"] + moe_secs, 1)     # both stages, as the other rows
+    return row
 
 
 def markdown(res: dict) -> str:
@@ -166,12 +216,13 @@ def markdown(res: dict) -> str:
                          f"{r['moe_ms']:.1f} | {r['moe_over_dense']:.3f} | {r['speedup']:.2f}x |")
     qual = [r for r in res["rows"] if r["kind"] == "quality"]
     if qual:
-        lines += ["", "| method | activated FFN params (converted / all FFNs) | activated params | router top-k "
-                      "coverage (oracle) | class acc (teacher) | Frechet (teacher) | PSNR dB | latency vs teacher | "
-                      "seconds |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| method | activated FFN params (converted / all FFNs) | activated params | skipped block "
+                      "executions | router top-k coverage (oracle) | class acc (teacher) | Frechet (teacher) | PSNR dB "
+                      "| latency vs teacher | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in qual:
             lines.append(f"| {r['method']} | {r['activated_ffn_param_fraction']:.3f} / "
                          f"{r['activated_ffn_param_fraction_model']:.3f} | {r['activated_param_fraction']:.3f} | "
+                         f"{r.get('skipped_block_fraction', 0):.3f} | "
                          f"{r['router_topk_coverage']:.3f} ({r['oracle_topk_coverage']:.3f}) | {r['class_acc']:.3f} "
                          f"({r['class_acc_teacher']:.3f}) | {r['frechet']:.2f} ({r['frechet_teacher']:.2f}) | "
                          f"{r['psnr_db']:.2f} | {r['latency_ratio']:.3f}x | {r['distill_seconds']:.0f} |")
@@ -186,17 +237,27 @@ def main():
     ap.add_argument("--skip-kernel", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--merge", action="store_true", help="keep the rows of --out of the kind skipped this time (e.g. "
-                                                        "rerun only the kernel rows on a quieter machine)")
+                                                        "rerun only the kernel rows on a quieter machine) and the "
+                                                        "quality rows of the methods not run this time")
     ap.add_argument("--model", default="zoo:tiny-flux-digits")
     ap.add_argument("--calibration", default=str(CALIBRATION))
     ap.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
-    ap.add_argument("--experts", type=int, default=7)
+    ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--shared-fraction", type=float, default=0.125)
     ap.add_argument("--balance-weight", type=float, default=0.01)
-    ap.add_argument("--distill-steps", type=int, default=300)
+    ap.add_argument("--distill-steps", type=int, default=200)
     ap.add_argument("--distill-lr", type=float, default=1e-4)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--e2e-steps", type=int, default=600, help="end-to-end distillation steps after the per-block "
+                                                               "distillation (every method but naive_split); 0 = none")
+    ap.add_argument("--e2e-lr", type=float, default=2e-4)
+    ap.add_argument("--e2e-batch-size", type=int, default=16)
+    ap.add_argument("--mob-skip", type=float, default=0.25, help="dense2moe+mob: target skipped block executions")
+    ap.add_argument("--mob-group-size", type=int, default=3)
+    ap.add_argument("--mob-router-steps", type=int, default=300)
+    ap.add_argument("--mob-router-lr", type=float, default=1e-2)
+    ap.add_argument("--mob-recovery-steps", type=int, default=200, help="per group, then --e2e-steps end to end")
     ap.add_argument("--samples-per-class", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the CPU is shared; more threads than free cores stall)")
@@ -215,7 +276,11 @@ def main():
         old = json.loads(out.read_text())
         skipped = {"ffn_kernel"} if args.skip_kernel else set()
         skipped |= {"quality"} if args.skip_quality else set()
-        rows = [r for r in old["rows"] if r["kind"] in skipped] + rows
+        ran = {r.get("method") for r in rows if r["kind"] == "quality"}
+        rows = [r for r in old["rows"] if r["kind"] in skipped or (r["kind"] == "quality" and r["method"] not in ran)
+                ] + rows
+        order = {m: i for i, m in enumerate(METHODS)}
+        rows.sort(key=lambda r: (r["kind"] != "ffn_kernel", order.get(r.get("method"), len(order))))
         settings = settings or old.get("settings", {})
         load_avg = {"this_run": load_avg, "merged_rows_run": old["machine"].get("load_average_at_start")}
         merged = old.get("merged_from") or old["command"]

@@ -2,7 +2,8 @@
 timestep whether the block runs; a skipped block passes its hidden states through (moe/blocks.py: the router on
 the block's temb, the gated execution). Trained with relaxed gates, a budget term toward `skip` and a group
 feature loss against the teacher's captured features, then binarised so the calibration data skips `skip` of all
-block executions, then (optionally) a per-group recovery of the blocks' weights (moe/mob_train.py).
+block executions, then (optionally) a per-group recovery of the blocks' weights (moe/mob_train.py) and an
+end-to-end distillation against the teacher with the hard gates.
 
 Works on FLUX transformers, with or without dense2moe before it (the router and the gating leave the blocks'
 linears and their state-dict keys as they were: later passes, e.g. tlq, quantize them as usual).
@@ -15,14 +16,14 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..distill import DistillConfig
+from ..distill import DistillConfig, EndToEndConfig
 from ..errors import RecipeError
 from ..moe.blocks import gate_block, initial_bias, is_gated
 from ..moe.experts import MoEFFN
 from ..moe.mob_op import mob_entry
 from ..moe.mob_train import binarize, groups_of, recover_groups, train_routers
 from ..prune.width import select_blocks
-from ._recovery import block_store
+from ._recovery import block_store, check_teacher, end_to_end
 from .base import Pass, PassConfig, first_rewrite, register_pass
 
 
@@ -44,6 +45,10 @@ class MoBConfig(PassConfig):
                                     description="after binarising, per group with the hard gates: the blocks' "
                                                 "weights learn the teacher's group input -> output; steps 0 = none")
     loss: Literal["normalized_l2", "mse"] = Field("normalized_l2", description="group feature loss per stream")
+    end_to_end: EndToEndConfig | None = Field(None, description="then end-to-end distillation of every block's "
+                                              "weights with the hard gates (routers fixed) against the teacher's "
+                                              "predictions: corrects what the per-group recovery leaves compounding "
+                                              "across groups; null = none")
 
 
 @register_pass
@@ -53,6 +58,10 @@ class MoB(Pass):
     needs_calibration = True
     needs_block_inputs = True
     changes_structure = True
+
+    def __init__(self, config=None, **kwargs):
+        super().__init__(config, **kwargs)
+        self.needs_teacher = self.config.end_to_end is not None
 
     def check(self, previous: list[Pass]) -> list[tuple[str, str]]:
         out = []
@@ -108,6 +117,7 @@ class MoB(Pass):
         c, model, adapter = self.config, state.model, state.adapter
         names, skippable, groups = self.targets(model, adapter)
         store = block_store(self.name, state, self.calibration(state))
+        check_teacher(self.name, state, c.end_to_end)
         t0 = time.perf_counter()
         rate = c.skip * len(names) / len(skippable)
         before = [_activated(model.get_submodule(n)) for n in names]
@@ -131,6 +141,7 @@ class MoB(Pass):
         rec = recover_groups(model, adapter, store, names, groups, c.recovery, skip_rate=bin_["skip_rate"],
                              loss=c.loss, key=state.checkpoint_key(f"{self.name}:recovery"),
                              checkpoint_dir=state.work_dir, progress=state.progress) if c.recovery.steps else []
+        e2e = end_to_end(self.name, state, self.calibration(state), c.end_to_end)
         for i in skippable:
             state.record(mob_entry(names[i], model.get_submodule(names[i])))
         rates = [bin_["skip_rate"].get(n, 0.0) for n in names]
@@ -150,6 +161,8 @@ class MoB(Pass):
                                   **{f"{k}_last": round(sum(v[-n:]) / len(v[-n:]), 5) for k, v in curves.items() if v}}
         if rec:
             summary["recovery"] = rec
+        if e2e is not None:
+            summary["end_to_end"] = e2e
         state.add_pass_report(self.name, summary, rows)
 
 
