@@ -114,8 +114,8 @@ class MoEFFN(nn.Module):
         flat = idx.reshape(-1)
         counts = torch.bincount(flat, minlength=self.n_experts)
         # the Triton grouped GEMM where it applies (CUDA, plain nn.Linear experts, no gradient: moe/grouped.py),
-        # else the torch loop
-        routed = grouped_routed_ffn(self, x, idx, gates)
+        # else (and inside torch.compile, which traces the loop) the torch loop
+        routed = None if torch.compiler.is_compiling() else grouped_routed_ffn(self, x, idx, gates)
         if routed is not None:
             out.add_(routed)
         else:

@@ -128,11 +128,12 @@ def pack_experts(moe) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     return packed_experts(moe)
 
 
-@torch.compiler.disable   # Python-side checks and a Triton launch: a graph break, not traced
 def grouped_routed_ffn(moe, x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor,
                        blocks: dict | None = None) -> torch.Tensor | None:
     """The routed experts' summed, gated output [T, dim] for x [T, dim] and moe.route's idx / gates [T, k]
-    through the Triton grouped GEMM, or None where it does not apply (the caller runs its torch loop)."""
+    through the Triton grouped GEMM, or None where it does not apply (the caller runs its torch loop). Not for
+    traced code: MoEFFN calls it only outside torch.compile (a module-level torch.compiler.disable would import
+    torch._dynamo, seconds, on every `import dicompress`)."""
     if not applies(moe, x, gates):
         return None
     from ..kernels.triton_moe import grouped_gemm   # lazy: triton is optional and heavy
