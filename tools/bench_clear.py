@@ -68,12 +68,14 @@ def quality_rows(args) -> tuple[list[dict], dict]:
                    "batch_size": args.batch_size, "checkpoint_every": 0,
                    "warmup_steps": min(args.warmup_steps, args.distill_steps if distilled else 0)}
         t = time.perf_counter()
-        state = dicompress.compress(student, [{"clear": {"radius": radius, "pooling": pooling, "distill": distill}}],
+        state = dicompress.compress(student, [{"clear": {"radius": radius, "pooling": pooling, "distill": distill,
+                                                         "flow_weight": args.flow_weight}}],
                                     calibration=store, teacher=teacher, progress=False)
         secs = time.perf_counter() - t
         rep = state.report["passes"][-1]
         m, _ = evaluate_digits(student, teacher, info.path, teacher_samples=images["teacher"], **common)
         row = {"kind": "quality", "radius": radius, "pooled": pooling, "distilled": distilled,
+               "flow_weight": args.flow_weight if distilled else None,
                "image_keys_per_query": rep["image_keys_per_query"], "grid": rep["grid"],
                "class_acc": m["class_acc"], "class_acc_teacher": base["class_acc_teacher"],
                "frechet": round(m["frechet"], 4), "frechet_teacher": round(base["frechet_teacher"], 4),
@@ -89,7 +91,7 @@ def quality_rows(args) -> tuple[list[dict], dict]:
                 "calibration_rows": int(store.model_inputs()["hidden_states"].shape[0]),
                 "distill_steps": args.distill_steps, "distill_lr": args.distill_lr, "batch_size": args.batch_size,
                 "warmup_steps": args.warmup_steps, "samples_per_class": args.samples_per_class,
-                "loss": "flow matching + 0.5 teacher prediction + 0.5 attention outputs"}
+                "loss": "flow_weight x flow matching + 0.5 teacher prediction + 0.5 attention outputs"}
     return rows, settings
 
 
@@ -176,6 +178,8 @@ def main():
     ap.add_argument("--distill-steps", type=int, default=100)
     ap.add_argument("--distill-lr", type=float, default=1e-3)
     ap.add_argument("--warmup-steps", type=int, default=10)
+    ap.add_argument("--flow-weight", type=float, default=0.0, help="the pass's flow_weight (1 = the paper's loss; "
+                    "0 measured better here: README)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--samples-per-class", type=int, default=20)
     ap.add_argument("--teacher-cache", default=None, help="file keeping the teacher's samples and scores between "
