@@ -126,12 +126,12 @@ def markdown(res: dict) -> str:
         lines += [f"Quality on {s.get('model')} (8x8 token grid), every block's attention CLEAR; distilled: "
                   f"{s.get('distill_steps')} steps, batch {s.get('batch_size')}, lr {s.get('distill_lr')} on "
                   f"{s.get('calibration_rows')} calibration rows; {s.get('samples_per_class')} samples per class.", "",
-                  "| radius | pooled | distilled | image keys / query (of 64) | class acc (teacher) | Frechet "
-                  "(teacher) | PSNR dB | seconds |", "|---|---|---|---|---|---|---|---|"]
+                  "| radius | pooled | distilled (flow_weight) | image keys / query (of 64) | class acc (teacher) | "
+                  "Frechet (teacher) | PSNR dB | seconds |", "|---|---|---|---|---|---|---|---|"]
         for r in qual:
             pooled = f"{r['pooled']}x{r['pooled']}" if r["pooled"] else "no"
             lines.append(f"| {r['radius']} | {pooled} | "
-                         f"{'yes' if r['distilled'] else 'no'} | {r['image_keys_per_query']:.1f} | "
+                         f"{'yes (%g)' % r.get('flow_weight', 0) if r['distilled'] else 'no'} | {r['image_keys_per_query']:.1f} | "
                          f"{r['class_acc']:.3f} ({r['class_acc_teacher']:.3f}) | {r['frechet']:.2f} "
                          f"({r['frechet_teacher']:.2f}) | {r['psnr_db']:.2f} | {r['distill_seconds']:.0f} |")
     sc = [r for r in res["rows"] if r["kind"] == "scaling"]
@@ -159,7 +159,8 @@ def combine(paths: list[str], out: Path) -> None:
     for p in parts:
         res["rows"] += [r for r in p["rows"] if r["kind"] == "quality"]
     order = {c: i for i, c in enumerate(CONFIGS)}
-    res["rows"].sort(key=lambda r: order.get((r["radius"], r["pooled"], r["distilled"]), len(order)))
+    res["rows"].sort(key=lambda r: (bool(r.get("flow_weight")),
+                                    order.get((r["radius"], r["pooled"], r["distilled"]), len(order))))
     res["rows"] += next(([r for r in p["rows"] if r["kind"] == "scaling"] for p in parts
                          if any(r["kind"] == "scaling" for r in p["rows"])), [])
     out.write_text(json.dumps(res, indent=2) + "\n")
@@ -200,6 +201,8 @@ def main():
            "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                        "torch": torch.__version__}, "rows": []}
     old = json.loads(out.read_text()) if args.merge and out.exists() else {"rows": []}
+    if old.get("command"):
+        res["command"] = f"{old['command']}; {res['command']}"
     if not args.skip_quality:
         rows, settings = quality_rows(args)
         res["rows"] += rows
