@@ -228,9 +228,11 @@ def main(argv=None):
     ap.add_argument("--block-grids", type=int, nargs="*", default=list(BLOCK_GRIDS))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--est-gflops", type=float, default=10.0,
+                    help="GFLOP/s assumed to decide warm-up and repeats (calls estimated over 30 s run once, cold)")
     ap.add_argument("--methods", nargs="+", default=["dense", "clear"], choices=["dense", "clear"])
     ap.add_argument("--merge", action="store_true",
-                    help="keep the rows of --out for the (kind, grid, method) this run does not measure")
+                    help="keep the rows of --out this run does not measure (same kind, grid, method, radius, block)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     radii = [int(r) if float(r).is_integer() else r for r in args.radii]
@@ -242,13 +244,15 @@ def main(argv=None):
     def log(row):
         print(json.dumps(row), flush=True)
 
-    rows = (attention_rows(args.grids, radii, args.repeats, log=log, methods=args.methods)
-            + block_rows(args.block_grids, 16, log=log, methods=args.methods))
+    rows = (attention_rows(args.grids, radii, args.repeats, args.est_gflops, log=log, methods=args.methods)
+            + block_rows(args.block_grids, 16, 2, args.est_gflops, log=log, methods=args.methods))
     if args.merge and out.exists():
-        done = {(r["kind"], r["grid"], r["method"]) for r in rows}
+        done = {(r["kind"], r["grid"], r["method"], r["radius"], r.get("block")) for r in rows}
         old = json.loads(out.read_text())
-        rows = [r for r in old["rows"] if (r["kind"], r["grid"], r["method"]) not in done] + rows
-        rows.sort(key=lambda r: (r["kind"], r["tokens"]))
+        rows = [r for r in old["rows"]
+                if (r["kind"], r["grid"], r["method"], r["radius"], r.get("block")) not in done] + rows
+        rows.sort(key=lambda r: (r["kind"], r.get("block") or "", r["tokens"], r["method"] != "dense",
+                                 r["radius"] or 0))
         meta["command"] = old["meta"]["command"] + " ; " + meta["command"]
     rows = add_speedups(rows)
     out.parent.mkdir(parents=True, exist_ok=True)
