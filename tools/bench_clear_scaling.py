@@ -223,7 +223,7 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/clear_scaling.json")
-    ap.add_argument("--grids", type=int, nargs="+", default=list(GRIDS))
+    ap.add_argument("--grids", type=int, nargs="*", default=list(GRIDS))
     ap.add_argument("--radii", type=float, nargs="+", default=list(RADII))
     ap.add_argument("--block-grids", type=int, nargs="*", default=list(BLOCK_GRIDS))
     ap.add_argument("--repeats", type=int, default=3)
