@@ -103,6 +103,19 @@ def get_pass(name: str) -> type[Pass]:
 KEEPS_LINEARS = ("depth_analysis", "distill")
 
 
+def recipe_problems(check, *args) -> list[tuple[str, str]]:
+    """`check(*args)` raises a RecipeError naming its key (`pass.key`) for what does not fit; Pass.check_model's
+    (key, message) list for it, the key relative to the pass (the runner adds the key path itself)."""
+    try:
+        check(*args)
+    except RecipeError as e:
+        key, msg = e.key or "", str(e.args[0])
+        if msg.startswith(f"{key}: "):
+            msg = msg[len(key) + 2:]
+        return [(key.rpartition(".")[2] if "." in key else "", msg)]
+    return []
+
+
 def first_rewrite(previous: list[Pass]) -> tuple[int, Pass] | None:
     """The first earlier pass that rewrites linears (a pass surgering plain linears must come before it)."""
     return next(((i, p) for i, p in enumerate(previous)

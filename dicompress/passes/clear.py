@@ -20,7 +20,7 @@ from ..distill import DistillConfig
 from ..distill.params import select_trainable
 from ..errors import RecipeError
 from ..prune.width import select_blocks
-from .base import Pass, PassConfig, first_rewrite, register_pass
+from .base import Pass, PassConfig, first_rewrite, recipe_problems, register_pass
 
 
 class ClearConfig(PassConfig):
@@ -66,12 +66,7 @@ class Clear(Pass):
         return []
 
     def check_model(self, model, adapter) -> list[tuple[str, str]]:
-        try:
-            self.targets(model, adapter)
-        except RecipeError as e:     # the runner adds the key path itself
-            msg = str(e.args[0])
-            return [(e.key.rpartition(".")[2] if "." in e.key else "", msg[len(e.key) + 2:] if msg.startswith(f"{e.key}: ") else msg)]
-        return []
+        return recipe_problems(self.targets, model, adapter)
 
     def targets(self, model, adapter) -> list[str]:
         """The attention modules that become CLEAR, or a RecipeError naming what does not fit."""

@@ -33,7 +33,7 @@ from ..nn.surgery import set_module
 from ..prune import teacher_io
 from ..prune.width import LAYOUTS, select_blocks
 from ._recovery import block_store, check_teacher, end_to_end
-from .base import Pass, PassConfig, first_rewrite, register_pass
+from .base import Pass, PassConfig, first_rewrite, recipe_problems, register_pass
 
 
 class Dense2MoEConfig(PassConfig):
@@ -93,12 +93,7 @@ class Dense2MoE(Pass):
         return []
 
     def check_model(self, model, adapter) -> list[tuple[str, str]]:
-        try:
-            self.targets(model, adapter)
-        except RecipeError as e:     # the runner adds the key path itself
-            msg = str(e.args[0])
-            return [(e.key.rpartition(".")[2], msg[len(e.key) + 2:] if msg.startswith(f"{e.key}: ") else msg)]
-        return []
+        return recipe_problems(self.targets, model, adapter)
 
     def targets(self, model, adapter) -> list[tuple[object, list[tuple[str, bool, int]]]]:
         """[(block ref, [(FFN path, text stream?, hidden width)])], or a RecipeError naming what does not fit."""

@@ -24,7 +24,7 @@ from ..moe.mob_op import mob_entry
 from ..moe.mob_train import binarize, groups_of, recover_groups, train_routers
 from ..prune.width import select_blocks
 from ._recovery import block_store, check_teacher, end_to_end
-from .base import Pass, PassConfig, first_rewrite, register_pass
+from .base import Pass, PassConfig, first_rewrite, recipe_problems, register_pass
 
 
 class MoBConfig(PassConfig):
@@ -76,12 +76,7 @@ class MoB(Pass):
         return out
 
     def check_model(self, model, adapter) -> list[tuple[str, str]]:
-        try:
-            self.targets(model, adapter)
-        except RecipeError as e:     # the runner adds the key path itself
-            msg = str(e.args[0])
-            return [(e.key.rpartition(".")[2], msg[len(e.key) + 2:] if msg.startswith(f"{e.key}: ") else msg)]
-        return []
+        return recipe_problems(self.targets, model, adapter)
 
     def targets(self, model, adapter) -> tuple[list[str], list[int], list[tuple[int, int]]]:
         """(block names in order, indices of the skippable ones, groups), or a RecipeError naming what is wrong."""
