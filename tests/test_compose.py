@@ -27,6 +27,8 @@ STRUCTURAL = {
     "mask_prune": {"ratio": 0.2, "steps": 2, "batch": 1},
     "ppcl_width": {"include": ["transformer_blocks.*"], "distill": FAST},
     "dense2moe": {"experts": 3, "top_k": 1, "distill": FAST},
+    "mob": {"skip": 0.2, "group_size": 1, "distill": FAST, "recovery": FAST},
+    "clear": {"radius": 2, "distill": FAST},
 }
 CALIBRATION = {"source": "classes", "classes": [0, 5], "seeds": [0], "steps": 2, "batch_size": 2}
 

@@ -102,7 +102,8 @@ def test_recipe_hash_follows_the_effective_recipe():
 @pytest.mark.parametrize("sets, needles", [
     (["passes[0].tlq.bits=9"],
      ["tiny_flux_w4.yaml:passes[0].tlq.bits: ", "(set on the command line: --set passes[0].tlq.bits=9)"]),
-    (["passes[0].tlq.colour=red"], ["passes[0].tlq.colour: unknown key (set on the command line"]),
+    (["passes[0].tlq.colour=red"], ["passes[0].tlq.colour: unknown key; valid keys: bits, granularity",
+                                    "(set on the command line: --set passes[0].tlq.colour=red)"]),
     (["calibration.steps=0", "device=tpu"], ["2 problems", "calibration.steps: ", "--set calibration.steps=0)",
                                              "device: ", "--set device=tpu)"]),
     (["calibration.source=prompts"], ["calibration: ", "needs the key 'prompts'",
