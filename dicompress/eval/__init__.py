@@ -4,7 +4,7 @@ Names are imported from their modules on first use (PEP 562): `digits_eval` impo
 (seconds), which recipe checks and `dicompress run --dry-run` never need. `artifact_eval` (an artifact
 measured against its source model, and `dicompress inspect`) and `pipeline_eval` (a compressed transformer
 inside its real pipeline) load models, so they are imported where used (the CLI, the run), not here."""
-from importlib import import_module
+from ..lazy import lazy_exports
 
 _EXPORTS = {"evaluate_digits": "digits_eval", "layer_sqnr_table": "digits_eval", "bf16_bytes": "footprint",
             "dir_bytes": "footprint", "quantized_linear_bytes": "footprint", "tensor_bytes": "footprint",
@@ -18,14 +18,4 @@ __all__ = [
     "latency_ms_per_step", "save_sample_grid", "evaluate_digits", "layer_sqnr_table", "format_summary",
 ]
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -13,7 +13,7 @@
     diffusers_plugin.py the "dicompress" quantizer registered with diffusers
     storage.py          the dtype kept parameters are stored in;  pluggable.py  PPCL's intervals at load time
 """
-from importlib import import_module
+from ..lazy import lazy_exports
 
 # name -> the module defining it, imported on first use (PEP 562): `from dicompress.io.names import ...` (a
 # pass reading a file name, a recipe check) then does not import diffusers' quantizers, seconds here, through
@@ -25,14 +25,4 @@ _EXPORTS = {"register_with_diffusers": "diffusers_plugin", "load": "loader", "FO
 __all__ = ["write_artifact", "write_artifact_from_shards", "verify_artifact", "load", "replay",
            "register_manifest_op", "FORMAT_VERSION", "register_with_diffusers"]
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
