@@ -1,13 +1,15 @@
 """Quantization benchmark on the embedded model: every method, same calibration, seeds and classes.
 
-    python tools/bench_quant.py --out bench/quant.json      # also writes bench/quant.md
+    python tools/bench_quant.py --out bench/quant.json      # also writes bench/quant.md and bench/quant.mse.npz
+    python tools/bench_quant.py --methods 'tlq+gptq*' hqq --merge   # rerun some methods, keep the other rows
 
 Rows: one per method and setting (GPTQ rows use the calibration's block inputs), with sample PSNR vs the
 teacher (same noise and class), class accuracy, Frechet distance of classifier features, and bytes. Model
 bytes count every tensor that is not quantized at bf16 (the deployment dtype) and quantized linears at their
 packed size.
 A second section reports TLQ's weight SQNR on synthetic Gaussian / Laplacian matrices beside the
-Lloyd-Max and uniform limits.
+Lloyd-Max and uniform limits. Each row's per-sample MSE against the teacher is kept in bench/quant.mse.npz (keyed
+like `row_key`), so the `comparisons` (paired PSNR differences with bootstrap intervals) can be recomputed.
 """
 from __future__ import annotations
 
@@ -18,8 +20,10 @@ import platform
 import shutil
 import sys
 import time
+from fnmatch import fnmatch
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -28,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dicompress  # noqa: E402
 from dicompress.arch import adapter_for  # noqa: E402
 from dicompress.eval import bf16_bytes, evaluate_digits, quantized_linear_bytes  # noqa: E402
+from dicompress.eval.paired import paired_psnr_difference, per_sample_mse  # noqa: E402
 from dicompress.models import load_transformer, resolve_model  # noqa: E402
 from dicompress.recipe import CalibrationConfig  # noqa: E402
 
@@ -68,38 +73,76 @@ def _bytes(student, teacher_bf16: int, q_bytes: int, q_bf16: int) -> int:
     return teacher_bf16 - q_bf16 + q_bytes
 
 
-def run(args) -> dict:
-    torch.manual_seed(0)
-    info = resolve_model(args.model)
-    teacher = load_transformer(info)
-    teacher_bf16 = bf16_bytes(teacher)
-    common = dict(samples_per_class=args.samples_per_class, progress=False)
-    t0 = time.perf_counter()
-    base, images = evaluate_digits(teacher, teacher, info.path, **common)
-    teacher_samples = images["teacher"]
-    rows, skipped = [], []
+def row_key(row: dict) -> str:
+    """A row's identity across runs (--merge replaces the row with the same key): method, bits, granularity and
+    the variant fields a method sweeps (rank, budget)."""
+    parts = [row["method"], f"w{row['w_bits']}", f"a{row['a_bits'] or 16}", row["granularity"]]
+    parts += [f"{k}={row[k]}" for k in VARIANT_FIELDS if row.get(k) is not None]
+    return ":".join(parts)
 
-    def add(method, w_bits, gran, student, q_bytes, q_bf16, seconds, extra=None, a_bits=None):
-        m, _ = evaluate_digits(student, teacher, info.path, teacher_samples=teacher_samples, **common)
+
+VARIANT_FIELDS = ("rank", "budget")
+
+
+class Bench:
+    """What every section shares: the model, the teacher's samples, the calibration store (captured on first use),
+    the method filter, and `add` (evaluate a student on the same samples and keep its row + per-sample MSE)."""
+
+    def __init__(self, args):
+        self.args = args
+        self.info = resolve_model(args.model)
+        self.teacher = load_transformer(self.info)
+        self.teacher_bf16 = bf16_bytes(self.teacher)
+        self.common = dict(samples_per_class=args.samples_per_class, progress=False)
+        self.base, images = evaluate_digits(self.teacher, self.teacher, self.info.path, **self.common)
+        self.teacher_samples = images["teacher"]
+        self.rows, self.skipped, self.mse = [], [], {}
+        self._store = None
+
+    def wants(self, method: str) -> bool:
+        return not self.args.methods or any(fnmatch(method, p) for p in self.args.methods)
+
+    def student(self):
+        return load_transformer(self.info)
+
+    @property
+    def store(self):
+        """The calibration store of calibration/digits_10x2.yaml (with block inputs: GPTQ's Hessians)."""
+        if self._store is None:
+            self._store = capture_calibration(self.info, self.teacher)
+        return self._store
+
+    def skip(self, method: str, w_bits, a_bits, reason: str, **extra) -> None:
+        self.skipped.append({"method": method, "w_bits": w_bits, "a_bits": a_bits, "reason": reason, **extra})
+        print(f"{method:12s} skipped: {reason}", flush=True)
+
+    def add(self, method, w_bits, gran, student, q_bytes, q_bf16, seconds, extra=None, a_bits=None):
+        m, images = evaluate_digits(student, self.teacher, self.info.path, teacher_samples=self.teacher_samples,
+                                    **self.common)
         row = {"method": method, "w_bits": w_bits, "a_bits": a_bits, "granularity": gran,
                "psnr_db": round(m["psnr_db"], 3), "class_acc": m["class_acc"],
-               "class_acc_teacher": base["class_acc_teacher"], "frechet": round(m["frechet"], 4),
-               "frechet_teacher": round(base["frechet_teacher"], 4),
-               "bytes": _bytes(student, teacher_bf16, q_bytes, q_bf16), "bytes_teacher": teacher_bf16,
+               "class_acc_teacher": self.base["class_acc_teacher"], "frechet": round(m["frechet"], 4),
+               "frechet_teacher": round(self.base["frechet_teacher"], 4),
+               "bytes": _bytes(student, self.teacher_bf16, q_bytes, q_bf16), "bytes_teacher": self.teacher_bf16,
                "bytes_quantized_linears": q_bytes, "bytes_quantized_linears_bf16": q_bf16,
                "ratio_quantized_linears": round(q_bytes / q_bf16, 4), "quantize_seconds": round(seconds, 2),
                **(extra or {})}
-        rows.append(row)
-        partial = Path(args.out).with_suffix(".partial.json")   # a crash late in the run keeps the rows so far
+        self.rows.append(row)
+        self.mse[row_key(row)] = per_sample_mse(images["student"], self.teacher_samples)
+        partial = Path(self.args.out).with_suffix(".partial.json")   # a crash late in the run keeps the rows so far
         partial.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+        partial.write_text(json.dumps({"rows": self.rows, "skipped": self.skipped}, indent=2) + "\n")
         print(f"{method:12s} w{w_bits}a{a_bits or 16:<2} {gran:9s} psnr {row['psnr_db']:6.2f} dB  "
               f"acc {row['class_acc']:.3f} "
               f"(teacher {row['class_acc_teacher']:.3f})  frechet {row['frechet']:.3f}  "
               f"q-bytes {row['ratio_quantized_linears']:.3f}x bf16", flush=True)
 
+
+def weight_only_rows(b: Bench) -> None:
     for method, bits, group in WEIGHT_ONLY:
-        student = load_transformer(info)
+        if not b.wants(method):
+            continue
+        student = b.student()
         cfg = {"bits": bits, "granularity": "group" if group else "channel"}
         if group:
             cfg["group_size"] = group
@@ -108,75 +151,143 @@ def run(args) -> dict:
         secs = time.perf_counter() - t
         q_bytes, q_bf16, _ = quantized_linear_bytes(student)
         sq = [r["sqnr_db"] for r in state.report["layers"]]
-        add(method, bits, f"group{group}" if group else "channel", student, q_bytes, q_bf16, secs,
-            {"mean_weight_sqnr_db": round(sum(sq) / len(sq), 3)})
+        b.add(method, bits, f"group{group}" if group else "channel", student, q_bytes, q_bf16, secs,
+              {"mean_weight_sqnr_db": round(sum(sq) / len(sq), 3)})
 
+
+def weight_gptq_rows(b: Bench) -> None:
     # the same calibration set the recipes use: every class x seeds 0, 1 x all 16 sampling steps
-    store = capture_calibration(info, teacher)
     for method, weight_pass, bits in WEIGHT_GPTQ:
-        student = load_transformer(info)
+        if not b.wants(method):
+            continue
+        student = b.student()
         t = time.perf_counter()
-        state = dicompress.compress(student, [{weight_pass: {"bits": bits, "gptq": True}}], calibration=store,
+        state = dicompress.compress(student, [{weight_pass: {"bits": bits, "gptq": True}}], calibration=b.store,
                                     progress=False)
         secs = time.perf_counter() - t
         q_bytes, q_bf16, _ = quantized_linear_bytes(student)
         summary = next(p for p in state.report["passes"] if p["pass"] == weight_pass)
-        add(method, bits, "channel", student, q_bytes, q_bf16, secs,
-            {"gptq_mean_output_gain_db": round(summary["gptq_mean_output_gain_db"], 3)})
+        b.add(method, bits, "channel", student, q_bytes, q_bf16, secs,
+              {"gptq_mean_output_gain_db": round(summary["gptq_mean_output_gain_db"], 3)})
 
+
+def weight_act_rows(b: Bench) -> None:
     for method, w_bits, a_bits in W_A:
-        student = load_transformer(info)
+        if not b.wants(method):
+            continue
+        student = b.student()
         before, gptq = W_A_METHODS[method]
         passes = [*before, {"tlq": {"bits": w_bits, "gptq": gptq}}, {"act_quant": {"bits": a_bits}}]
         t = time.perf_counter()
-        state = dicompress.compress(student, passes, calibration=store, progress=False)
+        state = dicompress.compress(student, passes, calibration=b.store, progress=False)
         secs = time.perf_counter() - t
         q_bytes, q_bf16, _ = quantized_linear_bytes(student)
         rot = [r.get("transform") for r in state.report["layers"] if r.get("method") == "ars"]
         extra = {"passes": [next(iter(p)) for p in passes], "gptq": gptq}
         if rot:
             extra["rotations"] = {k: rot.count(k) for k in sorted(set(rot))}
-        add(method, w_bits, "channel", student, q_bytes, q_bf16, secs, extra, a_bits=a_bits)
+        b.add(method, w_bits, "channel", student, q_bytes, q_bf16, secs, extra, a_bits=a_bits)
 
+
+def peer_rows(b: Bench) -> None:
     from peers import apply_bnb_nf4, apply_quanto_w4a8, apply_sdnq  # noqa: E402  (tools/peers.py)
 
     from dicompress.zoo import load_conditioning  # noqa: E402
     from dicompress.zoo.sampler import sample  # noqa: E402
-    cond = load_conditioning(info.path)
+    cond = load_conditioning(b.info.path)
     cal = CalibrationConfig(**yaml.safe_load((ROOT / "calibration/digits_10x2.yaml").read_text()))
     pairs = [(c, s) for s in cal.seeds for c in cal.classes]
 
     def calibrate(model):   # quanto's calibration pass: the same classes, seeds and steps
         sample(model, cond, [c for c, _ in pairs], [s for _, s in pairs], steps=cal.steps)
 
-    student = load_transformer(info)
-    a = adapter_for(student)
-    t = time.perf_counter()
-    res = apply_quanto_w4a8(student, a.quant_include, a.quant_keep, calibrate)
-    add("quanto", 4, "group64" if res.get("group_size") == 64 else res.get("granularity", "-"), student,
-        res["bytes"], res["bf16_bytes"], time.perf_counter() - t, {"setting": res.get("setting")}, a_bits=8)
-    for a_bits in (None, 8):
-        student = load_transformer(info)
+    if b.wants("quanto"):
+        student = b.student()
+        a = adapter_for(student)
+        t = time.perf_counter()
+        res = apply_quanto_w4a8(student, a.quant_include, a.quant_keep, calibrate)
+        b.add("quanto", 4, "group64" if res.get("group_size") == 64 else res.get("granularity", "-"), student,
+              res["bytes"], res["bf16_bytes"], time.perf_counter() - t, {"setting": res.get("setting")}, a_bits=8)
+    for a_bits in (None, 8) if b.wants("sdnq") else ():
+        student = b.student()
+        a = adapter_for(student)
         t = time.perf_counter()
         try:
             res = apply_sdnq(student, a.quant_include, a.quant_keep, w_bits=4, a_bits=a_bits)
         except NotImplementedError as e:
-            skipped.append({"method": "sdnq", "w_bits": 4, "a_bits": a_bits, "reason": str(e)})
+            b.skip("sdnq", 4, a_bits, str(e))
             continue
-        add("sdnq", 4, res.get("granularity", "-"), student, res["bytes"], res["bf16_bytes"],
-            time.perf_counter() - t, {"setting": res.get("setting")}, a_bits=a_bits)
+        b.add("sdnq", 4, res.get("granularity", "-"), student, res["bytes"], res["bf16_bytes"],
+              time.perf_counter() - t, {"setting": res.get("setting")}, a_bits=a_bits)
 
-    student = load_transformer(info)
-    a = adapter_for(student)
-    t = time.perf_counter()
-    res = apply_bnb_nf4(student, a.quant_include, a.quant_keep, blocksize=64)
-    secs = time.perf_counter() - t
-    add("bnb-nf4", 4, "group64", student, res["bytes"], res["bf16_bytes"], secs)
+    if b.wants("bnb-nf4"):
+        student = b.student()
+        a = adapter_for(student)
+        t = time.perf_counter()
+        res = apply_bnb_nf4(student, a.quant_include, a.quant_keep, blocksize=64)
+        b.add("bnb-nf4", 4, "group64", student, res["bytes"], res["bf16_bytes"], time.perf_counter() - t)
 
-    from sqnr_synthetic import synthetic_sqnr_rows  # noqa: E402  (tools/sqnr_synthetic.py)
-    synthetic = synthetic_sqnr_rows(bits=(3, 4), n=args.synthetic_n)
-    return {"rows": rows, "skipped": skipped, "synthetic_sqnr": synthetic,
-            "teacher": {k: base[k] for k in ("class_acc_teacher", "frechet_teacher")},
+
+# the sections, in the order the table lists them; a new family of rows is one more function here
+SECTIONS = [weight_only_rows, weight_gptq_rows, weight_act_rows, peer_rows]
+
+# paired comparisons written beside the rows (b minus a, same samples; see dicompress/eval/paired.py): the
+# issue's claims, each as (a's key, b's key); a pair whose rows are missing is listed as unavailable
+COMPARISONS = [("gptq:w4:a16:channel", "tlq+gptq:w4:a16:channel"),
+               ("gptq:w3:a16:channel", "tlq+gptq:w3:a16:channel"),
+               ("tlq:w4:a8:channel", "lrq:w4:a8:channel")]
+
+
+def comparisons(mse: dict) -> list[dict]:
+    out = []
+    for a, b in COMPARISONS:
+        if a not in mse or b not in mse:
+            out.append({"a": a, "b": b, "unavailable": [k for k in (a, b) if k not in mse]})
+            continue
+        d = paired_psnr_difference(mse[a], mse[b])
+        out.append({"a": a, "b": b, **{k: round(v, 3) if isinstance(v, float) else v for k, v in d.items()}})
+    return out
+
+
+def merge_previous(out: Path, rows: list[dict], mse: dict, skipped: list[dict]) -> tuple[list, dict, list]:
+    """The rows (and per-sample MSE) of an earlier run at `out`, with this run's rows replacing those of the same
+    key: reruns of a few methods keep the rest of the table. The settings must match (same samples)."""
+    if not out.exists():
+        return rows, mse, skipped
+    old = json.loads(out.read_text())
+    side = out.with_suffix(".mse.npz")
+    old_mse = dict(np.load(side)) if side.exists() else {}
+    new = {row_key(r): r for r in rows}
+    merged = [new.pop(row_key(r), r) for r in old["rows"]] + list(new.values())   # reruns keep their place
+    gone = {r["method"] for r in rows}
+    return (merged, {**{k: v for k, v in old_mse.items() if k not in mse}, **mse},
+            [s for s in old.get("skipped", []) if s["method"] not in gone] + skipped)
+
+
+def run(args) -> dict:
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    b = Bench(args)
+    for section in SECTIONS:
+        section(b)
+    rows, mse, skipped = b.rows, b.mse, b.skipped
+    out = Path(args.out)
+    if args.merge:
+        prev = json.loads(out.read_text()) if out.exists() else None
+        if prev and prev["settings"]["samples_per_class"] != args.samples_per_class:
+            raise SystemExit(f"--merge: {out} was run with samples_per_class {prev['settings']['samples_per_class']}")
+        rows, mse, skipped = merge_previous(out, rows, mse, skipped)
+    order = {row_key(r): i for i, r in enumerate(rows)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out.with_suffix(".mse.npz"), **{k: mse[k] for k in order if k in mse})
+    synthetic = None
+    if not args.methods:
+        from sqnr_synthetic import synthetic_sqnr_rows  # noqa: E402  (tools/sqnr_synthetic.py)
+        synthetic = synthetic_sqnr_rows(bits=(3, 4), n=args.synthetic_n)
+    elif args.merge and out.exists():
+        synthetic = json.loads(out.read_text()).get("synthetic_sqnr")
+    return {"rows": rows, "skipped": skipped, "comparisons": comparisons(mse), "synthetic_sqnr": synthetic or [],
+            "teacher": {k: b.base[k] for k in ("class_acc_teacher", "frechet_teacher")},
             "settings": {"model": args.model, "samples_per_class": args.samples_per_class,
                          "eval_seeds": f"{1000}..{1000 + 10 * args.samples_per_class - 1}",
                          "synthetic_n": args.synthetic_n},
@@ -190,12 +301,25 @@ def markdown(res: dict) -> str:
     lines = ["| method | W | A | granularity | PSNR vs teacher (dB) | class acc (teacher) | Frechet (teacher) "
              "| quantized linears vs bf16 | model bytes vs bf16 |", "|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
-        lines.append(f"| {r['method']} | {r['w_bits']} | {r['a_bits'] or '-'} | {r['granularity']} | "
+        variant = "".join(f" ({k} {r[k]})" for k in VARIANT_FIELDS if r.get(k) is not None)
+        lines.append(f"| {r['method']}{variant} | {r['w_bits']} | {r['a_bits'] or '-'} | {r['granularity']} | "
                      f"{r['psnr_db']:.2f} | {r['class_acc']:.3f} ({r['class_acc_teacher']:.3f}) | "
                      f"{r['frechet']:.3f} ({r['frechet_teacher']:.3f}) | {r['ratio_quantized_linears']:.3f}x | "
                      f"{r['bytes'] / r['bytes_teacher']:.3f}x |")
-    lines += ["", "| source | bits | method | SQNR (dB) | Lloyd-Max (dB) | best uniform (dB) | gap to Lloyd-Max (dB) |",
-              "|---|---|---|---|---|---|---|"]
+    if res.get("skipped"):
+        lines += ["", "| skipped | W | A | reason |", "|---|---|---|---|"]
+        lines += [f"| {s['method']} | {s['w_bits']} | {s['a_bits'] or '-'} | {s['reason']} |" for s in res["skipped"]]
+    if res.get("comparisons"):
+        lines += ["", "| b | a | PSNR b - a (dB) | 95% bootstrap interval |", "|---|---|---|---|"]
+        for c in res["comparisons"]:
+            if "unavailable" in c:
+                lines.append(f"| {c['b']} | {c['a']} | - | rows missing: {', '.join(c['unavailable'])} |")
+            else:
+                lines.append(f"| {c['b']} | {c['a']} | {c['diff_db']:+.2f} | [{c['low_db']:+.2f}, {c['high_db']:+.2f}]"
+                             f"{'' if c['excludes_zero'] else ' (includes 0)'} |")
+    if res["synthetic_sqnr"]:
+        lines += ["", "| source | bits | method | SQNR (dB) | Lloyd-Max (dB) | best uniform (dB) | gap to Lloyd-Max (dB) |",
+                  "|---|---|---|---|---|---|---|"]
     for r in res["synthetic_sqnr"]:
         lines.append(f"| {r['source']} | {r['bits']} | {r['method']} | {r['sqnr_db']:.2f} | "
                      f"{r['lloyd_max_db']:.2f} | {r['uniform_limit_db']:.2f} | {r['gap_to_lloyd_max_db']:.2f} |")
@@ -208,6 +332,10 @@ def main():
     ap.add_argument("--model", default="zoo:tiny-flux-digits")
     ap.add_argument("--samples-per-class", type=int, default=50)
     ap.add_argument("--synthetic-n", type=int, default=4096)
+    ap.add_argument("--methods", nargs="+", metavar="GLOB",
+                    help="run only the methods matching these fnmatch patterns (e.g. 'tlq*' hqq)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of an existing --out, replacing those this run measures again (same samples)")
     args = ap.parse_args()
     res = run(args)
     out = Path(args.out)
