@@ -22,6 +22,10 @@ MLPs, 128 -> 512; default split: shared 64 + 8 routed experts of 56, top-2, so a
 Columns: activated FFN parameter fraction (converted FFNs, and all of the model's FFNs), activated parameter
 fraction, class accuracy and Frechet distance of classifier features (student and teacher, same samples), PSNR
 vs the teacher's samples, latency_ratio (student / teacher CPU time per sampling step, this run), distill_seconds.
+Per-sample data (classifier features, MSE against the teacher) go to <out>.samples.npz (tools/bench_moe_samples.py),
+and `comparisons` rows give dense2moe minus each peer, Frechet and PSNR on the same samples, with 95% bootstrap
+intervals (dicompress/eval/paired.py); --merge keeps the merged rows' per-sample data, and a row merged from a run
+that kept none gets its comparison marked unavailable.
 """
 from __future__ import annotations
 
