@@ -21,7 +21,7 @@ def student(rng, base, shift=0.0, noise=0.02, err=1e-3):
 def test_sidecar_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     base = rng.random((40, 8))
-    samples = {"dense2moe": student(rng, base), "dense2moe+mob": student(rng, base)}
+    samples = {"dense2moe": student(rng, base), "dense2moe+mob": student(rng, base)}   # "+" in a key
     path = sidecar_path(tmp_path / "moe.json")
     assert path.name == "moe.samples.npz"
     write_samples(path, samples)
@@ -43,7 +43,8 @@ def test_comparisons_find_a_better_peer_and_report_missing_data():
     samples = {"dense2moe": student(rng, base, err=1e-3),
                "random_partition": student(rng, base, shift=0.4, err=4e-3),   # far from the real data, 6 dB worse
                "other_plan": {**student(rng, base), "samples_per_class": 5}}
-    rows = comparisons(["dense2moe", "random_partition", "naive_split", "other_plan"], samples, real, n_boot=300)
+    rows = comparisons(["dense2moe", "dense2moe+mob", "random_partition", "naive_split", "other_plan"], samples, real,
+                       n_boot=300)
     by = {r["a"]: r for r in rows}
     assert set(by) == {"random_partition", "naive_split", "other_plan"}
     r = by["random_partition"]

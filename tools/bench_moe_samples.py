@@ -10,7 +10,9 @@ dense2moe against each peer: the paired Frechet and pooled-PSNR differences with
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import torch
 from dicompress.eval.paired import paired_frechet_difference, paired_psnr_difference, per_sample_mse
 
 REFERENCE = "dense2moe"
+NOT_PEERS = {REFERENCE, "dense2moe+mob"}     # MoB is dense2moe plus block skipping, not another way to split
 
 
 def sidecar_path(out, partial: bool = False) -> Path:
@@ -71,9 +74,11 @@ def read_samples(path: Path) -> dict[str, dict]:
 
 @contextmanager
 def locked(out: Path):
-    """Exclusive lock on `<out>.lock` (two bench runs finishing together merge one after the other)."""
+    """Exclusive lock for merging into `out` (two bench runs finishing together merge one after the other); the
+    lock file lives in the temp directory, named by out's absolute path, so the repository stays clean."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".lock"), "w") as f:
+    name = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"bench_moe-{name}.lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -89,7 +94,7 @@ def comparisons(methods: list[str], samples: dict[str, dict], real: np.ndarray, 
     rows = []
     ref = samples.get(REFERENCE)
     for m in methods:
-        if m == REFERENCE:
+        if m in NOT_PEERS:
             continue
         row = {"kind": "comparison", "a": m, "b": REFERENCE}
         peer = samples.get(m)
