@@ -22,6 +22,10 @@ MLPs, 128 -> 512; default split: shared 64 + 8 routed experts of 56, top-2, so a
 Columns: activated FFN parameter fraction (converted FFNs, and all of the model's FFNs), activated parameter
 fraction, class accuracy and Frechet distance of classifier features (student and teacher, same samples), PSNR
 vs the teacher's samples, latency_ratio (student / teacher CPU time per sampling step, this run), distill_seconds.
+Per-sample data (classifier features, MSE against the teacher) go to <out>.samples.npz (tools/bench_moe_samples.py),
+and `comparisons` rows give dense2moe minus each peer, Frechet and PSNR on the same samples, with 95% bootstrap
+intervals (dicompress/eval/paired.py); --merge keeps the merged rows' per-sample data, and a row merged from a run
+that kept none gets its comparison marked unavailable.
 """
 from __future__ import annotations
 
@@ -42,6 +46,10 @@ import torch
 
 import dicompress
 from dicompress.moe import moe_from_dense
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))     # bench_moe_samples, bench_mob: tools/ modules
+from bench_moe_samples import (REFERENCE, SampleScorer, comparisons, comparisons_markdown, locked,  # noqa: E402
+                               read_samples, real_features, sidecar_path, write_samples)
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIBRATION = ROOT / "calibration/digits_10x8.yaml"
@@ -126,7 +134,8 @@ def quality_rows(args) -> tuple[list[dict], dict]:
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     store = capture(teacher, adapter_for(teacher), cfg, {"name": info.name, "path": info.path}, root,
                     block_inputs=True, progress=False)
-    rows, kept = [], {}
+    rows, kept, samples = [], {}, {}
+    scorer = SampleScorer(info.path, images["teacher"], args.samples_per_class)
     for method in args.methods:
         if method == "dense2moe+mob":
             rows.append(_mob_row(args, info, teacher, store, cfg, root, kept, base, images))
@@ -143,7 +152,9 @@ def quality_rows(args) -> tuple[list[dict], dict]:
         rep = state.report["passes"][-1]
         if method == "dense2moe" and "dense2moe+mob" in args.methods:
             kept["dense2moe"] = (copy.deepcopy(student), rep, secs)        # MoB trains on this very model
-        m, _ = evaluate_digits(student, teacher, info.path, teacher_samples=images["teacher"], **common)
+        m, imgs = evaluate_digits(student, teacher, info.path, teacher_samples=images["teacher"], **common)
+        samples[method] = scorer(imgs["student"])
+        write_samples(sidecar_path(args.out, partial=True), samples)
         row = {"kind": "quality", "method": method,
                **{k: rep[k] for k in ("activated_ffn_param_fraction", "activated_ffn_param_fraction_model",
                                       "activated_param_fraction", "oracle_topk_coverage", "router_topk_coverage",
@@ -168,7 +179,7 @@ def quality_rows(args) -> tuple[list[dict], dict]:
                 "e2e_steps": args.e2e_steps, "e2e_lr": args.e2e_lr, "e2e_batch_size": args.e2e_batch_size,
                 "distill_lr": args.distill_lr, "batch_size": args.batch_size,
                 "samples_per_class": args.samples_per_class}
-    return rows, settings
+    return rows, settings, samples
 
 
 def mob_settings(args) -> dict:
@@ -226,6 +237,7 @@ def markdown(res: dict) -> str:
                          f"{r['router_topk_coverage']:.3f} ({r['oracle_topk_coverage']:.3f}) | {r['class_acc']:.3f} "
                          f"({r['class_acc_teacher']:.3f}) | {r['frechet']:.2f} ({r['frechet_teacher']:.2f}) | "
                          f"{r['psnr_db']:.2f} | {r['latency_ratio']:.3f}x | {r['distill_seconds']:.0f} |")
+    lines += comparisons_markdown(res.get("comparisons", []))
     return "\n".join(lines) + "\n"
 
 
@@ -265,35 +277,46 @@ def main():
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     load_avg = [round(x, 2) for x in os.getloadavg()]       # the CPU is shared: how busy it was when we began
-    rows, settings = [], {}
+    from dicompress.models import resolve_model
+    rows, settings, samples = [], {}, {}
     if not args.skip_kernel:
         rows += kernel_rows(args.tokens, args.repeats)
     if not args.skip_quality:
-        q, settings = quality_rows(args)
+        q, settings, samples = quality_rows(args)
         rows += q
     out, merged = Path(args.out), None
-    if args.merge and out.exists():
-        old = json.loads(out.read_text())
-        skipped = {"ffn_kernel"} if args.skip_kernel else set()
-        skipped |= {"quality"} if args.skip_quality else set()
-        ran = {r.get("method") for r in rows if r["kind"] == "quality"}
-        rows = [r for r in old["rows"] if r["kind"] in skipped or (r["kind"] == "quality" and r["method"] not in ran)
-                ] + rows
-        order = {m: i for i, m in enumerate(METHODS)}
-        rows.sort(key=lambda r: (r["kind"] != "ffn_kernel", order.get(r.get("method"), len(order))))
-        settings = settings or old.get("settings", {})
-        load_avg = {"this_run": load_avg, "merged_rows_run": old["machine"].get("load_average_at_start")}
-        merged = old.get("merged_from") or old["command"]
-    res = {"rows": rows, "settings": settings, "command": "python " + " ".join(sys.argv),
-           "merged_from": merged, "seconds": round(time.perf_counter() - t0, 1),
-           "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                       "cpus": os.cpu_count(), "load_average_at_start": load_avg,
-                       "threads": torch.get_num_threads(), "torch": torch.__version__,
-                       "dicompress": dicompress.__version__}}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(res))
+    with locked(out):                     # two runs of this bench merging into one --out: one after the other
+        if args.merge and out.exists():
+            old = json.loads(out.read_text())
+            skipped = {"ffn_kernel"} if args.skip_kernel else set()
+            skipped |= {"quality"} if args.skip_quality else set()
+            ran = {r.get("method") for r in rows if r["kind"] == "quality"}
+            rows = [r for r in old["rows"] if r["kind"] in skipped or (r["kind"] == "quality" and
+                                                                      r["method"] not in ran)] + rows
+            order = {m: i for i, m in enumerate(METHODS)}
+            rows.sort(key=lambda r: (r["kind"] != "ffn_kernel", order.get(r.get("method"), len(order))))
+            settings = settings or old.get("settings", {})
+            load_avg = {"this_run": load_avg, "merged_rows_run": old["machine"].get("load_average_at_start")}
+            merged = old.get("merged_from") or old["command"]
+            kept = {m for m in (r.get("method") for r in rows if r["kind"] == "quality")} - set(samples)
+            samples = {**{m: d for m, d in read_samples(sidecar_path(out)).items() if m in kept}, **samples}
+        if samples:
+            write_samples(sidecar_path(out), samples)
+        else:
+            sidecar_path(out).unlink(missing_ok=True)
+        methods = [r["method"] for r in rows if r["kind"] == "quality"]
+        comps = (comparisons(methods, samples, real_features(resolve_model(args.model).path))
+                 if REFERENCE in methods else [])
+        res = {"rows": rows, "comparisons": comps, "settings": settings, "command": "python " + " ".join(sys.argv),
+               "merged_from": merged, "seconds": round(time.perf_counter() - t0, 1),
+               "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                           "cpus": os.cpu_count(), "load_average_at_start": load_avg,
+                           "threads": torch.get_num_threads(), "torch": torch.__version__,
+                           "dicompress": dicompress.__version__}}
+        out.write_text(json.dumps(res, indent=2) + "\n")
+        out.with_suffix(".md").write_text(markdown(res))
     out.with_suffix(".partial.json").unlink(missing_ok=True)
+    sidecar_path(out, partial=True).unlink(missing_ok=True)
     print(markdown(res))
 
 

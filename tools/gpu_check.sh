@@ -4,10 +4,13 @@
 #   2. the Triton kernel tests compiled on the GPU (pytest -m triton tests/test_kernels_triton.py
 #      tests/test_kernel_cache.py, no TRITON_INTERPRET),
 #   3. tools/bench_kernels.py --out bench/gpu/kernels.json (layers at FLUX shapes + a FLUX-width block stack
-#      through dicompress.compress).
+#      through dicompress.compress),
+#   4. the MoE FFN's Triton grouped GEMM tests compiled on the GPU (pytest -m triton tests/test_kernels_moe.py),
+#   5. tools/bench_moe_gpu.py --out bench/gpu/moe.json (the MoE FFN at FLUX width: dense vs torch loop vs grouped
+#      GEMM).
 # Everything lands in bench/gpu/; when $OUT is set (the device tool) the results are copied there as they come:
-# status.txt env.txt kernels.json kernels.md pytest_gpu.txt pytest_triton.txt bench_kernels.log + bench_gpu.tar.gz
-# (all of bench/gpu/): 8 files, the most a device call brings back.
+# status.txt env.txt kernels.json moe.json pytest_gpu.txt pytest_triton.txt pytest_moe.txt + bench_gpu.tar.gz
+# (all of bench/gpu/, the .md tables and the logs too): 8 files, the most a device call brings back.
 #
 # On the lent nvidia-h200 machine (no network; its python3 has torch 2.11 + triton 3.6 but not diffusers nor
 # pydantic). First, here, with network:   bash tools/gpu_wheels.sh      (fills .whl/, about 9 MiB)
@@ -21,7 +24,8 @@
 #   make works in this environment: dicompress, diffusers' FluxTransformer2DModel, pytest --collect-only of both
 #   test files, tools/bench_kernels.py as a module, and bench_kernels' model path (synthetic calibration capture,
 #   smooth -> ars -> tlq -> act_quant) on a tiny FLUX on the CPU; writes bench/gpu-dry/)
-# Phase time limits in seconds (defaults): GPU_CHECK_T_GPU=150 GPU_CHECK_T_TRITON=100 GPU_CHECK_T_BENCH=220; the
+# Phase time limits in seconds (defaults): GPU_CHECK_T_GPU=150 GPU_CHECK_T_TRITON=100 GPU_CHECK_T_BENCH=220
+# GPU_CHECK_T_MOE_TEST=60 GPU_CHECK_T_MOE_BENCH=60 (at most 590 s together, under a device call's 600); the
 # test phases use GPU_CHECK_WORKERS=8 pytest-xdist workers where xdist imports (0: one process).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,14 +34,14 @@ DRY=${GPU_CHECK_DRY:-0}
 [ "$DRY" = 0 ] && RES=bench/gpu || RES=bench/gpu-dry
 DEST=${OUT:-}                     # the device tool's folder for files to bring back (unset elsewhere)
 mkdir -p "$RES"
-rm -f "$RES"/*.txt "$RES"/*.log "$RES"/kernels.json "$RES"/kernels.md
+rm -f "$RES"/*.txt "$RES"/*.log "$RES"/kernels.json "$RES"/kernels.md "$RES"/moe.json "$RES"/moe.md
 export PYTHONUNBUFFERED=1
 case ":${PYTHONPATH:-}:" in *":$ROOT:"*) ;; *) export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" ;; esac
 
 publish() {                       # copy what there is so far to $OUT (also after a phase that timed out)
     [ -n "$DEST" ] || return 0
     mkdir -p "$DEST"
-    for f in status.txt env.txt kernels.json kernels.md pytest_gpu.txt pytest_triton.txt bench_kernels.log; do
+    for f in status.txt env.txt kernels.json moe.json pytest_gpu.txt pytest_triton.txt pytest_moe.txt; do
         [ -f "$RES/$f" ] && cp "$RES/$f" "$DEST/$f"
     done
     tar -czf "$DEST/bench_gpu.tar.gz" -C "$(dirname "$RES")" "$(basename "$RES")" 2>/dev/null
@@ -125,6 +129,12 @@ if [ "$DRY" != 0 ]; then
     timeout -k 5 120 "$PY" -m pytest --collect-only -q -p no:cacheprovider -m triton tests/test_kernels_triton.py tests/test_kernel_cache.py 2>&1 \
         | tee "$RES/pytest_triton.txt" | tail -3
     status=$((status | PIPESTATUS[0]))
+    timeout -k 5 120 "$PY" -m pytest --collect-only -q -p no:cacheprovider -m triton tests/test_kernels_moe.py 2>&1 \
+        | tee "$RES/pytest_moe.txt" | tail -3
+    status=$((status | PIPESTATUS[0]))
+    # bench_moe_gpu's whole path on the CPU through Triton's interpreter at toy sizes
+    timeout -k 5 120 "$PY" tools/bench_moe_gpu.py --smoke --out "$RES/moe.json" > "$RES/bench_moe.log" 2>&1
+    rc=$?; status=$((status | rc)); tail -3 "$RES/bench_moe.log"
     timeout -k 5 300 "$PY" - <<'EOF' 2>&1 | tee "$RES/bench_kernels.log"
 import importlib.util, tempfile, time
 from pathlib import Path
@@ -195,4 +205,14 @@ echo "== 3. tools/bench_kernels.py (limit ${T_BENCH}s)"
 timeout -k 10 "$T_BENCH" "$PY" tools/bench_kernels.py --out "$RES/kernels.json" 2>&1 | tee "$RES/bench_kernels.log"
 rc=${PIPESTATUS[0]}; status=$((status | rc)); [ "$rc" -ge 124 ] && echo "(phase 3 stopped at ${T_BENCH}s, rc $rc)"
 [ -f "$RES/kernels.json" ] && cp "$RES/kernels.json" bench/kernels.json && cp "$RES/kernels.md" bench/kernels.md
+publish
+T_MOE_TEST=${GPU_CHECK_T_MOE_TEST:-60}; T_MOE_BENCH=${GPU_CHECK_T_MOE_BENCH:-60}
+echo "== 4. pytest -m triton tests/test_kernels_moe.py, compiled ${XDIST[*]} (limit ${T_MOE_TEST}s)"
+timeout -k 10 "$T_MOE_TEST" "$PY" -m pytest -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} -m triton tests/test_kernels_moe.py 2>&1 \
+    | tee "$RES/pytest_moe.txt"
+rc=${PIPESTATUS[0]}; status=$((status | rc)); [ "$rc" -ge 124 ] && echo "(phase 4 stopped at ${T_MOE_TEST}s, rc $rc)"
+publish
+echo "== 5. tools/bench_moe_gpu.py (limit ${T_MOE_BENCH}s)"
+timeout -k 10 "$T_MOE_BENCH" "$PY" tools/bench_moe_gpu.py --repeats 20 --out "$RES/moe.json" 2>&1 | tee "$RES/bench_moe.log"
+rc=${PIPESTATUS[0]}; status=$((status | rc)); [ "$rc" -ge 124 ] && echo "(phase 5 stopped at ${T_MOE_BENCH}s, rc $rc)"
 finish "$status" "${SECONDS}s"
