@@ -237,10 +237,11 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
     att = [r for r in rows if r["kind"] == "attention"]
     series = [("dense", None)] + sorted({("clear", r["radius"]) for r in att if r["method"] == "clear"})
     for method, radius in series:
-        pts = sorted((r["tokens"], r["ms"]) for r in att if r["method"] == method and r["radius"] == radius)
+        pts = sorted((r["tokens"], r.get("cpu_ms") or r["ms"]) for r in att
+                     if r["method"] == method and r["radius"] == radius)
         ax.loglog(*zip(*pts), marker="o", label="dense SDPA" if method == "dense" else f"CLEAR r={radius}")
     ax.set_xlabel("tokens (512 text + h x w image)")
-    ax.set_ylabel("attention ms")
+    ax.set_ylabel("attention CPU ms (median)")
     ax.set_title(f"CLEAR vs dense attention, {meta['threads']} CPU thread, fp32, 24x128")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
