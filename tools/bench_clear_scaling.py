@@ -212,8 +212,9 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["kind"] == "attention":
-            lines.append(f"| {r['grid']} | {r['tokens']} | {r['method']} | {r['radius'] or ''} | {r.get('path', 'sdpa')}"
-                         f" | {r['ms']:.0f} | {r.get('cpu_ms') or 0:.0f} | {r['repeats']} | {r.get('loadavg', '')} | "
+            lines.append(f"| {r['grid']} | {r['tokens']} | {r['method']} | {r['radius'] or ''} | "
+                         f"{r.get('path', 'sdpa')} | {r['ms']:.0f} | {r.get('cpu_ms') or 0:.0f} | {r['repeats']} | "
+                         f"{r.get('loadavg', '')} | "
                          f"{r['attn_flops'] / 1e9:.1f} | {r['attn_flops_ideal'] / 1e9:.1f} | "
                          f"{r['speedup_vs_dense'] or 0:.2f}x | {r.get('speedup_vs_dense_cpu') or 0:.2f}x |")
     lines += ["", "FLUX-width blocks (random weights), dense processor vs CLEAR processor:", "",
@@ -271,7 +272,8 @@ def main(argv=None):
     out = Path(args.out)
     meta = dict(device=platform.processor() or platform.machine(), threads=torch.get_num_threads(), dtype="fp32",
                 torch=torch.__version__, loadavg_start=_loadavg(),
-                command="OMP_NUM_THREADS=1 python tools/bench_clear_scaling.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]))
+                command="OMP_NUM_THREADS=1 python tools/bench_clear_scaling.py "
+                + " ".join(argv if argv is not None else __import__("sys").argv[1:]))
 
     def log(row):
         print(json.dumps(row), flush=True)

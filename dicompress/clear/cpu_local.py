@@ -4,10 +4,10 @@ The attention of an image query splits into two softmaxes over disjoint key sets
 - global: the text (+ pooled) keys, the same for every image query: ONE flash call over all image queries (a large,
   cache-friendly kernel; the global keys are never copied per tile);
 - local: the image keys inside the circle. Queries go in ty x tx tiles; a tile's keys are the union of its queries'
-  circles (the square window with the corners no query reaches cut off), gathered by one precomputed index list
-  into a padded key grid (the same offsets for every tile), with an additive mask for the circle of each query and
-  the grid border. The flash kernel fuses scores, softmax and the value product per tile in cache and returns the
-  log-sum-exp needed for the merge.
+  circles (the square window with the corners no query reaches cut off), gathered from the image keys by one
+  precomputed index list per (grid, radius) (window positions off the grid point at key 0 and are masked), with an
+  additive mask for the circle of each query and the grid border. The flash kernel fuses scores, softmax and the
+  value product per tile in cache and returns the log-sum-exp needed for the merge.
 Text queries see every key: one flash call. Cost per image query: (union of circles) + n_global keys.
 
 Inference only: the kernel's log-sum-exp output carries no gradient, so with autograd clear_attention takes the
