@@ -10,16 +10,22 @@ attn_flops_ideal = the exact count the CLEAR mask allows (circle clipped at the 
 Block rows (kind "block"): one FLUX-width double block and one single block (diffusers FluxTransformerBlock /
 FluxSingleTransformerBlock, dim 3072, 24 heads x 128, random weights, rotary embeddings as FLUX builds them), dense
 processor vs a CLEAR processor written here (the same projections, clear_attention in place of SDPA) at r = 16.
-Timing: wall clock on torch.get_num_threads() threads (1 unless told), the minimum of `repeats` calls after one
-warm-up call (2 calls when one takes over ~3 s); calls over ~30 s (dense at the large grids, the blocks) run once
-with no warm-up (`repeats` = 1 in the row). speedup_vs_dense = dense ms / this ms at the same grid (and block).
+Timing: one thread unless told. The paths of one grid (dense and each radius; the dense and CLEAR processor of one
+block) run interleaved in one process (dense, r=8, r=16, r=32, dense, ...), each after one untimed warm-up call when
+a call is estimated under ~3 s; `repeats` rounds, 1 for calls estimated over ~20 s (dense at 96x96 and 128x128, the
+128x128 blocks). Each row reports the median wall time (`ms`) and the median CPU time of the process (`cpu_ms`,
+which on a shared machine leaves out the time the process waited for a core), and speedup_vs_dense /
+speedup_vs_dense_cpu = dense / this at the same grid (and block). `loadavg` = the 1-minute load average when the
+row was measured (also at start and end in `meta`). `--quick`: 16x16 .. 64x64, r = 8 and 16, no blocks (~1 min).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -51,23 +57,29 @@ def ideal_flops(n_text: int, grid: tuple[int, int], radius: float, heads: int = 
     return 4 * batch * heads * head_dim * (n_text * n + h * w * n_text + local)
 
 
-def _time(fn, est_s: float, repeats: int) -> tuple[float, int]:
-    """(ms, calls timed): min of `repeats` calls after a warm-up; 2 when a call takes over ~3 s; one cold call
-    when it takes over ~30 s (est_s: the FLOP estimate at gflops_s)."""
-    if est_s > 30:
-        repeats = 1
-    else:
-        repeats = min(repeats, 2) if est_s > 3 else repeats
-        fn()
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3, repeats
+def _loadavg() -> float:
+    return round(os.getloadavg()[0], 2)
 
 
-def attention_rows(grids=GRIDS, radii=RADII, repeats: int = 3, gflops_s: float = 10.0, log=print,
+def _interleaved(fns: dict, est_s: dict, repeats: int) -> dict:
+    """{name: (median wall ms, median CPU ms, calls timed)}: the calls of one round run back to back, in order;
+    warm-up for calls estimated under ~3 s, one call for those over ~20 s."""
+    reps = {k: 1 if est_s[k] > 20 else repeats for k in fns}
+    for k, fn in fns.items():
+        if est_s[k] < 3:
+            fn()
+    wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
+    for i in range(max(reps.values())):
+        for k, fn in fns.items():
+            if i < reps[k]:
+                t0, c0 = time.perf_counter(), time.process_time()
+                fn()
+                wall[k].append(time.perf_counter() - t0)
+                cpu[k].append(time.process_time() - c0)
+    return {k: (statistics.median(wall[k]) * 1e3, statistics.median(cpu[k]) * 1e3, reps[k]) for k in fns}
+
+
+def attention_rows(grids=GRIDS, radii=RADII, repeats: int = 3, gflops_s: float = 40.0, log=print,
                    methods=("dense", "clear")) -> list[dict]:
     rows = []
     for g in grids:
@@ -75,22 +87,26 @@ def attention_rows(grids=GRIDS, radii=RADII, repeats: int = 3, gflops_s: float =
         gen = torch.Generator().manual_seed(g)
         q, k, v = (torch.randn(1, n, HEADS, HEAD_DIM, generator=gen) for _ in range(3))
         qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-        flops = dense_flops(n)
+        fns, est, flops = {}, {}, {}
         if "dense" in methods:
-            with torch.no_grad():
-                ms, reps = _time(lambda: F.scaled_dot_product_attention(qt, kt, vt), flops / gflops_s / 1e9, repeats)
-            rows.append(dict(kind="attention", grid=f"{g}x{g}", tokens=n, method="dense", radius=None,
-                             ms=round(ms, 1), repeats=reps, attn_flops=flops, attn_flops_ideal=flops))
-            log(rows[-1])
+            fns["dense"] = lambda: F.scaled_dot_product_attention(qt, kt, vt)
+            flops["dense"] = dense_flops(n)
         for r in (radii if "clear" in methods else ()):
-            flops = path_flops(N_TEXT, grid, r, 0, HEADS, HEAD_DIM)
-            with torch.no_grad():
-                ms, reps = _time(lambda: clear_attention(q, k, v, n_text=N_TEXT, grid=grid, radius=r),
-                                 flops / gflops_s / 1e9, repeats)
-            rows.append(dict(kind="attention", grid=f"{g}x{g}", tokens=n, method="clear", radius=r, ms=round(ms, 1),
-                             repeats=reps, attn_flops=flops, attn_flops_ideal=ideal_flops(N_TEXT, grid, r),
-                             path=clear_path(N_TEXT, grid, r, 0)))
-            log(rows[-1])
+            fns[r] = (lambda r=r: clear_attention(q, k, v, n_text=N_TEXT, grid=grid, radius=r))
+            flops[r] = path_flops(N_TEXT, grid, r, 0, HEADS, HEAD_DIM)
+        est = {key: f / gflops_s / 1e9 for key, f in flops.items()}
+        with torch.no_grad():
+            timed = _interleaved(fns, est, repeats)
+        for key, (ms, cpu_ms, reps) in timed.items():
+            row = dict(kind="attention", grid=f"{g}x{g}", tokens=n, method="dense" if key == "dense" else "clear",
+                       radius=None if key == "dense" else key, ms=round(ms, 1), cpu_ms=round(cpu_ms, 1),
+                       repeats=reps, attn_flops=flops[key], loadavg=_loadavg())
+            if key == "dense":
+                row.update(attn_flops_ideal=flops[key], path="sdpa")
+            else:
+                row.update(attn_flops_ideal=ideal_flops(N_TEXT, grid, key), path=clear_path(N_TEXT, grid, key, 0))
+            rows.append(row)
+            log(row)
     return rows
 
 
@@ -137,7 +153,7 @@ def _rotary(grid: tuple[int, int]):
     return FluxPosEmbed(theta=10000, axes_dim=[16, 56, 56])(torch.cat([torch.zeros(N_TEXT, 3), img]))
 
 
-def block_rows(grids=BLOCK_GRIDS, radius: float = 16, repeats: int = 2, gflops_s: float = 10.0,
+def block_rows(grids=BLOCK_GRIDS, radius: float = 16, repeats: int = 2, gflops_s: float = 40.0,
                log=print, methods=("dense", "clear")) -> list[dict]:
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
     rows, blocks = [], _flux_blocks()
@@ -150,16 +166,21 @@ def block_rows(grids=BLOCK_GRIDS, radius: float = 16, repeats: int = 2, gflops_s
         rope = _rotary(grid)
         for name, block in blocks.items():
             linear = 2 * n * sum(p.numel() for p in block.parameters() if p.dim() == 2)   # rough, for repeats only
-            for method in methods:
-                block.attn.set_processor(FluxAttnProcessor() if method == "dense"
-                                         else ClearFluxProcessor(N_TEXT, grid, radius))
-                attn = dense_flops(n) if method == "dense" else path_flops(N_TEXT, grid, radius, 0, HEADS, HEAD_DIM)
-                with torch.no_grad():
-                    ms, reps = _time(lambda: block(x, enc, temb, image_rotary_emb=rope),
-                                     (linear + attn) / gflops_s / 1e9, repeats)
-                rows.append(dict(kind="block", block=name, grid=f"{g}x{g}", tokens=n, method=method,
-                                 radius=None if method == "dense" else radius, ms=round(ms, 1), repeats=reps,
-                                 attn_flops=attn))
+            procs = {m: FluxAttnProcessor() if m == "dense" else ClearFluxProcessor(N_TEXT, grid, radius)
+                     for m in methods}
+            attn = {m: dense_flops(n) if m == "dense" else path_flops(N_TEXT, grid, radius, 0, HEADS, HEAD_DIM)
+                    for m in methods}
+
+            def call(m, block=block):
+                block.attn.set_processor(procs[m])
+                return block(x, enc, temb, image_rotary_emb=rope)
+            with torch.no_grad():
+                timed = _interleaved({m: (lambda m=m: call(m)) for m in methods},
+                                     {m: (linear + attn[m]) / gflops_s / 1e9 for m in methods}, repeats)
+            for m, (ms, cpu_ms, reps) in timed.items():
+                rows.append(dict(kind="block", block=name, grid=f"{g}x{g}", tokens=n, method=m,
+                                 radius=None if m == "dense" else radius, ms=round(ms, 1), cpu_ms=round(cpu_ms, 1),
+                                 repeats=reps, attn_flops=attn[m], loadavg=_loadavg()))
                 log(rows[-1])
     return rows
 
@@ -171,11 +192,12 @@ def scaling_rows(grids=GRIDS, radii=RADII, block_grids=BLOCK_GRIDS, block_radius
 
 
 def add_speedups(rows: list[dict]) -> list[dict]:
-    """speedup_vs_dense = the dense row's ms / this row's ms, same kind, grid (and block)."""
-    dense = {(r["kind"], r["grid"], r.get("block")): r["ms"] for r in rows if r["method"] == "dense"}
-    for r in rows:
-        d = dense.get((r["kind"], r["grid"], r.get("block")))
-        r["speedup_vs_dense"] = round(d / r["ms"], 2) if d else None
+    """speedup_vs_dense(_cpu) = the dense row's ms (cpu_ms) / this row's, same kind, grid (and block)."""
+    for field, out in (("ms", "speedup_vs_dense"), ("cpu_ms", "speedup_vs_dense_cpu")):
+        dense = {(r["kind"], r["grid"], r.get("block")): r.get(field) for r in rows if r["method"] == "dense"}
+        for r in rows:
+            d = dense.get((r["kind"], r["grid"], r.get("block")))
+            r[out] = round(d / r[field], 2) if d and r.get(field) else None
     return rows
 
 
@@ -183,21 +205,28 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# CLEAR scaling ({meta['device']}, {meta['threads']} thread(s), {meta['dtype']}, batch 1, "
              f"{HEADS} heads x {HEAD_DIM}, {N_TEXT} text tokens)", "",
              f"Command: `{meta['command']}`", "",
-             "| grid | tokens | method | radius | path | ms | repeats | attn GFLOP | ideal GFLOP | speedup vs dense |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"Load average (1 min) at start / end: {meta.get('loadavg_start')} / {meta.get('loadavg_end')}. "
+             "ms / CPU ms: medians of the interleaved calls; speedups: dense / this (wall, CPU).", "",
+             "| grid | tokens | method | radius | path | ms | CPU ms | repeats | load | attn GFLOP | ideal GFLOP "
+             "| speedup vs dense (wall) | (CPU) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["kind"] == "attention":
-            lines.append(f"| {r['grid']} | {r['tokens']} | {r['method']} | {r['radius'] or ''} | {r.get('path', 'sdpa')}"
-                         f" | {r['ms']:.0f} | {r['repeats']} | {r['attn_flops'] / 1e9:.1f} | "
-                         f"{r['attn_flops_ideal'] / 1e9:.1f} | {r['speedup_vs_dense'] or 0:.2f}x |")
+            lines.append(f"| {r['grid']} | {r['tokens']} | {r['method']} | {r['radius'] or ''} | "
+                         f"{r.get('path', 'sdpa')} | {r['ms']:.0f} | {r.get('cpu_ms') or 0:.0f} | {r['repeats']} | "
+                         f"{r.get('loadavg', '')} | "
+                         f"{r['attn_flops'] / 1e9:.1f} | {r['attn_flops_ideal'] / 1e9:.1f} | "
+                         f"{r['speedup_vs_dense'] or 0:.2f}x | {r.get('speedup_vs_dense_cpu') or 0:.2f}x |")
     lines += ["", "FLUX-width blocks (random weights), dense processor vs CLEAR processor:", "",
-              "| block | grid | tokens | method | radius | ms | repeats | attn GFLOP | speedup vs dense |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| block | grid | tokens | method | radius | ms | CPU ms | repeats | load | attn GFLOP "
+              "| speedup vs dense (wall) | (CPU) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["kind"] == "block":
             lines.append(f"| {r['block']} | {r['grid']} | {r['tokens']} | {r['method']} | {r['radius'] or ''} | "
-                         f"{r['ms']:.0f} | {r['repeats']} | {r['attn_flops'] / 1e9:.1f} | "
-                         f"{r['speedup_vs_dense'] or 0:.2f}x |")
+                         f"{r['ms']:.0f} | {r.get('cpu_ms') or 0:.0f} | {r['repeats']} | {r.get('loadavg', '')} | "
+                         f"{r['attn_flops'] / 1e9:.1f} | {r['speedup_vs_dense'] or 0:.2f}x | "
+                         f"{r.get('speedup_vs_dense_cpu') or 0:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -209,10 +238,11 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
     att = [r for r in rows if r["kind"] == "attention"]
     series = [("dense", None)] + sorted({("clear", r["radius"]) for r in att if r["method"] == "clear"})
     for method, radius in series:
-        pts = sorted((r["tokens"], r["ms"]) for r in att if r["method"] == method and r["radius"] == radius)
+        pts = sorted((r["tokens"], r.get("cpu_ms") or r["ms"]) for r in att
+                     if r["method"] == method and r["radius"] == radius)
         ax.loglog(*zip(*pts), marker="o", label="dense SDPA" if method == "dense" else f"CLEAR r={radius}")
     ax.set_xlabel("tokens (512 text + h x w image)")
-    ax.set_ylabel("attention ms")
+    ax.set_ylabel("attention CPU ms (median)")
     ax.set_title(f"CLEAR vs dense attention, {meta['threads']} CPU thread, fp32, 24x128")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
@@ -228,17 +258,21 @@ def main(argv=None):
     ap.add_argument("--block-grids", type=int, nargs="*", default=list(BLOCK_GRIDS))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--est-gflops", type=float, default=10.0,
-                    help="GFLOP/s assumed to decide warm-up and repeats (calls estimated over 30 s run once, cold)")
+    ap.add_argument("--est-gflops", type=float, default=40.0,
+                    help="GFLOP/s assumed to decide warm-up and repeats (calls estimated over 20 s run once, cold)")
+    ap.add_argument("--quick", action="store_true", help="grids 16 32 64, radii 8 16, no blocks (about a minute)")
     ap.add_argument("--methods", nargs="+", default=["dense", "clear"], choices=["dense", "clear"])
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of --out this run does not measure (same kind, grid, method, radius, block)")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.grids, args.radii, args.block_grids = [16, 32, 64], [8, 16], []
     torch.set_num_threads(args.threads)
     radii = [int(r) if float(r).is_integer() else r for r in args.radii]
     out = Path(args.out)
     meta = dict(device=platform.processor() or platform.machine(), threads=torch.get_num_threads(), dtype="fp32",
-                torch=torch.__version__, command="OMP_NUM_THREADS=1 python tools/bench_clear_scaling.py "
+                torch=torch.__version__, loadavg_start=_loadavg(),
+                command="OMP_NUM_THREADS=1 python tools/bench_clear_scaling.py "
                 + " ".join(argv if argv is not None else __import__("sys").argv[1:]))
 
     def log(row):
@@ -255,6 +289,7 @@ def main(argv=None):
                                  r["radius"] or 0))
         meta["command"] = old["meta"]["command"] + " ; " + meta["command"]
     rows = add_speedups(rows)
+    meta["loadavg_end"] = _loadavg()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     out.with_suffix(".md").write_text(to_markdown(rows, meta))

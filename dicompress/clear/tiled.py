@@ -10,9 +10,10 @@ Text queries attend to everything (text, image, pooled): one SDPA call, linear i
 Cost per image query: (ty + 2*hy)(tx + 2*hx) + n_global keys, independent of the grid size.
 
 Two code paths, the same math: with autograd (the distillation trains q/k/v through it) a masked two-part softmax
-(_tile_row); without (inference) scores written in place into one buffer and an in-place softmax
-(_tile_row_inference). fp32/fp64 compute in the input dtype; bf16/fp16 inputs run the matmuls in the input dtype and
-the softmax in fp32, the probabilities cast back for the value matmuls (as SDPA's math path does).
+(_tile_row); without (inference off the CPU) scores written in place into one buffer and an in-place softmax
+(_tile_row_inference). CPU inference takes clear/cpu_local.py instead (a fused kernel on gathered circles; faster).
+fp32/fp64 compute in the input dtype; bf16/fp16 inputs run the matmuls in the input dtype and the softmax in fp32,
+the probabilities cast back for the value matmuls (as SDPA's math path does).
 Works on any device torch runs on; on CUDA it is correct but launch-bound (many small matmuls): a fused kernel
 (FlexAttention or Triton) is the better CUDA path and is not written yet.
 """
