@@ -124,9 +124,9 @@ def modelopt_config(setting: str, names: Iterable[str]) -> dict:
 
 def _modelopt_bytes(model: nn.Module, names: list[str]) -> int:
     """`mtq.compress` on a copy (real int8 / uint8-packed int4 weights) + the quantizer buffers of the selected
-    linears (weight scales, input amax, AWQ / SmoothQuant pre_quant_scale; fp32). The copy is only weighed: ModelOpt's compressed int4
-    forward wants its FP8 CUDA kernel, so the fake-quantized model is what is evaluated (same numerics: ModelOpt's
-    fake quant is its reference)."""
+    linears (weight scales, input amax, AWQ / SmoothQuant pre_quant_scale; fp32). The copy is only weighed:
+    ModelOpt's compressed int4 forward wants its FP8 CUDA kernel, so the fake-quantized model is what is evaluated
+    (same numerics: ModelOpt's fake quant is its reference)."""
     import modelopt.torch.quantization as mtq
     packed = copy.deepcopy(model)
     mtq.compress(packed)
