@@ -228,14 +228,50 @@ def peer_rows(b: Bench) -> None:
         b.add("bnb-nf4", 4, "group64", student, res["bytes"], res["bf16_bytes"], time.perf_counter() - t)
 
 
+def peer_extra_rows(b: Bench) -> None:
+    """The strongest published peers (tools/peers_extra.py, tools/peers_autoround.py), each as its library ships
+    it, on our selection and calibration set; one that cannot run on this CPU is listed with the reason."""
+    import peers_extra as px  # noqa: E402
+    from peers import apply_sdnq, calibration_runner  # noqa: E402
+    from peers_autoround import apply_autoround  # noqa: E402
+    cal = CalibrationConfig(**yaml.safe_load((ROOT / "calibration/digits_10x2.yaml").read_text()))
+    calibrate = calibration_runner(b.info.path, cal.classes, cal.seeds, cal.steps, cal.batch_size)
+    rows = {"torchao-int4wo": (4, None, "group128", lambda m, i, k: px.apply_torchao_int4wo(m, i, k)),
+            "torchao-w4a8": (4, 8, "group32", lambda m, i, k: px.apply_torchao_w4a8(m, i, k)),
+            "modelopt-w8a8-sq": (8, 8, "channel", lambda m, i, k: px.apply_modelopt(m, i, k, calibrate, "w8a8-sq")),
+            "modelopt-w4a8-awq": (4, 8, "group128",
+                                  lambda m, i, k: px.apply_modelopt(m, i, k, calibrate, "w4a8-awq")),
+            "hqq": (4, None, "group64", lambda m, i, k: px.apply_hqq(m, i, k)),
+            "autoround": (4, None, "group128", lambda m, i, k: apply_autoround(
+                m, i, k, b.info.path, cal.classes, cal.seeds, cal.steps)),
+            "sdnq-svd": (4, None, "svd-r32", lambda m, i, k: apply_sdnq(m, i, k, w_bits=4, use_svd=True))}
+    for method, (w, a_bits, gran, apply) in rows.items():
+        if not b.wants(method):
+            continue
+        student = b.student()
+        a = adapter_for(student)
+        t = time.perf_counter()
+        try:
+            res = apply(student, a.quant_include, a.quant_keep)
+        except (ImportError, NotImplementedError, AssertionError) as e:   # a library that cannot run here
+            b.skip(method, w, a_bits, f"{type(e).__name__}: {e}")
+            continue
+        secs = time.perf_counter() - t
+        extra = {k: v for k, v in res.items() if k not in ("bytes", "bf16_bytes")}
+        b.add(method, w, gran, student, res["bytes"], res["bf16_bytes"], secs, extra, a_bits=a_bits)
+
+
 # the sections, in the order the table lists them; a new family of rows is one more function here
-SECTIONS = [weight_only_rows, weight_gptq_rows, weight_act_rows, peer_rows]
+SECTIONS = [weight_only_rows, weight_gptq_rows, weight_act_rows, peer_rows, peer_extra_rows]
 
 # paired comparisons written beside the rows (b minus a, same samples; see dicompress/eval/paired.py): the
 # issue's claims, each as (a's key, b's key); a pair whose rows are missing is listed as unavailable
 COMPARISONS = [("gptq:w4:a16:channel", "tlq+gptq:w4:a16:channel"),
                ("gptq:w3:a16:channel", "tlq+gptq:w3:a16:channel"),
-               ("tlq:w4:a8:channel", "lrq:w4:a8:channel")]
+               ("tlq:w4:a8:channel", "lrq:w4:a8:channel"),
+               # the published W4A8 peers against lrq-auto (issue 21)
+               ("torchao-w4a8:w4:a8:group32", "lrq-auto:w4:a8:channel"),
+               ("modelopt-w4a8-awq:w4:a8:group128", "lrq-auto:w4:a8:channel")]
 
 
 def comparisons(mse: dict) -> list[dict]:
