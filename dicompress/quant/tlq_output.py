@@ -118,7 +118,7 @@ def tlq_output_quantize(w: torch.Tensor, bits: int, group_size: int | None, hess
     if chosen > weight_choice:   # the shortlist lost to the weight-MSE choice on the sample: keep that one
         buffers, eta, chosen, pick = base, base_info["eta"], weight_choice, torch.zeros_like(pick)
         eta_t = base["eta"]
-    codes = tlq_assign(u, grid, eta_t[0], bits)
+    codes = tlq_assign(u, buffers["grid"], eta_t[0], bits)
     pair_of = torch.where(pick > 0, (pairs[pick - 1] if len(sample) < R else pick - 1), -1)
     top = pair_of[pair_of >= 0] % len(percentiles)
     bottom_ = pair_of[pair_of >= 0] // len(percentiles)
