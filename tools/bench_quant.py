@@ -55,7 +55,11 @@ WEIGHT_ONLY = [("tlq", 4, None), ("tlq", 4, 64), ("tlq", 3, None), ("tlq", 3, 64
                ("rtn", 4, None), ("rtn", 4, 64), ("rtn", 3, None), ("rtn", 3, 64)]
 # weight-only with GPTQ error feedback (calibrated): method -> (weight pass, w_bits); `gptq` is the classic
 # GPTQ (uniform grid), `tlq+gptq` the same feedback on TLQ's log grids
-WEIGHT_GPTQ = [("tlq+gptq", "tlq", 4), ("tlq+gptq", "tlq", 3), ("gptq", "rtn", 4), ("gptq", "rtn", 3)]
+WEIGHT_GPTQ = [("tlq+gptq", "tlq", 4), ("tlq+gptq", "tlq", 3), ("gptq", "rtn", 4), ("gptq", "rtn", 3),
+               ("tlq+gptq-aware", "tlq", 4), ("tlq+gptq-aware", "tlq", 3)]
+# the weight pass's options besides bits and gptq: `tlq+gptq-aware` chooses each layer's grid by its output error
+# after GPTQ (quant/tlq_output.py) instead of by weight MSE
+WEIGHT_GPTQ_OPTIONS = {"tlq+gptq-aware": {"grid_search": "output"}}
 # weights + activations (per-channel weights): method -> (passes before the weight quantizer, GPTQ on).
 # Every row but `lrq-rounding` uses the same weight quantizer (TLQ + GPTQ), so `tlq`, `tlq+smooth` and
 # `tlq+hadamard` isolate what smoothing and rotation add; `lrq-rounding` isolates what GPTQ adds.
@@ -162,13 +166,16 @@ def weight_gptq_rows(b: Bench) -> None:
             continue
         student = b.student()
         t = time.perf_counter()
-        state = dicompress.compress(student, [{weight_pass: {"bits": bits, "gptq": True}}], calibration=b.store,
-                                    progress=False)
+        cfg = {"bits": bits, "gptq": True, **WEIGHT_GPTQ_OPTIONS.get(method, {})}
+        state = dicompress.compress(student, [{weight_pass: cfg}], calibration=b.store, progress=False)
         secs = time.perf_counter() - t
         q_bytes, q_bf16, _ = quantized_linear_bytes(student)
         summary = next(p for p in state.report["passes"] if p["pass"] == weight_pass)
-        b.add(method, bits, "channel", student, q_bytes, q_bf16, secs,
-              {"gptq_mean_output_gain_db": round(summary["gptq_mean_output_gain_db"], 3)})
+        extra = {"gptq_mean_output_gain_db": round(summary["gptq_mean_output_gain_db"], 3)}
+        search = [r["grid_search_gain_db"] for r in state.report["layers"] if "grid_search_gain_db" in r]
+        if search:   # output error after GPTQ: the weight-MSE grid vs the chosen one, mean over layers
+            extra["grid_search_mean_gain_db"] = round(sum(search) / len(search), 3)
+        b.add(method, bits, "channel", student, q_bytes, q_bf16, secs, extra)
 
 
 def weight_act_rows(b: Bench) -> None:
@@ -268,6 +275,10 @@ SECTIONS = [weight_only_rows, weight_gptq_rows, weight_act_rows, peer_rows, peer
 # issue's claims, each as (a's key, b's key); a pair whose rows are missing is listed as unavailable
 COMPARISONS = [("gptq:w4:a16:channel", "tlq+gptq:w4:a16:channel"),
                ("gptq:w3:a16:channel", "tlq+gptq:w3:a16:channel"),
+               ("gptq:w4:a16:channel", "tlq+gptq-aware:w4:a16:channel"),
+               ("gptq:w3:a16:channel", "tlq+gptq-aware:w3:a16:channel"),
+               ("tlq+gptq:w4:a16:channel", "tlq+gptq-aware:w4:a16:channel"),
+               ("tlq+gptq:w3:a16:channel", "tlq+gptq-aware:w3:a16:channel"),
                ("tlq:w4:a8:channel", "lrq:w4:a8:channel"),
                # the published W4A8 peers against lrq-auto (issue 21)
                ("torchao-w4a8:w4:a8:group32", "lrq-auto:w4:a8:channel"),

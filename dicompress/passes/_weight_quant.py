@@ -83,7 +83,11 @@ def quantize_linears(state, pass_name: str, config: WeightQuantConfig, codec: st
         while targets:        # popped, so a float linear is freed once its QuantLinear replaces it
             name, linear = targets.pop()
             w = linear.weight.detach().float()
-            codes, buffers, info = quantize(w, config.bits, gs)
+            # a quantizer marked `uses_hessian` chooses its grid from the layer's calibration Hessian too
+            hess = {"hessian": hessians.load(name)} if getattr(quantize, "uses_hessian", False) \
+                and hessians is not None and hessians.covers(name) else {}
+            codes, buffers, info = quantize(w, config.bits, gs, **hess)
+            del hess
             row = {}
             if hessians is not None and hessians.covers(name):
                 # a 15360-wide layer's Hessian is 0.9 GB: whole in memory only while GPTQ works in it; the output
@@ -108,6 +112,7 @@ def quantize_linears(state, pass_name: str, config: WeightQuantConfig, codec: st
             rows.append({"module": name, "method": pass_name, "bits": config.bits, "group_size": gs,
                          "eta": info["eta"], "percentile": info["percentile"],
                          "sqnr_db": _finite(info["sqnr_db"]), **row,   # None = exact
+                         **info.get("report", {}),                     # a quantizer's own per-layer fields
                          "shape": [q.out_features, q.in_features]})
             bar.update(1)
         bar.close()
