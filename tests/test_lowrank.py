@@ -140,3 +140,25 @@ def test_without_the_branch_the_manifest_and_layers_are_as_before():
     q = model.transformer_blocks[0].ff.net[2]
     assert q.lowrank_rank == 0 and "lowrank_up" not in dict(q.named_buffers())
     assert all("lowrank_rank" not in r for r in state.report["layers"])
+
+
+@pytest.mark.parametrize("mode", ["decode", "int8"])
+def test_branch_is_added_to_every_gemm_mode(mode):
+    """The codes' GEMM (decode, int8 int_mm, Triton on CUDA) is untouched: the branch is a plain matmul after it."""
+    from dicompress.kernels import gemm_mode, quant_linear_forward
+    from dicompress.nn.act import ActTransform
+    from dicompress.quant.tlq import tlq_quantize
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    up, down, res = lowrank_split(lin.weight.detach(), 4)
+    codes, buffers, _ = tlq_quantize(res, 4, None)
+    act = ActTransform(64, smooth=True, rotation="hadamard", act_bits=8)
+    with torch.no_grad():
+        act.smooth.uniform_(0.5, 2.0)
+        act.signs.copy_(torch.where(torch.rand(64) < 0.5, -1, 1))
+    q = QuantLinear.from_linear_codes(lin, codes, buffers, "tlq", 4, act=act, lowrank=(up, down)).eval()
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad(), gemm_mode(mode):
+        y, codes_only = q(x), quant_linear_forward(q, x)
+    torch.testing.assert_close(y - codes_only, act.rotate(x / act.smooth) @ (up.float() @ down.float()).t(),
+                               atol=1e-5, rtol=1e-5)
