@@ -196,6 +196,31 @@ def weight_act_rows(b: Bench) -> None:
         b.add(method, w_bits, "channel", student, q_bytes, q_bf16, secs, extra, a_bits=a_bits)
 
 
+# SVDQuant's 16-bit low-rank branch (tlq `lowrank_rank`) on a W4A4 recipe of W_A_METHODS: (method, base, rank).
+# The zoo model is 128 wide: rank 32 is 25% of a hidden linear's rank (0.1-1% on FLUX.1's 3072), so rank 4 is
+# measured too
+LOWRANK = [("lrq+lowrank", "lrq", 4), ("lrq+lowrank", "lrq", 16), ("lrq+lowrank", "lrq", 32),
+           ("tlq+hadamard+lowrank", "tlq+hadamard", 16), ("tlq+hadamard+lowrank", "tlq+hadamard", 32)]
+
+
+def lowrank_rows(b: Bench) -> None:
+    for method, base, rank in LOWRANK:
+        if not b.wants(method):
+            continue
+        student = b.student()
+        before, gptq = W_A_METHODS[base]
+        passes = [*before, {"tlq": {"bits": 4, "gptq": gptq, "lowrank_rank": rank}}, {"act_quant": {"bits": 4}}]
+        t = time.perf_counter()
+        dicompress.compress(student, passes, calibration=b.store, progress=False)
+        secs = time.perf_counter() - t
+        q_bytes, q_bf16, _ = quantized_linear_bytes(student)
+        branch = sum(2 * m.lowrank_rank * (m.in_features + m.out_features) for m in student.modules()
+                     if getattr(m, "lowrank_rank", 0))
+        b.add(method, 4, "channel", student, q_bytes, q_bf16, secs,
+              {"passes": [next(iter(p)) for p in passes], "gptq": gptq, "rank": rank, "bytes_lowrank_branch": branch},
+              a_bits=4)
+
+
 def peer_rows(b: Bench) -> None:
     from peers import apply_bnb_nf4, apply_quanto_w4a8, apply_sdnq  # noqa: E402  (tools/peers.py)
 
@@ -269,7 +294,7 @@ def peer_extra_rows(b: Bench) -> None:
 
 
 # the sections, in the order the table lists them; a new family of rows is one more function here
-SECTIONS = [weight_only_rows, weight_gptq_rows, weight_act_rows, peer_rows, peer_extra_rows]
+SECTIONS = [weight_only_rows, weight_gptq_rows, weight_act_rows, lowrank_rows, peer_rows, peer_extra_rows]
 
 # paired comparisons written beside the rows (b minus a, same samples; see dicompress/eval/paired.py): the
 # issue's claims, each as (a's key, b's key); a pair whose rows are missing is listed as unavailable
@@ -282,7 +307,9 @@ COMPARISONS = [("gptq:w4:a16:channel", "tlq+gptq:w4:a16:channel"),
                ("tlq:w4:a8:channel", "lrq:w4:a8:channel"),
                # the published W4A8 peers against lrq-auto (issue 21)
                ("torchao-w4a8:w4:a8:group32", "lrq-auto:w4:a8:channel"),
-               ("modelopt-w4a8-awq:w4:a8:group128", "lrq-auto:w4:a8:channel")]
+               ("modelopt-w4a8-awq:w4:a8:group128", "lrq-auto:w4:a8:channel"),
+               *[(f"{base}:w4:a4:channel", f"{m}:w4:a4:channel:rank={r}") for m, base, r in LOWRANK],
+               *[("tlq+hadamard:w4:a4:channel", f"lrq+lowrank:w4:a4:channel:rank={r}") for r in (16, 32)]]
 
 
 def comparisons(mse: dict) -> list[dict]:

@@ -38,6 +38,9 @@ def check_on_load_passes(passes) -> list:
     if p.config.gptq:
         raise RecipeError("gptq: true reads calibration inputs, which a load does not have",
                           key=f"quantization_config.passes[0].{p.name}.gptq", hint=HINT)
+    if p.config.lowrank_rank:   # the loader builds plain QuantLinears: the branch would be silently lost
+        raise RecipeError("lowrank_rank is not applied while loading", key=f"quantization_config.passes[0]."
+                          f"{p.name}.lowrank_rank", hint="run the recipe with `dicompress run` and load its artifact")
     return objs
 
 

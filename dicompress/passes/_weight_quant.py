@@ -13,11 +13,12 @@ from pydantic import Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
 from ..calib.hessian import block_hessians, hessian_phases
-from ..errors import CalibrationError
+from ..errors import CalibrationError, RecipeError
 from ..nn.qlinear import QuantLinear
 from ..nn.surgery import set_module
 from ..quant.codecs import get_codec
 from ..quant.gptq import gptq_codes, hessian_quadratic_forms, sqnr_db
+from ..quant.lowrank import lowrank_split
 from ..quant.tlq import weight_error
 from .base import Pass, PassConfig, select_layers
 
@@ -44,6 +45,9 @@ class WeightQuantConfig(PassConfig):
     gptq_damp: float = Field(0.01, gt=0, le=1, description="GPTQ dampening, a fraction of mean(diag H) added "
                                                             "to H's diagonal")
     gptq_act_order: bool = Field(True, description="GPTQ: quantize input channels by decreasing energy")
+    lowrank_rank: int = Field(0, ge=0, description="SVDQuant: keep the top-`lowrank_rank` SVD part of each weight "
+                                                   "(as smoothed / rotated) as a bf16 branch on the unquantized "
+                                                   "input and quantize only the residual; 0 = off")
 
     @field_validator("group_size")
     @classmethod
@@ -77,23 +81,29 @@ def quantize_linears(state, pass_name: str, config: WeightQuantConfig, codec: st
     Hessians are collected, then its linears take GPTQ codes on the grid `quantize` chose."""
     targets = select_layers(state, pass_name, config.include, config.keep)
     gs, rows, n = config.effective_group_size, [], len(targets)
+    _check_lowrank(pass_name, config.lowrank_rank, targets)
     with BlockHessians(state, [t[0] for t in targets]) if config.gptq else nullcontext() as hessians:
         bar = tqdm(total=n, desc=pass_name, unit="layer", disable=not state.progress)
         targets.reverse()
         while targets:        # popped, so a float linear is freed once its QuantLinear replaces it
             name, linear = targets.pop()
             w = linear.weight.detach().float()
+            lowrank, row, full = None, {}, w
+            if config.lowrank_rank:      # the quantizer and GPTQ see only what the branch leaves: the residual
+                up, down, w = lowrank_split(full, config.lowrank_rank)
+                lowrank = (up.to(linear.weight.device), down.to(linear.weight.device))
+                row = {"lowrank_rank": config.lowrank_rank,
+                       "lowrank_residual_rel": float(w.norm() / full.norm().clamp_min(1e-30))}
             # a quantizer marked `uses_hessian` chooses its grid from the layer's calibration Hessian too
             hess = {"hessian": hessians.load(name)} if getattr(quantize, "uses_hessian", False) \
                 and hessians is not None and hessians.covers(name) else {}
             codes, buffers, info = quantize(w, config.bits, gs, **hess)
             del hess
-            row = {}
+            dq = get_codec(codec).dequantize
             if hessians is not None and hessians.covers(name):
                 # a 15360-wide layer's Hessian is 0.9 GB: whole in memory only while GPTQ works in it; the output
                 # errors read it from disk in row blocks
-                dq = get_codec(codec).dequantize
-                signal, noise_rounding = hessians.quadratic(name, [w, w - dq(codes, buffers, config.bits, gs)])
+                signal, noise_rounding = hessians.quadratic(name, [full, w - dq(codes, buffers, config.bits, gs)])
                 del codes
                 codes = gptq_codes(w, hessians.load(name), column_quantizer(buffers, config.bits, gs),
                                    damp=config.gptq_damp, act_order=config.gptq_act_order, overwrite=True)
@@ -101,12 +111,14 @@ def quantize_linears(state, pass_name: str, config: WeightQuantConfig, codec: st
                 info = {**info, **weight_error(w, w_hat)}
                 noise, = hessians.quadratic(name, [w - w_hat])
                 del w_hat
-                row = {"output_sqnr_db": _finite(sqnr_db(signal, noise)),
-                       "output_sqnr_db_rounding": _finite(sqnr_db(signal, noise_rounding))}
+                row.update({"output_sqnr_db": _finite(sqnr_db(signal, noise)),
+                            "output_sqnr_db_rounding": _finite(sqnr_db(signal, noise_rounding))})
+            if lowrank is not None:      # errors against the whole weight: the branch's part is exact
+                info = {**info, **weight_error(full, full - w + dq(codes, buffers, config.bits, gs))}
             # a TransformedLinear's weight is already in its input transform's basis: the transform moves along
             q = QuantLinear.from_linear_codes(linear, codes, buffers, codec, config.bits, gs,
-                                              act=getattr(linear, "act", None))
-            del codes, w, linear
+                                              act=getattr(linear, "act", None), lowrank=lowrank)
+            del codes, w, full, linear
             set_module(state.model, name, q)
             state.record(q.manifest_entry(name))
             rows.append({"module": name, "method": pass_name, "bits": config.bits, "group_size": gs,
@@ -117,6 +129,15 @@ def quantize_linears(state, pass_name: str, config: WeightQuantConfig, codec: st
             bar.update(1)
         bar.close()
     state.add_pass_report(pass_name, summarize_weight_quant(rows, config.gptq), rows)
+
+
+def _check_lowrank(pass_name: str, rank: int, targets: list) -> None:
+    """Every layer too narrow for the branch's rank, before any layer is changed."""
+    narrow = [n for n, m in targets if rank and rank >= min(m.in_features, m.out_features)]
+    if narrow:
+        raise RecipeError(f"lowrank_rank {rank} is not below min(in_features, out_features) of {len(narrow)} "
+                          f"layer(s), e.g. {', '.join(narrow[:3])}", key=f"{pass_name}.lowrank_rank",
+                          hint="lower lowrank_rank, or leave those layers out with `keep`")
 
 
 def summarize_weight_quant(rows: list[dict], gptq: bool) -> dict:
