@@ -118,7 +118,7 @@ def test_reported_error_is_the_quantized_layers_error(store, tmp_path):
     assert isinstance(q, QuantLinear)
     with torch.no_grad(), gemm_mode("decode"):          # the codec's exact weights (not the CPU's int8 mapping)
         ref, got = lin(x), q(x)
-    signal = (ref - lin.bias).double().pow(2).sum()           # the error is reported against x·Wᵀ (no bias)
+        signal = (ref - lin.bias).double().pow(2).sum()       # the error is reported against x·Wᵀ (no bias)
     sqnr = 10 * torch.log10(signal / (ref - got).double().pow(2).sum())
     row = next(r for r in rows(state) if r["module"] == name)
     assert float(sqnr) == pytest.approx(row["output_sqnr_db"], abs=0.01)
@@ -128,6 +128,16 @@ def test_reported_error_is_the_quantized_layers_error(store, tmp_path):
     loaded = FluxTransformer2DModel.from_pretrained(tmp_path / "a")
     with torch.no_grad():
         assert torch.equal(loaded(**kw).sample, out)
+
+
+def test_weight_rows_sample_output_channels(store):
+    one = {**AUTO, "include": ["transformer_blocks.0.ff.net.2"], "candidates": ["none", "hadamard"]}
+
+    def errors(**kw):
+        state = dicompress.compress(build(), [{"lrq_auto": {**one, **kw}}], calibration=store, progress=False)
+        return rows(state)[0]["candidates_sqnr_db"]
+    assert errors(weight_rows=32) == errors()                     # 32 = every output channel of ff.net.2
+    assert errors(weight_rows=8) != errors()
 
 
 @pytest.mark.parametrize("passes,match", [

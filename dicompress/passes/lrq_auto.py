@@ -54,6 +54,10 @@ class LRQAutoConfig(PassConfig):
         "rounding", description="weights in the error: nearest rounding on the grid, or GPTQ on it with the "
                                 "transformed inputs' Hessian (slower; use when the weight pass has gptq: true)")
     rows_per_call: int = Field(16, ge=1, description="tokens sampled from each captured call for the error")
+    weight_rows: int | None = Field(None, ge=1, description="output channels sampled per linear for the error "
+                                                            "(per-channel quantization: rows are independent, so a "
+                                                            "sample estimates the sum); null = all. Bounds the cost "
+                                                            "of the weight quantizer's search on wide layers")
     fold: bool = Field(True, description="absorb smoothing where the architecture declares an exact fold site; "
                                          "false keeps every s online")
     block: int = Field(128, ge=2, description="channels per block of the outlier-aware rotation")
@@ -113,10 +117,17 @@ def unavailable(rot: str | None, width: int, block: int) -> str | None:
     return None
 
 
+def _rows(w: torch.Tensor, n: int | None, seed: int) -> torch.Tensor:
+    """`n` output channels of w, sampled without replacement (all when n is None or covers them)."""
+    if n is None or n >= w.shape[0]:
+        return w
+    return w[torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(seed))[:n].sort().values]
+
+
 def evaluate(model, g, stats, xs: dict, seed: int, cfg: LRQAutoConfig, cache: dict) -> list[dict]:
     """Every candidate's summed output error on the group (x: the captured inputs of each member)."""
     grid, out = GRIDS[cfg.weight_quantizer], []
-    ws = {m: model.get_submodule(m).weight.detach().float().cpu() for m in g.members}
+    ws = {m: _rows(model.get_submodule(m).weight.detach().float().cpu(), cfg.weight_rows, seed) for m in g.members}
     width = ws[g.members[0]].shape[1]
     raw = stats[g.members[0]]["absmax"].float()
     for label, alpha, rot in expand(cfg.candidates, cfg.alphas):
