@@ -119,6 +119,7 @@ def test_compress_api_refuses_block_data_of_the_old_structure(tiny_zoo_dir, tmp_
 EVERY_OTHER = {
     "smooth": {"alpha": 0.5},
     "ars": {"threshold": 1.0, "block": 32},
+    "lrq_auto": {"w_bits": 4, "a_bits": 8, "candidates": ["smooth", "hadamard"], "alphas": [0.5]},
     "tlq": {"bits": 4},
     "rtn": {"bits": 4},
     "act_quant": {"bits": 8},

@@ -221,6 +221,24 @@ def lowrank_rows(b: Bench) -> None:
               a_bits=4)
 
 
+# lrq_auto (per-group transform chosen by the quantized output error at the row's bits), then TLQ + GPTQ, act_quant
+LRQ_AUTO = [(4, 8), (4, 4), (3, 8)]
+
+
+def lrq_auto_rows(b: Bench) -> None:
+    for w_bits, a_bits in LRQ_AUTO if b.wants("lrq-auto") else ():
+        student = b.student()
+        passes = [{"lrq_auto": {"w_bits": w_bits, "a_bits": a_bits}}, {"tlq": {"bits": w_bits, "gptq": True}},
+                  {"act_quant": {"bits": a_bits}}]
+        t = time.perf_counter()
+        state = dicompress.compress(student, passes, calibration=b.store, progress=False)
+        secs = time.perf_counter() - t
+        q_bytes, q_bf16, _ = quantized_linear_bytes(student)
+        summary = next(p for p in state.report["passes"] if p["pass"] == "lrq_auto")
+        b.add("lrq-auto", w_bits, "channel", student, q_bytes, q_bf16, secs,
+              {"passes": [next(iter(p)) for p in passes], "gptq": True, "choices": summary["choices"]}, a_bits=a_bits)
+
+
 def peer_rows(b: Bench) -> None:
     from peers import apply_bnb_nf4, apply_quanto_w4a8, apply_sdnq  # noqa: E402  (tools/peers.py)
 
@@ -294,7 +312,8 @@ def peer_extra_rows(b: Bench) -> None:
 
 
 # the sections, in the order the table lists them; a new family of rows is one more function here
-SECTIONS = [weight_only_rows, weight_gptq_rows, weight_act_rows, lowrank_rows, peer_rows, peer_extra_rows]
+SECTIONS = [weight_only_rows, weight_gptq_rows, weight_act_rows, lrq_auto_rows, lowrank_rows, peer_rows,
+            peer_extra_rows]
 
 # paired comparisons written beside the rows (b minus a, same samples; see dicompress/eval/paired.py): the
 # issue's claims, each as (a's key, b's key); a pair whose rows are missing is listed as unavailable
@@ -309,7 +328,9 @@ COMPARISONS = [("gptq:w4:a16:channel", "tlq+gptq:w4:a16:channel"),
                ("torchao-w4a8:w4:a8:group32", "lrq-auto:w4:a8:channel"),
                ("modelopt-w4a8-awq:w4:a8:group128", "lrq-auto:w4:a8:channel"),
                *[(f"{base}:w4:a4:channel", f"{m}:w4:a4:channel:rank={r}") for m, base, r in LOWRANK],
-               *[("tlq+hadamard:w4:a4:channel", f"lrq+lowrank:w4:a4:channel:rank={r}") for r in (16, 32)]]
+               *[("tlq+hadamard:w4:a4:channel", f"lrq+lowrank:w4:a4:channel:rank={r}") for r in (16, 32)],
+               *[(f"{m}:w{w}:a{a}:channel", f"lrq-auto:w{w}:a{a}:channel")
+                 for w, a in ((4, 8), (4, 4)) for m in ("tlq", "tlq+smooth", "tlq+hadamard", "lrq")]]
 
 
 def comparisons(mse: dict) -> list[dict]:

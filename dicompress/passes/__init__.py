@@ -9,6 +9,7 @@ from . import ppcl_width  # noqa: E402,F401  (register on import)
 from . import dense2moe  # noqa: E402,F401  (register on import)
 from . import clear  # noqa: E402,F401  (register on import)
 from . import mob  # noqa: E402,F401  (register on import)
+from . import lrq_auto  # noqa: E402,F401  (register on import)
 from .act_quant import ActQuant  # noqa: E402
 from .ars import ARS  # noqa: E402
 from .rtn import RTN  # noqa: E402

@@ -135,7 +135,7 @@ class ARS(Pass):
 
     def check(self, previous: list[Pass]) -> list[tuple[str, str]]:
         for i, p in enumerate(previous):
-            if isinstance(p, WeightQuantPass) or p.name in ("ars", "act_quant"):
+            if isinstance(p, WeightQuantPass) or p.name in ("ars", "act_quant", "lrq_auto"):
                 return [("", f"rotation must run before passes[{i}].{p.name} (it rotates float weights, once, "
                              "before any quantization); move `ars` up")]
             if getattr(p.config, "widths", "hadamard") != "hadamard":

@@ -24,7 +24,7 @@ from ..quant.smooth import column_absmax, fold_into_modulated_norm_, fold_into_r
 from ._weight_quant import WeightQuantPass
 from .base import Pass, PassConfig, register_pass, select_layers
 
-LATER_PASSES = ("smooth", "ars", "act_quant")   # smoothing comes before these (and the weight quantizers)
+LATER_PASSES = ("smooth", "ars", "act_quant", "lrq_auto")   # smoothing comes before these (and the weight quantizers)
 
 
 class SmoothConfig(PassConfig):
@@ -203,11 +203,17 @@ def _fold(model: nn.Module, g: Group, s: torch.Tensor, state) -> None:
     record_fold(model, state, g.block, f.linear, "out", s, rows)
 
 
+def group_factors(model: nn.Module, g: Group, stats: dict, alpha: float) -> torch.Tensor:
+    """The group's shared s from its members' input absmax and their current weights (fp32 [C], on the CPU)."""
+    act = torch.stack([stats[m]["absmax"].float() for m in g.members]).amax(0)
+    weights = [model.get_submodule(m).weight for m in g.members]
+    return smooth_factors(act, column_absmax(weights).cpu(), alpha)   # stats live on the CPU
+
+
 def smooth_group(model: nn.Module, g: Group, stats: dict, alpha: float, state) -> tuple[torch.Tensor, list[dict]]:
     """Compute the group's s, rescale its members' weights and absorb 1/s (fold site or online vector)."""
     mods = [model.get_submodule(m) for m in g.members]
-    act = torch.stack([stats[m]["absmax"].float() for m in g.members]).amax(0)
-    s = smooth_factors(act, column_absmax([m.weight for m in mods]).cpu(), alpha)   # stats live on the CPU
+    s = group_factors(model, g, stats, alpha)
     sd = s.to(mods[0].weight.device)
     for name, mod in zip(g.members, mods):
         scale_columns_(mod.weight, sd)
