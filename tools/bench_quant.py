@@ -56,6 +56,9 @@ WEIGHT_ONLY = [("tlq", 4, None), ("tlq", 4, 64), ("tlq", 3, None), ("tlq", 3, 64
 # weight-only with GPTQ error feedback (calibrated): method -> (weight pass, w_bits); `gptq` is the classic
 # GPTQ (uniform grid), `tlq+gptq` the same feedback on TLQ's log grids
 WEIGHT_GPTQ = [("tlq+gptq", "tlq", 4), ("tlq+gptq", "tlq", 3), ("gptq", "rtn", 4), ("gptq", "rtn", 3)]
+# bits: auto (TLQ + GPTQ, a width per layer from its measured output error): (method, budget as the code bits
+# of a uniform width, error weighting); the budget is the packed bytes of uniform TLQ+GPTQ at that width
+WEIGHT_BUDGET = [("tlq-budget", 3, "relative"), ("tlq-budget", 4, "relative"), ("tlq-budget-output", 3, "output")]
 # weights + activations (per-channel weights): method -> (passes before the weight quantizer, GPTQ on).
 # Every row but `lrq-rounding` uses the same weight quantizer (TLQ + GPTQ), so `tlq`, `tlq+smooth` and
 # `tlq+hadamard` isolate what smoothing and rotation add; `lrq-rounding` isolates what GPTQ adds.
@@ -171,6 +174,23 @@ def weight_gptq_rows(b: Bench) -> None:
               {"gptq_mean_output_gain_db": round(summary["gptq_mean_output_gain_db"], 3)})
 
 
+def weight_budget_rows(b: Bench) -> None:
+    for method, avg_bits, weighting in WEIGHT_BUDGET:
+        if not b.wants(method):
+            continue
+        student = b.student()
+        cfg = {"bits": "auto", "gptq": True, "budget": {"avg_bits": avg_bits, "weighting": weighting}}
+        t = time.perf_counter()
+        state = dicompress.compress(student, [{"tlq": cfg}], calibration=b.store, progress=False)
+        secs = time.perf_counter() - t
+        q_bytes, q_bf16, _ = quantized_linear_bytes(student)
+        s = next(p for p in state.report["passes"] if p["pass"] == "tlq")
+        b.add(method, avg_bits, "channel", student, q_bytes, q_bf16, secs,
+              {"budget": round(s["budget_fraction"], 4), "weighting": weighting, "mean_bits": s["mean_bits"],
+               "bits_histogram": s["bits_histogram"],
+               "bits": {r["module"]: r["bits"] for r in state.report["layers"] if r["method"] == "tlq"}})
+
+
 def weight_act_rows(b: Bench) -> None:
     for method, w_bits, a_bits in W_A:
         if not b.wants(method):
@@ -229,13 +249,16 @@ def peer_rows(b: Bench) -> None:
 
 
 # the sections, in the order the table lists them; a new family of rows is one more function here
-SECTIONS = [weight_only_rows, weight_gptq_rows, weight_act_rows, peer_rows]
+SECTIONS = [weight_only_rows, weight_gptq_rows, weight_budget_rows, weight_act_rows, peer_rows]
 
 # paired comparisons written beside the rows (b minus a, same samples; see dicompress/eval/paired.py): the
 # issue's claims, each as (a's key, b's key); a pair whose rows are missing is listed as unavailable
 COMPARISONS = [("gptq:w4:a16:channel", "tlq+gptq:w4:a16:channel"),
                ("gptq:w3:a16:channel", "tlq+gptq:w3:a16:channel"),
-               ("tlq:w4:a8:channel", "lrq:w4:a8:channel")]
+               ("tlq:w4:a8:channel", "lrq:w4:a8:channel"),
+               ("tlq+gptq:w3:a16:channel", "tlq-budget:w3:a16:channel:budget=0.2152"),
+               ("tlq+gptq:w4:a16:channel", "tlq-budget:w4:a16:channel:budget=0.2777"),
+               ("tlq-budget-output:w3:a16:channel:budget=0.2152", "tlq-budget:w3:a16:channel:budget=0.2152")]
 
 
 def comparisons(mse: dict) -> list[dict]:
