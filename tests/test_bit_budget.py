@@ -84,7 +84,7 @@ def test_layer_bytes_and_every_width_run(group_size):
     lin = torch.nn.Linear(136, 24)
     x = torch.randn(5, 136, generator=torch.Generator().manual_seed(0))
     for bits in range(2, 9):
-        codes, buffers, _ = tlq_quantize(lin.weight.detach(), bits, group_size)
+        codes, buffers, _ = tlq_quantize(lin.weight.detach(), bits, group_size, **FAST)
         q = QuantLinear.from_linear_codes(lin, codes, buffers, "tlq", bits, group_size)
         assert q.weight_bytes == layer_bytes("tlq", 24, 136, bits, group_size)
         assert torch.equal(q.codes(), codes)
@@ -158,7 +158,7 @@ print("OK")
 def test_pass_meets_the_budget_with_least_error_and_loads(tiny, tmp_path):
     sd, store = tiny
     model = fresh(sd)
-    budget = {"avg_bits": 3.5, "weighting": "output", "candidates": [2, 3, 4, 6]}
+    budget = {"avg_bits": 3.5, "weighting": "output", "candidates": [2, 3, 5]}
     state = dicompress.compress(model, [{"tlq": {"bits": "auto", "gptq": True, "budget": budget, **FAST}}],
                                 calibration=store, progress=False)
     rows = [r for r in state.report["layers"] if r["method"] == "tlq"]
@@ -175,7 +175,7 @@ def test_pass_meets_the_budget_with_least_error_and_loads(tiny, tmp_path):
         measured = 10 * np.log10(r["budget_output_energy"] / err[r["module"]][r["bits"]])
         assert r["output_sqnr_db"] == pytest.approx(measured, abs=1e-3)
     # more output error at fewer bits, layer by layer
-    assert all(e[2] > e[6] for e in err.values())
+    assert all(e[2] > e[3] > e[5] for e in err.values())
     kw = adapter_for(model).synthetic_inputs(model, 2, torch.Generator().manual_seed(3))
     with torch.no_grad():
         ours = model(**kw).sample

@@ -186,7 +186,7 @@ def weight_budget_rows(b: Bench) -> None:
         q_bytes, q_bf16, _ = quantized_linear_bytes(student)
         s = next(p for p in state.report["passes"] if p["pass"] == "tlq")
         b.add(method, avg_bits, "channel", student, q_bytes, q_bf16, secs,
-              {"budget": round(s["budget_fraction"], 4), "weighting": weighting, "mean_bits": s["mean_bits"],
+              {"budget": round(s["budget_bytes"] / q_bf16, 4), "weighting": weighting, "mean_bits": s["mean_bits"],
                "bits_histogram": s["bits_histogram"],
                "bits": {r["module"]: r["bits"] for r in state.report["layers"] if r["method"] == "tlq"}})
 
