@@ -58,7 +58,11 @@ WEIGHT_ONLY = [("tlq", 4, None), ("tlq", 4, 64), ("tlq", 3, None), ("tlq", 3, 64
 WEIGHT_GPTQ = [("tlq+gptq", "tlq", 4), ("tlq+gptq", "tlq", 3), ("gptq", "rtn", 4), ("gptq", "rtn", 3)]
 # bits: auto (TLQ + GPTQ, a width per layer from its measured output error): (method, budget as the code bits
 # of a uniform width, error weighting); the budget is the packed bytes of uniform TLQ+GPTQ at that width
-WEIGHT_BUDGET = [("tlq-budget", 3, "relative"), ("tlq-budget", 4, "relative"), ("tlq-budget-output", 3, "output")]
+WEIGHT_BUDGET = [("tlq-budget", 3, "relative"), ("tlq-budget-output", 3, "output"), ("tlq-budget", 4, "relative")]
+# widths measured per layer: 7 and 8 bits left out for the bench's time (TLQ's grid search grows with 2^bits:
+# on one 128x512 layer 8 bits take ~14x as long as 4); under W3 / W4 budgets a layer at 7 or 8 bits costs 3-5
+# other layers of its size a bit each
+BUDGET_CANDIDATES = [2, 3, 4, 5, 6]
 # weights + activations (per-channel weights): method -> (passes before the weight quantizer, GPTQ on).
 # Every row but `lrq-rounding` uses the same weight quantizer (TLQ + GPTQ), so `tlq`, `tlq+smooth` and
 # `tlq+hadamard` isolate what smoothing and rotation add; `lrq-rounding` isolates what GPTQ adds.
@@ -179,7 +183,8 @@ def weight_budget_rows(b: Bench) -> None:
         if not b.wants(method):
             continue
         student = b.student()
-        cfg = {"bits": "auto", "gptq": True, "budget": {"avg_bits": avg_bits, "weighting": weighting}}
+        cfg = {"bits": "auto", "gptq": True,
+               "budget": {"avg_bits": avg_bits, "weighting": weighting, "candidates": BUDGET_CANDIDATES}}
         t = time.perf_counter()
         state = dicompress.compress(student, [{"tlq": cfg}], calibration=b.store, progress=False)
         secs = time.perf_counter() - t

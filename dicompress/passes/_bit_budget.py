@@ -140,6 +140,6 @@ def choose_bits(names, shapes, measured, budget: BitBudget, codec: str, group_si
     summary = {"budget_bytes": need, "achieved_bytes": alloc.cost, "budget_fraction": round(need / dense, 5),
                "achieved_fraction": round(alloc.cost / dense, 5),
                "mean_bits": round(sum(bits[n] * o * i for n, (o, i) in zip(names, shapes)) / n_weights, 4),
-               "bits_histogram": {b: sum(v == b for v in bits.values()) for b in cand},
+               "bits_histogram": {str(b): sum(v == b for v in bits.values()) for b in cand},
                "weighting": budget.weighting, "total_error": alloc.error}
     return bits, alloc, summary
