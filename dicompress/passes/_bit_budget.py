@@ -27,8 +27,9 @@ BF16 = 2
 
 class BitBudget(StrictModel):
     bytes_fraction: float | None = Field(None, gt=0, le=1, description=(
-        "packed bytes of the quantized linears (codes + scales + grid) over their bf16 bytes, biases excluded: "
-        "the bench's `ratio_quantized_linears` (per-channel TLQ: W3 0.215, W4 0.278 on the embedded model); "
+        "packed bytes of the quantized linears (codes + scales + grid) over their bf16 bytes, biases and input "
+        "transforms (smooth / ars) excluded: the bench's `ratio_quantized_linears` without transforms "
+        "(per-channel TLQ on the embedded model: W3 0.215, W4 0.278); "
         "a budget outside what all-lowest / all-highest candidates give is a recipe error"))
     avg_bits: float | None = Field(None, ge=2, le=8, description=(
         "mean code width per weight (weighted by weight count; scales and grid on top, as at uniform bits): "

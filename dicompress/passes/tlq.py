@@ -91,7 +91,7 @@ class TLQ(WeightQuantPass):
         c, gs = self.config, self.config.effective_group_size
         targets = select_layers(state, self.name, c.include, c.keep)
         shapes = [(m.out_features, m.in_features) for _, m in targets]
-        check_budget(c.budget, shapes, TLQ_CODEC.name, gs, self.name)     # before the measuring (scoped runs too)
+        check_budget(c.budget, shapes, TLQ_CODEC.name, gs, self.name)     # before the measuring
         names = [n for n, _ in targets]
         with BlockHessians(state, names) as hessians:
             measured = measure_errors(targets, hessians, c, TLQ_CODEC.name, quantize, tlq_column_quantizer)
