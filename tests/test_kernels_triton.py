@@ -77,6 +77,11 @@ GEMM_CASES = [  # (codec, bits, group, M, N, K, a8, mode, dtype, bias)
     ("uniform", 8, None, 19, 33, 100, True, "int8", torch.float32, False),
     ("uniform", 8, None, 19, 33, 100, True, "decode", torch.float16, True),
     ("uniform", 2, None, 19, 33, 100, True, "int8", torch.float32, True),   # 2 bits: the generic unpacking
+    # the other TLQ widths `bits: auto` may give a layer (2..8 in all)
+    ("tlq", 2, None, 7, 20, 40, True, "int8", torch.float32, True),
+    ("tlq", 5, None, 7, 20, 40, False, "decode", torch.float32, True),
+    ("tlq", 6, 64, 7, 20, 130, True, "decode", torch.float16, False),
+    ("tlq", 7, None, 7, 20, 40, True, "int8", torch.float32, True),
     # the int8 weight unpacked once per layer (no table in the kernel)
     ("tlq", 4, None, 19, 40, 72, True, "int8_unpacked", torch.float32, True),
     ("tlq", 3, 64, 7, 33, 150, True, "int8_unpacked", torch.float16, False),

@@ -60,6 +60,13 @@ WEIGHT_GPTQ = [("tlq+gptq", "tlq", 4), ("tlq+gptq", "tlq", 3), ("gptq", "rtn", 4
 # the weight pass's options besides bits and gptq: `tlq+gptq-aware` chooses each layer's grid by its output error
 # after GPTQ (quant/tlq_output.py) instead of by weight MSE
 WEIGHT_GPTQ_OPTIONS = {"tlq+gptq-aware": {"grid_search": "output"}}
+# bits: auto (TLQ + GPTQ, a width per layer from its measured output error): (method, budget as the code bits
+# of a uniform width, error weighting); the budget is the packed bytes of uniform TLQ+GPTQ at that width
+WEIGHT_BUDGET = [("tlq-budget", 3, "relative"), ("tlq-budget-output", 3, "output"), ("tlq-budget", 4, "relative")]
+# widths measured per layer: 7 and 8 bits left out for the bench's time (TLQ's grid search grows with 2^bits:
+# on one 128x512 layer 8 bits take ~14x as long as 4); under W3 / W4 budgets a layer at 7 or 8 bits costs 3-5
+# other layers of its size a bit each
+BUDGET_CANDIDATES = [2, 3, 4, 5, 6]
 # weights + activations (per-channel weights): method -> (passes before the weight quantizer, GPTQ on).
 # Every row but `lrq-rounding` uses the same weight quantizer (TLQ + GPTQ), so `tlq`, `tlq+smooth` and
 # `tlq+hadamard` isolate what smoothing and rotation add; `lrq-rounding` isolates what GPTQ adds.
@@ -176,6 +183,24 @@ def weight_gptq_rows(b: Bench) -> None:
         if search:   # output error after GPTQ: the weight-MSE grid vs the chosen one, mean over layers
             extra["grid_search_mean_gain_db"] = round(sum(search) / len(search), 3)
         b.add(method, bits, "channel", student, q_bytes, q_bf16, secs, extra)
+
+
+def weight_budget_rows(b: Bench) -> None:
+    for method, avg_bits, weighting in WEIGHT_BUDGET:
+        if not b.wants(method):
+            continue
+        student = b.student()
+        cfg = {"bits": "auto", "gptq": True,
+               "budget": {"avg_bits": avg_bits, "weighting": weighting, "candidates": BUDGET_CANDIDATES}}
+        t = time.perf_counter()
+        state = dicompress.compress(student, [{"tlq": cfg}], calibration=b.store, progress=False)
+        secs = time.perf_counter() - t
+        q_bytes, q_bf16, _ = quantized_linear_bytes(student)
+        s = next(p for p in state.report["passes"] if p["pass"] == "tlq")
+        b.add(method, avg_bits, "channel", student, q_bytes, q_bf16, secs,
+              {"budget": round(s["budget_bytes"] / q_bf16, 4), "weighting": weighting, "mean_bits": s["mean_bits"],
+               "bits_histogram": s["bits_histogram"],
+               "bits": {r["module"]: r["bits"] for r in state.report["layers"] if r["method"] == "tlq"}})
 
 
 def weight_act_rows(b: Bench) -> None:
@@ -312,8 +337,8 @@ def peer_extra_rows(b: Bench) -> None:
 
 
 # the sections, in the order the table lists them; a new family of rows is one more function here
-SECTIONS = [weight_only_rows, weight_gptq_rows, weight_act_rows, lrq_auto_rows, lowrank_rows, peer_rows,
-            peer_extra_rows]
+SECTIONS = [weight_only_rows, weight_gptq_rows, weight_budget_rows, weight_act_rows, lrq_auto_rows, lowrank_rows,
+            peer_rows, peer_extra_rows]
 
 # paired comparisons written beside the rows (b minus a, same samples; see dicompress/eval/paired.py): the
 # issue's claims, each as (a's key, b's key); a pair whose rows are missing is listed as unavailable
@@ -330,7 +355,10 @@ COMPARISONS = [("gptq:w4:a16:channel", "tlq+gptq:w4:a16:channel"),
                *[(f"{base}:w4:a4:channel", f"{m}:w4:a4:channel:rank={r}") for m, base, r in LOWRANK],
                *[("tlq+hadamard:w4:a4:channel", f"lrq+lowrank:w4:a4:channel:rank={r}") for r in (16, 32)],
                *[(f"{m}:w{w}:a{a}:channel", f"lrq-auto:w{w}:a{a}:channel")
-                 for w, a in ((4, 8), (4, 4)) for m in ("tlq", "tlq+smooth", "tlq+hadamard", "lrq")]]
+                 for w, a in ((4, 8), (4, 4)) for m in ("tlq", "tlq+smooth", "tlq+hadamard", "lrq")],
+               ("tlq+gptq:w3:a16:channel", "tlq-budget:w3:a16:channel:budget=0.2152"),
+               ("tlq+gptq:w4:a16:channel", "tlq-budget:w4:a16:channel:budget=0.2777"),
+               ("tlq-budget-output:w3:a16:channel:budget=0.2152", "tlq-budget:w3:a16:channel:budget=0.2152")]
 
 
 def comparisons(mse: dict) -> list[dict]:

@@ -75,10 +75,12 @@ class WeightQuantConfig(PassConfig):
 
 
 def quantize_linears(state, pass_name: str, config: WeightQuantConfig, codec: str, quantize: Quantizer,
-                     column_quantizer: ColumnQuantizerFactory | None = None) -> None:
+                     column_quantizer: ColumnQuantizerFactory | None = None, bits_of: dict[str, int] | None = None,
+                     extra: dict[str, dict] | None = None, summary: dict | None = None) -> None:
     """Replace every selected nn.Linear by a QuantLinear (codec `codec`), record it in the manifest and
     add the pass's report (one row per layer). With `config.gptq`, block by block: the block's input
-    Hessians are collected, then its linears take GPTQ codes on the grid `quantize` chose."""
+    Hessians are collected, then its linears take GPTQ codes on the grid `quantize` chose. `bits_of`: a width
+    per layer name instead of config.bits (bits: auto); `extra` / `summary`: added to its rows / the summary."""
     targets = select_layers(state, pass_name, config.include, config.keep)
     gs, rows, n = config.effective_group_size, [], len(targets)
     _check_lowrank(pass_name, config.lowrank_rank, targets)
@@ -88,6 +90,7 @@ def quantize_linears(state, pass_name: str, config: WeightQuantConfig, codec: st
         while targets:        # popped, so a float linear is freed once its QuantLinear replaces it
             name, linear = targets.pop()
             w = linear.weight.detach().float()
+            bits = bits_of[name] if bits_of else config.bits
             lowrank, row, full = None, {}, w
             if config.lowrank_rank:      # the quantizer and GPTQ see only what the branch leaves: the residual
                 up, down, w = lowrank_split(full, config.lowrank_rank)
@@ -97,38 +100,39 @@ def quantize_linears(state, pass_name: str, config: WeightQuantConfig, codec: st
             # a quantizer marked `uses_hessian` chooses its grid from the layer's calibration Hessian too
             hess = {"hessian": hessians.load(name)} if getattr(quantize, "uses_hessian", False) \
                 and hessians is not None and hessians.covers(name) else {}
-            codes, buffers, info = quantize(w, config.bits, gs, **hess)
+            codes, buffers, info = quantize(w, bits, gs, **hess)
             del hess
             dq = get_codec(codec).dequantize
             if hessians is not None and hessians.covers(name):
                 # a 15360-wide layer's Hessian is 0.9 GB: whole in memory only while GPTQ works in it; the output
                 # errors read it from disk in row blocks
-                signal, noise_rounding = hessians.quadratic(name, [full, w - dq(codes, buffers, config.bits, gs)])
+                signal, noise_rounding = hessians.quadratic(name, [full, w - dq(codes, buffers, bits, gs)])
                 del codes
-                codes = gptq_codes(w, hessians.load(name), column_quantizer(buffers, config.bits, gs),
+                codes = gptq_codes(w, hessians.load(name), column_quantizer(buffers, bits, gs),
                                    damp=config.gptq_damp, act_order=config.gptq_act_order, overwrite=True)
-                w_hat = dq(codes, buffers, config.bits, gs)
+                w_hat = dq(codes, buffers, bits, gs)
                 info = {**info, **weight_error(w, w_hat)}
                 noise, = hessians.quadratic(name, [w - w_hat])
                 del w_hat
                 row.update({"output_sqnr_db": _finite(sqnr_db(signal, noise)),
                             "output_sqnr_db_rounding": _finite(sqnr_db(signal, noise_rounding))})
             if lowrank is not None:      # errors against the whole weight: the branch's part is exact
-                info = {**info, **weight_error(full, full - w + dq(codes, buffers, config.bits, gs))}
+                info = {**info, **weight_error(full, full - w + dq(codes, buffers, bits, gs))}
             # a TransformedLinear's weight is already in its input transform's basis: the transform moves along
-            q = QuantLinear.from_linear_codes(linear, codes, buffers, codec, config.bits, gs,
+            q = QuantLinear.from_linear_codes(linear, codes, buffers, codec, bits, gs,
                                               act=getattr(linear, "act", None), lowrank=lowrank)
             del codes, w, full, linear
             set_module(state.model, name, q)
             state.record(q.manifest_entry(name))
-            rows.append({"module": name, "method": pass_name, "bits": config.bits, "group_size": gs,
+            rows.append({"module": name, "method": pass_name, "bits": bits, "group_size": gs,
                          "eta": info["eta"], "percentile": info["percentile"],
                          "sqnr_db": _finite(info["sqnr_db"]), **row,   # None = exact
                          **info.get("report", {}),                     # a quantizer's own per-layer fields
-                         "shape": [q.out_features, q.in_features]})
+                         "shape": [q.out_features, q.in_features],
+                         **(extra or {}).get(name, {})})
             bar.update(1)
         bar.close()
-    state.add_pass_report(pass_name, summarize_weight_quant(rows, config.gptq), rows)
+    state.add_pass_report(pass_name, {**summarize_weight_quant(rows, config.gptq), **(summary or {})}, rows)
 
 
 def _check_lowrank(pass_name: str, rank: int, targets: list) -> None:

@@ -2,17 +2,25 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from ..quant.tlq import DEFAULT_ETAS, DEFAULT_PERCENTILES, TLQ_CODEC, tlq_column_quantizer, tlq_quantize
+from ..errors import CalibrationError
 from ..quant.tlq_output import OUTPUT_ETAS, tlq_output_quantize
-from ._weight_quant import WeightQuantConfig, WeightQuantPass, quantize_linears
-from .base import register_pass
+from ._bit_budget import (BitBudget, budget_field, budget_problem, budget_shapes, check_budget, choose_bits,
+                          measure_errors)
+from ._weight_quant import BlockHessians, WeightQuantConfig, WeightQuantPass, quantize_linears
+from .base import register_pass, select_layers
 
 
 class TLQConfig(WeightQuantConfig):
+    bits: Annotated[int, Field(ge=2, le=8)] | Literal["auto"] = Field(
+        description="bits per weight, or `auto`: a width per layer from `budget` (needs calibration with block "
+                    "inputs: each layer's output error is measured at every candidate width)")
+    budget: BitBudget | None = Field(None, description="with bits: auto, the packed bytes to meet: "
+                                                       "{bytes_fraction: F} or {avg_bits: B}")
     etas: tuple[float, ...] | None = Field(None, description="twin-log grid shapes searched per layer by weight "
                                                              "MSE; null = quant/tlq.py DEFAULT_ETAS")
     percentiles: tuple[float, ...] | None = Field(None, description="top-of-grid clip percentiles searched per layer; "
@@ -44,22 +52,71 @@ class TLQConfig(WeightQuantConfig):
             raise ValueError("percentiles must be a non-empty list of values in (0, 1]")
         return v
 
+    @model_validator(mode="after")
+    def _budget_with_auto(self):
+        if (self.bits == "auto") != (self.budget is not None):
+            raise ValueError("bits: auto needs a `budget` ({bytes_fraction: F} or {avg_bits: B}), and a budget "
+                             "needs bits: auto")
+        return self
+
 
 @register_pass
 class TLQ(WeightQuantPass):
     name = "tlq"
     Config = TLQConfig
 
+    def __init__(self, config=None, **kwargs):
+        super().__init__(config, **kwargs)
+        if self.config.bits == "auto":   # a global choice over every layer: measured on block inputs, never streamed
+            self.needs_calibration = self.needs_block_inputs = True
+            self.streamable = False
+
+    def check_model(self, model, adapter) -> list[tuple[str, str]]:
+        c = self.config
+        if c.bits != "auto":
+            return []
+        shapes = budget_shapes(model, adapter, c.include, c.keep)
+        if not shapes:
+            return []       # select_layers names the empty selection when the pass runs
+        problem = budget_problem(c.budget, shapes, TLQ_CODEC.name, c.effective_group_size)
+        return [(budget_field(c.budget), problem)] if problem else []
+
+    def apply(self, state) -> None:
+        if self.config.bits == "auto" and not self.calibration(state).has_block_inputs:
+            raise CalibrationError("tlq with bits: auto measures each layer's output error on the calibration's "
+                                   "block inputs, but this store holds statistics only",
+                                   hint="set `calibration.block_inputs: auto` (or true) and capture again")
+        super().apply(state)
+
     def quantize(self, state) -> None:
         c = self.config
         quantize = partial(tlq_quantize, etas=c.etas or DEFAULT_ETAS,
                            percentiles=c.percentiles or DEFAULT_PERCENTILES)
+        bits_of = extra = summary = None
+        if c.bits == "auto":     # widths measured on the weight-MSE grids; grid_search: output then refines each
+            bits_of, extra, summary = self.allocate(state, quantize)
         if c.grid_search == "output":
             quantize = _output_search(quantize, etas=c.etas or OUTPUT_ETAS,
                                       percentiles=c.percentiles or DEFAULT_PERCENTILES,
                                       damp=c.gptq_damp, act_order=c.gptq_act_order)
         quantize_linears(state, self.name, c, codec=TLQ_CODEC.name, quantize=quantize,
-                         column_quantizer=tlq_column_quantizer)
+                         column_quantizer=tlq_column_quantizer, bits_of=bits_of, extra=extra, summary=summary)
+
+    def allocate(self, state, quantize) -> tuple[dict, dict, dict]:
+        """bits: auto: every layer's output error at every candidate width, then the widths that meet the budget
+        with the least total error. Returns ({name: bits}, {name: report fields}, summary fields)."""
+        c, gs = self.config, self.config.effective_group_size
+        targets = select_layers(state, self.name, c.include, c.keep)
+        shapes = [(m.out_features, m.in_features) for _, m in targets]
+        check_budget(c.budget, shapes, TLQ_CODEC.name, gs, self.name)     # before the measuring
+        names = [n for n, _ in targets]
+        with BlockHessians(state, names) as hessians:
+            measured = measure_errors(targets, hessians, c, TLQ_CODEC.name, quantize, tlq_column_quantizer)
+        bits, _, summary = choose_bits(names, shapes, measured, c.budget, TLQ_CODEC.name, gs)
+        extra = {n: {"budget_output_energy": m["signal"],
+                     "budget_output_error": {str(b): v for b, v in m["noise"].items()}}
+                 for n, m in zip(names, measured)}
+        return bits, extra, summary
 
 
 
