@@ -30,7 +30,7 @@ def plan(recipe: Recipe) -> dict:
     info = resolve_model(recipe.model)
     check_calibration(recipe, info)
     pipeline_eval = check_pipeline_eval(recipe, info)
-    if any(type(p).check_model is not Pass.check_model for p in passes):
+    if any(p.checks_model() for p in passes):
         from .pipeline import _check_on_model     # lazy: the model's module tree on the meta device needs diffusers
         _check_on_model(passes, info, recipe.source_file)
     out = Path(recipe.output)

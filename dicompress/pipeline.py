@@ -127,7 +127,7 @@ def _run(recipe: Recipe, passes: list[Pass], info, progress: bool, echo) -> dict
 def _check_on_model(passes: list[Pass], info, file: str | None) -> None:
     """Passes that check the model itself (`Pass.check_model`) do so on its module tree on the meta device (an
     artifact's manifest replayed): no weight is read, nothing is captured."""
-    own = [(i, p) for i, p in enumerate(passes) if type(p).check_model is not Pass.check_model]
+    own = [(i, p) for i, p in enumerate(passes) if p.checks_model()]
     if not own:
         return
     from .io.verify import meta_model, read_config

@@ -48,6 +48,11 @@ class Pass:
         """Problems with the model itself, before any work: [(key, message)]. `model` may be on the meta device."""
         return []
 
+    def checks_model(self) -> bool:
+        """Whether check_model has anything to check with this config (the dry run then builds the model's module
+        tree, which needs diffusers)."""
+        return type(self).check_model is not Pass.check_model
+
     def apply(self, state) -> None:  # state: pipeline.CompressionState
         raise NotImplementedError
 

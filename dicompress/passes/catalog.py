@@ -32,6 +32,9 @@ def type_name(annotation) -> str:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if annotation is type(None):
         return "null"
+    if origin is typing.Annotated:      # a constrained member of a union, e.g. bits: int (2..8) | 'auto'
+        limits = _constraints(annotation.__metadata__)
+        return type_name(args[0]) + (f" ({limits})" if limits else "")
     if origin is typing.Literal:
         return " | ".join(repr(a) for a in args)
     if origin in (typing.Union, types.UnionType):
@@ -50,6 +53,8 @@ def type_name(annotation) -> str:
 
 def _constraints(metadata) -> str:
     out = []
+    # a FieldInfo inside Annotated (a constrained union member) holds its own Ge / Le metadata
+    metadata = [c for m in metadata for c in (getattr(m, "metadata", None) or [m])]
     for m in metadata:
         for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"), ("min_length", "min length"),
                           ("max_length", "max length")):

@@ -71,6 +71,9 @@ class TLQ(WeightQuantPass):
             self.needs_calibration = self.needs_block_inputs = True
             self.streamable = False
 
+    def checks_model(self) -> bool:
+        return self.config.bits == "auto"        # only a budget depends on the model's layers
+
     def check_model(self, model, adapter) -> list[tuple[str, str]]:
         c = self.config
         if c.bits != "auto":
