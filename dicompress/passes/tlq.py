@@ -32,6 +32,16 @@ class TLQConfig(WeightQuantConfig):
                               "each candidate grid (per layer eta, per row quantiles; adds near-uniform etas 1, "
                               "2, 4 to the default etas); needs gptq: true")
 
+    @field_validator("bits", mode="before")
+    @classmethod
+    def _bits_or_auto(cls, v):
+        """One message for a bad width (the union would report one error per member)."""
+        if v == "auto":
+            return v
+        if isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 8:
+            raise ValueError(f"bits must be an integer 2..8, or 'auto' (a width per layer from `budget`); got {v!r}")
+        return v
+
     @model_validator(mode="after")
     def _output_search_needs_gptq(self):
         if self.grid_search == "output" and not self.gptq:
