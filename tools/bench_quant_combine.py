@@ -58,8 +58,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path, help="bench_quant --out files, in table order")
     ap.add_argument("--out", type=Path, default=Path("bench/quant.json"))
+    ap.add_argument("--synthetic-from", type=Path, help="take the synthetic SQNR section from this earlier run "
+                                                         "(it depends only on the TLQ/RTN weight quantizers)")
     args = ap.parse_args()
     res, mse = combine(args.runs)
+    if args.synthetic_from:
+        res["synthetic_sqnr"] = json.loads(args.synthetic_from.read_text())["synthetic_sqnr"]
+        res["synthetic_sqnr_from"] = str(args.synthetic_from)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")
     np.savez_compressed(args.out.with_suffix(".mse.npz"), **{row_key(r): mse[row_key(r)] for r in res["rows"]
