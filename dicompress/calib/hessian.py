@@ -52,6 +52,18 @@ def hessian_phases(linears: dict[str, nn.Module], budget: int = PHASE_BYTES) -> 
 
 
 @torch.no_grad()
+def run_block_hooked(module: nn.Module, adapter, batches: Iterable[dict], hooks: dict, linears: dict) -> None:
+    """Run the block on each calibration batch with `hooks[name]` as a forward pre-hook on `linears[name]`."""
+    handles = [linears[name].register_forward_pre_hook(h) for name, h in hooks.items()]
+    try:
+        p = next(module.parameters())
+        for batch in batches:
+            adapter.run_block(module, to_module(batch, p.device, p.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def block_hessians(module: nn.Module, adapter, batches: Iterable[dict],
                    linears: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """{linear name: H [in, in] float32} for `linears` (submodules of the block `module`), averaged over every
@@ -69,14 +81,7 @@ def block_hessians(module: nn.Module, adapter, batches: Iterable[dict],
             count[name] += x.shape[0]
         return pre
 
-    handles = [lin.register_forward_pre_hook(hook(name)) for name, lin in linears.items()]
-    try:
-        p = next(module.parameters())
-        for batch in batches:
-            adapter.run_block(module, to_module(batch, p.device, p.dtype))
-    finally:
-        for h in handles:
-            h.remove()
+    run_block_hooked(module, adapter, batches, {name: hook(name) for name in linears}, linears)
     missing = [k for k, c in count.items() if c == 0]
     if missing:
         raise RuntimeError(f"the block never called {missing} on its calibration inputs")

@@ -12,7 +12,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .encoding import to_module
+from .hessian import run_block_hooked
 
 
 @torch.no_grad()
@@ -31,14 +31,7 @@ def block_linear_inputs(module: nn.Module, adapter, batches: Iterable[dict], lin
             kept[name].append(x.float().cpu())
         return pre
 
-    handles = [lin.register_forward_pre_hook(hook(name)) for name, lin in linears.items()]
-    try:
-        p = next(module.parameters())
-        for batch in batches:
-            adapter.run_block(module, to_module(batch, p.device, p.dtype))
-    finally:
-        for h in handles:
-            h.remove()
+    run_block_hooked(module, adapter, batches, {name: hook(name) for name in linears}, linears)
     missing = [n for n, xs in kept.items() if not xs]
     if missing:
         raise RuntimeError(f"the block never called {missing} on its calibration inputs")

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 
 from .tiled import halo, window_mask
+from .window import check_clear_shapes
 
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
@@ -95,10 +96,7 @@ def cpu_clear_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     """clear_attention's contract, (B, N, H, D) in [text | image] order -> (B, N, H, D); no autograd."""
     b, n, heads, d = query.shape
     h, w = grid
-    if n != n_text + h * w:
-        raise ValueError(f"sequence of {n} tokens is not {n_text} text + {h}x{w} image tokens")
-    if radius <= 0:
-        raise ValueError(f"CLEAR radius must be > 0, got {radius}")
+    check_clear_shapes(n, n_text, grid, radius)
     t = tile or tile_side(radius)
     plan = local_plan((h, w), radius, (min(t, h), min(t, w)))
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))                 # (B, H, N, D) views

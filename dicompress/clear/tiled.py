@@ -24,6 +24,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .window import check_clear_shapes
+
 # Tile side. Smaller tiles compute fewer keys per query ((t + 2*halo)^2) but run smaller matmuls and more Python
 # calls; measured on this CPU (1 thread, 4 heads x 128, 512 text; min of 3; the first, all-autograd revision): 64x64 r=8: t=4 888 ms, t=8 877 ms,
 # t=16 1148 ms; 64x64 r=16: 1615 / 1651 / 2057 ms; 96x96 r=32: 10132 / 9394 / 12023 ms.
@@ -77,10 +79,7 @@ def tiled_clear_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
     """clear_attention's contract: (B, N, H, D) in [text | image] order -> (B, N, H, D); differentiable."""
     b, n, heads, d = query.shape
     h, w = grid
-    if n != n_text + h * w:
-        raise ValueError(f"sequence of {n} tokens is not {n_text} text + {h}x{w} image tokens")
-    if radius <= 0:
-        raise ValueError(f"CLEAR radius must be > 0, got {radius}")
+    check_clear_shapes(n, n_text, grid, radius)
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))                 # (B, H, N, D)
     gk, gv = k[:, :, :n_text], v[:, :, :n_text]                                  # global keys: text + pooled
     if pooled_key is not None:

@@ -14,6 +14,15 @@ def grid_offsets(h: int, w: int, device=None) -> tuple[torch.Tensor, torch.Tenso
     return idx // w, idx % w
 
 
+def check_clear_shapes(n: int, n_text: int, grid: tuple[int, int], radius: float) -> None:
+    """The sequence is text + the image grid, and the radius is positive (every CLEAR path's contract)."""
+    h, w = grid
+    if n != n_text + h * w:
+        raise ValueError(f"sequence of {n} tokens is not {n_text} text + {h}x{w} image tokens")
+    if radius <= 0:
+        raise ValueError(f"CLEAR radius must be > 0, got {radius}")
+
+
 def clear_mask(n_text: int, grid: tuple[int, int], radius: float, n_pooled: int = 0, device=None) -> torch.Tensor:
     """Boolean (N, N + n_pooled) mask, True = may attend; N = n_text + h * w."""
     h, w = grid
