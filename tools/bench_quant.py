@@ -110,6 +110,19 @@ class Bench:
         self.rows, self.skipped, self.mse = [], [], {}
         self._store = None
 
+    def write_partial(self) -> None:
+        """A stopped or crashed run keeps its rows and per-sample MSE: `<out>.partial.json` (+ `.partial.mse.npz`)
+        is a run file tools/bench_quant_combine.py accepts."""
+        partial = Path(self.args.out).with_suffix(".partial.json")
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(partial.with_suffix(".mse.npz"), **self.mse)
+        partial.write_text(json.dumps({"rows": self.rows, "skipped": self.skipped, "teacher": self.teacher_metrics(),
+                                       "settings": settings(self.args), "command": "python " + " ".join(sys.argv),
+                                       "partial": True}, indent=2) + "\n")
+
+    def teacher_metrics(self) -> dict:
+        return {k: self.base[k] for k in ("class_acc_teacher", "frechet_teacher")}
+
     def wants(self, method: str) -> bool:
         return not self.args.methods or any(fnmatch(method, p) for p in self.args.methods)
 
@@ -140,9 +153,7 @@ class Bench:
                **(extra or {})}
         self.rows.append(row)
         self.mse[row_key(row)] = per_sample_mse(images["student"], self.teacher_samples)
-        partial = Path(self.args.out).with_suffix(".partial.json")   # a crash late in the run keeps the rows so far
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(json.dumps({"rows": self.rows, "skipped": self.skipped}, indent=2) + "\n")
+        self.write_partial()
         print(f"{method:12s} w{w_bits}a{a_bits or 16:<2} {gran:9s} psnr {row['psnr_db']:6.2f} dB  "
               f"acc {row['class_acc']:.3f} "
               f"(teacher {row['class_acc_teacher']:.3f})  frechet {row['frechet']:.3f}  "
@@ -246,22 +257,28 @@ def lowrank_rows(b: Bench) -> None:
               a_bits=4)
 
 
-# lrq_auto (per-group transform chosen by the quantized output error at the row's bits), then TLQ + GPTQ, act_quant
-LRQ_AUTO = [(4, 8), (4, 4), (3, 8)]
+# lrq_auto (per-group transform chosen by the quantized output error at the row's bits), then TLQ + GPTQ, act_quant:
+# (method, w_bits, a_bits, lrq_auto's error model); `lrq-auto-gptq` scores each candidate with GPTQ on the grid
+# (the weight pass's own rounding) instead of nearest rounding
+LRQ_AUTO = [("lrq-auto", 4, 8, "rounding"), ("lrq-auto", 4, 4, "rounding"), ("lrq-auto", 3, 8, "rounding"),
+            ("lrq-auto-gptq", 4, 4, "gptq")]
 
 
 def lrq_auto_rows(b: Bench) -> None:
-    for w_bits, a_bits in LRQ_AUTO if b.wants("lrq-auto") else ():
+    for method, w_bits, a_bits, error in LRQ_AUTO:
+        if not b.wants(method):
+            continue
         student = b.student()
-        passes = [{"lrq_auto": {"w_bits": w_bits, "a_bits": a_bits}}, {"tlq": {"bits": w_bits, "gptq": True}},
-                  {"act_quant": {"bits": a_bits}}]
+        passes = [{"lrq_auto": {"w_bits": w_bits, "a_bits": a_bits, "error": error}},
+                  {"tlq": {"bits": w_bits, "gptq": True}}, {"act_quant": {"bits": a_bits}}]
         t = time.perf_counter()
         state = dicompress.compress(student, passes, calibration=b.store, progress=False)
         secs = time.perf_counter() - t
         q_bytes, q_bf16, _ = quantized_linear_bytes(student)
         summary = next(p for p in state.report["passes"] if p["pass"] == "lrq_auto")
-        b.add("lrq-auto", w_bits, "channel", student, q_bytes, q_bf16, secs,
-              {"passes": [next(iter(p)) for p in passes], "gptq": True, "choices": summary["choices"]}, a_bits=a_bits)
+        b.add(method, w_bits, "channel", student, q_bytes, q_bf16, secs,
+              {"passes": [next(iter(p)) for p in passes], "gptq": True, "error": error,
+               "choices": summary["choices"]}, a_bits=a_bits)
 
 
 def peer_rows(b: Bench) -> None:
@@ -356,6 +373,7 @@ COMPARISONS = [("gptq:w4:a16:channel", "tlq+gptq:w4:a16:channel"),
                *[("tlq+hadamard:w4:a4:channel", f"lrq+lowrank:w4:a4:channel:rank={r}") for r in (16, 32)],
                *[(f"{m}:w{w}:a{a}:channel", f"lrq-auto:w{w}:a{a}:channel")
                  for w, a in ((4, 8), (4, 4)) for m in ("tlq", "tlq+smooth", "tlq+hadamard", "lrq")],
+               *[(f"{m}:w4:a4:channel", "lrq-auto-gptq:w4:a4:channel") for m in ("lrq", "tlq+hadamard", "lrq-auto")],
                ("tlq+gptq:w3:a16:channel", "tlq-budget:w3:a16:channel:budget=0.2152"),
                ("tlq+gptq:w4:a16:channel", "tlq-budget:w4:a16:channel:budget=0.2777"),
                ("tlq-budget-output:w3:a16:channel:budget=0.2152", "tlq-budget:w3:a16:channel:budget=0.2152")]
@@ -387,6 +405,11 @@ def merge_previous(out: Path, rows: list[dict], mse: dict, skipped: list[dict]) 
             [s for s in old.get("skipped", []) if s["method"] not in gone] + skipped)
 
 
+def settings(args) -> dict:
+    return {"model": args.model, "samples_per_class": args.samples_per_class,
+            "eval_seeds": f"{1000}..{1000 + 10 * args.samples_per_class - 1}", "synthetic_n": args.synthetic_n}
+
+
 def run(args) -> dict:
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -410,10 +433,7 @@ def run(args) -> dict:
     elif args.merge and out.exists():
         synthetic = json.loads(out.read_text()).get("synthetic_sqnr")
     return {"rows": rows, "skipped": skipped, "comparisons": comparisons(mse), "synthetic_sqnr": synthetic or [],
-            "teacher": {k: b.base[k] for k in ("class_acc_teacher", "frechet_teacher")},
-            "settings": {"model": args.model, "samples_per_class": args.samples_per_class,
-                         "eval_seeds": f"{1000}..{1000 + 10 * args.samples_per_class - 1}",
-                         "synthetic_n": args.synthetic_n},
+            "teacher": b.teacher_metrics(), "settings": settings(args),
             "command": "python " + " ".join(sys.argv), "seconds": round(time.perf_counter() - t0, 1),
             "machine": {"platform": platform.platform(), "processor": platform.processor(),
                         "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -467,6 +487,7 @@ def main():
     md = markdown(res)
     out.with_suffix(".md").write_text(md)
     out.with_suffix(".partial.json").unlink(missing_ok=True)
+    out.with_suffix(".partial.mse.npz").unlink(missing_ok=True)
     print(md)
 
 
