@@ -185,3 +185,36 @@ def test_pass_meets_the_budget_with_least_error_and_loads(tiny, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "OK" in run.stdout, run.stderr[-3000:]
     assert torch.equal(torch.load(tmp_path / "o.pt"), ours)
+
+
+def test_lowrank_branch_counts_in_the_budget_and_the_residual_is_measured(tiny):
+    """With lowrank_rank R the branch's bf16 bytes are a fixed cost inside the budget (feasibility, allocation,
+    achieved bytes) and each width's error is measured on the residual the pass quantizes."""
+    sd, store = tiny
+    rank, include = 4, ["transformer_blocks.0.ff.*", "single_transformer_blocks.0.proj_mlp"]
+    model = fresh(sd)
+    shapes = budget_shapes(model, adapter_for(model), include, None)
+    branch = sum(rank * (o + i) * 2 for o, i in shapes)
+    assert budget_bytes(BitBudget(avg_bits=3), shapes, "tlq", None, rank) == \
+        sum(layer_bytes("tlq", o, i, 3, None, rank) for o, i in shapes)
+    # a fraction the codes alone meet at 2 bits, but not once the branches are paid for
+    dense = sum(o * i * 2 for o, i in shapes)
+    frac = (sum(layer_bytes("tlq", o, i, 2, None) for o, i in shapes) + branch / 2) / dense
+    assert TLQ(bits="auto", budget={"bytes_fraction": frac}).check_model(model, adapter_for(model)) == []
+    (key, msg), = TLQ(bits="auto", budget={"bytes_fraction": frac}, lowrank_rank=rank,
+                      include=include).check_model(model, adapter_for(model))
+    assert key == "budget.bytes_fraction" and "below" in msg and f"rank-{rank} low-rank branch" in msg
+
+    budget = {"avg_bits": 3.5, "weighting": "output", "candidates": [2, 3, 5]}
+    state = dicompress.compress(model, [{"tlq": {"bits": "auto", "gptq": True, "budget": budget, "include": include,
+                                                 "lowrank_rank": rank, **FAST}}], calibration=store, progress=False)
+    rows = [r for r in state.report["layers"] if r["method"] == "tlq"]
+    summary = state.report["passes"][-1]
+    qs = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(qs) == len(shapes) and all(m.lowrank_rank == rank for m in qs)
+    packed = sum(m.weight_bytes for m in qs)                        # codes, scales, grid and the branch
+    assert packed == summary["achieved_bytes"] <= summary["budget_bytes"]
+    assert summary["lowrank_branch_bytes"] == branch and len({r["bits"] for r in rows}) > 1
+    for r in rows:       # the measured error at the chosen width is the quantized residual's, as the pass made it
+        measured = 10 * np.log10(r["budget_output_energy"] / r["budget_output_error"][str(r["bits"])])
+        assert r["output_sqnr_db"] == pytest.approx(measured, abs=1e-3)

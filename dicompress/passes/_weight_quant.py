@@ -83,7 +83,7 @@ def quantize_linears(state, pass_name: str, config: WeightQuantConfig, codec: st
     per layer name instead of config.bits (bits: auto); `extra` / `summary`: added to its rows / the summary."""
     targets = select_layers(state, pass_name, config.include, config.keep)
     gs, rows, n = config.effective_group_size, [], len(targets)
-    _check_lowrank(pass_name, config.lowrank_rank, targets)
+    check_lowrank(pass_name, config.lowrank_rank, targets)
     with BlockHessians(state, [t[0] for t in targets]) if config.gptq else nullcontext() as hessians:
         bar = tqdm(total=n, desc=pass_name, unit="layer", disable=not state.progress)
         targets.reverse()
@@ -135,7 +135,7 @@ def quantize_linears(state, pass_name: str, config: WeightQuantConfig, codec: st
     state.add_pass_report(pass_name, {**summarize_weight_quant(rows, config.gptq), **(summary or {})}, rows)
 
 
-def _check_lowrank(pass_name: str, rank: int, targets: list) -> None:
+def check_lowrank(pass_name: str, rank: int, targets: list) -> None:
     """Every layer too narrow for the branch's rank, before any layer is changed."""
     narrow = [n for n, m in targets if rank and rank >= min(m.in_features, m.out_features)]
     if narrow:

@@ -11,7 +11,7 @@ from ..errors import CalibrationError
 from ..quant.tlq_output import OUTPUT_ETAS, tlq_output_quantize
 from ._bit_budget import (BitBudget, budget_field, budget_problem, budget_shapes, check_budget, choose_bits,
                           measure_errors)
-from ._weight_quant import BlockHessians, WeightQuantConfig, WeightQuantPass, quantize_linears
+from ._weight_quant import BlockHessians, WeightQuantConfig, WeightQuantPass, check_lowrank, quantize_linears
 from .base import register_pass, select_layers
 
 
@@ -91,7 +91,7 @@ class TLQ(WeightQuantPass):
         shapes = budget_shapes(model, adapter, c.include, c.keep)
         if not shapes:
             return []       # select_layers names the empty selection when the pass runs
-        problem = budget_problem(c.budget, shapes, TLQ_CODEC.name, c.effective_group_size)
+        problem = budget_problem(c.budget, shapes, TLQ_CODEC.name, c.effective_group_size, c.lowrank_rank)
         return [(budget_field(c.budget), problem)] if problem else []
 
     def apply(self, state) -> None:
@@ -121,11 +121,12 @@ class TLQ(WeightQuantPass):
         c, gs = self.config, self.config.effective_group_size
         targets = select_layers(state, self.name, c.include, c.keep)
         shapes = [(m.out_features, m.in_features) for _, m in targets]
-        check_budget(c.budget, shapes, TLQ_CODEC.name, gs, self.name)     # before the measuring
+        check_budget(c.budget, shapes, TLQ_CODEC.name, gs, self.name, c.lowrank_rank)     # before the measuring
+        check_lowrank(self.name, c.lowrank_rank, targets)
         names = [n for n, _ in targets]
         with BlockHessians(state, names) as hessians:
             measured = measure_errors(targets, hessians, c, TLQ_CODEC.name, quantize, tlq_column_quantizer)
-        bits, _, summary = choose_bits(names, shapes, measured, c.budget, TLQ_CODEC.name, gs)
+        bits, _, summary = choose_bits(names, shapes, measured, c.budget, TLQ_CODEC.name, gs, c.lowrank_rank)
         extra = {n: {"budget_output_energy": m["signal"],
                      "budget_output_error": {str(b): v for b, v in m["noise"].items()}}
                  for n, m in zip(names, measured)}
