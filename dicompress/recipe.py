@@ -148,7 +148,7 @@ def build_passes(specs: list, file: str | None = None) -> list[Pass]:
             problems += _messages(e, f"passes[{i}].{name}", PASSES[name].Config)
     if not problems:
         for i, p in enumerate(objs):
-            for key, msg in p.check(objs[:i]):
+            for key, msg in p.check(objs[:i]) + p.check_later(objs[i + 1:]):
                 problems.append((f"passes[{i}].{p.name}" + (f".{key}" if key else ""), msg))
     if problems:
         raise _recipe_error(problems, file)

@@ -1,6 +1,8 @@
 """lrq_auto: per-InputGroup transform chosen by the quantized output error; the error math, the choice, the artifact."""
 import pytest
 import torch
+import yaml
+from click.testing import CliRunner
 from diffusers import FluxTransformer2DModel
 from torch import nn
 
@@ -8,6 +10,7 @@ import dicompress
 from dicompress.arch import adapter_for
 from dicompress.calib import capture
 from dicompress.calib.linear_inputs import block_linear_inputs
+from dicompress.cli import main
 from dicompress.errors import RecipeError
 from dicompress.kernels.dispatch import gemm_mode
 from dicompress.nn.qlinear import QuantLinear
@@ -152,6 +155,50 @@ def test_weight_rows_sample_output_channels(store):
 def test_order_and_config_rules(passes, match):
     with pytest.raises(RecipeError, match=match):
         build_passes(passes)
+
+
+W4A4 = {"w_bits": 4, "a_bits": 4}
+
+
+@pytest.mark.parametrize("passes,match", [
+    ([{"lrq_auto": W4A4}, {"tlq": {"bits": 3}}, {"act_quant": {"bits": 4}}],
+     r"passes\[1\].tlq.bits: 3, but passes\[0\].lrq_auto chose its transforms for w_bits: 4"),
+    ([{"lrq_auto": W4A4}, {"act_quant": {"bits": 4}}, {"rtn": {"bits": 8}}], r"passes\[2\].rtn: .*the tlq grid"),
+    ([{"lrq_auto": {**W4A4, "weight_quantizer": "rtn"}}, {"rtn": {"bits": 3}}, {"act_quant": {"bits": 4}}],
+     r"passes\[1\].rtn.bits: 3.*w_bits: 4"),
+    ([{"lrq_auto": W4A4}, {"tlq": {"bits": 4}}, {"act_quant": {"bits": 8}}],
+     r"passes\[2\].act_quant.bits: 8, but .*a_bits: 4; .*lrq_auto.a_bits: 8 or act_quant.bits: 4"),
+    ([{"lrq_auto": {**W4A4, "a_bits": None}}, {"tlq": {"bits": 4}}, {"act_quant": {"bits": 8}}],
+     r"passes\[2\].act_quant.bits: 8, but .*float activations \(a_bits: null\)"),
+    ([{"lrq_auto": W4A4}, {"tlq": {"bits": 4, "gptq": True}}],
+     r"passes\[0\].lrq_auto.a_bits: 4 .* no act_quant follows"),
+])
+def test_later_passes_must_use_the_bits_and_grid_lrq_auto_chose_for(passes, match):
+    with pytest.raises(RecipeError, match=match):
+        build_passes(passes)
+
+
+def test_recipes_that_agree_with_lrq_auto_build():
+    for passes in ([{"lrq_auto": W4A4}, {"tlq": {"bits": 4}}, {"act_quant": {"bits": 4}}],
+                   [{"lrq_auto": W4A4}, {"act_quant": {"bits": 4}}, {"tlq": {"bits": 4, "gptq": True}}],
+                   [{"lrq_auto": {**W4A4, "a_bits": None, "weight_quantizer": "rtn"}}, {"rtn": {"bits": 4}}],
+                   [{"lrq_auto": W4A4}, {"tlq": {"bits": "auto", "budget": {"avg_bits": 3.5}}},   # widths later
+                    {"act_quant": {"bits": 4}}],
+                   [{"lrq_auto": W4A4}],                      # transforms alone (an analysis or a first stage)
+                   [{"tlq": {"bits": 3}}, {"act_quant": {"bits": 8}}]):     # no lrq_auto: nothing to agree with
+        assert [next(iter(p)) for p in passes] == [p.name for p in build_passes(passes)]
+
+
+def test_dry_run_names_the_disagreeing_keys(tmp_path):
+    recipe = {"model": "zoo:tiny-flux-digits", "output": str(tmp_path / "art"),
+              "calibration": {"source": "classes", "classes": [0], "seeds": [0], "steps": 2},
+              "passes": [{"lrq_auto": W4A4}, {"tlq": {"bits": 3, "gptq": True}}, {"act_quant": {"bits": 8}}]}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    r = CliRunner().invoke(main, ["run", str(path), "--dry-run"], catch_exceptions=False)
+    assert r.exit_code == 2 and "2 problems" in r.output
+    assert "r.yaml:passes[1].tlq.bits: 3, but passes[0].lrq_auto chose its transforms for w_bits: 4" in r.output
+    assert "r.yaml:passes[2].act_quant.bits: 8, but passes[0].lrq_auto chose its transforms for a_bits: 4" in r.output
 
 
 def test_a_width_no_candidate_fits_is_an_error_before_any_change(store):

@@ -20,7 +20,7 @@ from ..quant.codecs import get_codec
 from ..quant.gptq import gptq_codes, hessian_quadratic_forms, sqnr_db
 from ..quant.lowrank import lowrank_split
 from ..quant.tlq import weight_error
-from .base import Pass, PassConfig, select_layers
+from .base import Pass, PassConfig, last_named, select_layers
 
 GROUP_SIZES = (64, 128)   # what the packed kernels are written for
 
@@ -253,4 +253,22 @@ class WeightQuantPass(Pass):
             if isinstance(p, WeightQuantPass) and (p.config.include, p.config.keep) == mine:
                 return [("", f"quantizes the same linears as passes[{i}].{p.name}; give one of them "
                              "disjoint `include` / `keep` patterns, or drop one")]
+        return self._agrees_with_lrq_auto(previous)
+
+    def _agrees_with_lrq_auto(self, previous: list[Pass]) -> list[tuple[str, str]]:
+        """An earlier lrq_auto chose its transforms for this pass's grid and width: they must be the ones used.
+        bits: auto is let through (the widths are chosen later, per layer; lrq_auto.w_bits is then the width the
+        transforms are chosen for)."""
+        hit = last_named(previous, "lrq_auto")
+        if hit is None:
+            return []
+        i, c = hit[0], hit[1].config
+        if c.weight_quantizer != self.name:
+            return [("", f"passes[{i}].lrq_auto chose its transforms for the {c.weight_quantizer} grid "
+                         f"(weight_quantizer: {c.weight_quantizer}), but this pass quantizes on the {self.name} "
+                         f"grid; set lrq_auto.weight_quantizer: {self.name}, or use `{c.weight_quantizer}` here")]
+        if self.config.bits != "auto" and self.config.bits != c.w_bits:
+            return [("bits", f"{self.config.bits}, but passes[{i}].lrq_auto chose its transforms for w_bits: "
+                             f"{c.w_bits}; give both the same width (lrq_auto.w_bits: {self.config.bits} or "
+                             f"{self.name}.bits: {c.w_bits})")]
         return []

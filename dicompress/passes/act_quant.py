@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..nn.act import ActTransform, TransformedLinear, act_entry
 from ..nn.qlinear import QuantLinear
 from ..nn.surgery import matches, set_module
-from .base import Pass, PassConfig, register_pass, select_layers
+from .base import Pass, PassConfig, last_named, register_pass, select_layers
 
 
 class ActQuantConfig(PassConfig):
@@ -45,6 +45,14 @@ class ActQuant(Pass):
             if p.name == self.name:
                 return [("", f"activations are already quantized by passes[{i}].act_quant; keep one "
                              "`act_quant` (it sets the bits of every selected input)")]
+        hit = last_named(previous, "lrq_auto")     # its transforms were chosen for a_bits-bit activations
+        if hit is not None and hit[1].config.a_bits != self.config.bits:
+            i, bits, theirs = hit[0], self.config.bits, hit[1].config.a_bits
+            if theirs is None:
+                return [("bits", f"{bits}, but passes[{i}].lrq_auto chose its transforms for float activations "
+                                 f"(a_bits: null); set lrq_auto.a_bits: {bits}, or drop act_quant")]
+            return [("bits", f"{bits}, but passes[{i}].lrq_auto chose its transforms for a_bits: {theirs}; give "
+                             f"both the same width (lrq_auto.a_bits: {bits} or act_quant.bits: {theirs})")]
         return []
 
     def apply(self, state) -> None:

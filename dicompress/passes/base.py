@@ -44,6 +44,11 @@ class Pass:
         """Order rules: return [(key, message)] problems given the passes that run before this one."""
         return []
 
+    def check_later(self, later: list["Pass"]) -> list[tuple[str, str]]:
+        """Rules on the passes that run after this one (what this pass was configured for must follow):
+        [(key, message)], checked by build_passes on the whole list."""
+        return []
+
     def check_model(self, model, adapter) -> list[tuple[str, str]]:
         """Problems with the model itself, before any work: [(key, message)]. `model` may be on the meta device."""
         return []
@@ -119,6 +124,11 @@ def recipe_problems(check, *args) -> list[tuple[str, str]]:
             msg = msg[len(key) + 2:]
         return [(key.rpartition(".")[2] if "." in key else "", msg)]
     return []
+
+
+def last_named(previous: list[Pass], name: str) -> tuple[int, Pass] | None:
+    """The last earlier pass called `name`, with its index in the recipe."""
+    return next(((i, p) for i, p in reversed(list(enumerate(previous))) if p.name == name), None)
 
 
 def first_rewrite(previous: list[Pass]) -> tuple[int, Pass] | None:

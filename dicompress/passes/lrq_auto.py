@@ -46,10 +46,17 @@ class LRQAutoConfig(PassConfig):
         description="transforms tried per InputGroup; `smooth` and `smooth+...` are tried at every alpha")
     alphas: tuple[float, ...] = Field((0.3, 0.5, 0.7), description="SmoothQuant alphas tried (s = max|X|^alpha / "
                                                                    "max|W|^(1-alpha))")
-    w_bits: int = Field(ge=2, le=8, description="bits of the later weight quantizer (tlq / rtn bits)")
-    a_bits: int | None = Field(ge=2, le=16, description="bits of the later act_quant; null = activations stay float")
+    w_bits: int = Field(ge=2, le=8, description="bits of the later weight quantizer: a later tlq / rtn with other "
+                                                "`bits` is a recipe error; with tlq bits: auto, the width the "
+                                                "transforms are chosen for (the budget's widths come later, per "
+                                                "layer: the budget's mean width is a fair choice)")
+    a_bits: int | None = Field(ge=2, le=16, description="bits of the later act_quant (other `bits` there is a recipe "
+                                                        "error); null = activations stay float (then no act_quant "
+                                                        "may follow). Set with a weight pass after lrq_auto, it "
+                                                        "needs an act_quant after lrq_auto too")
     weight_quantizer: Literal["tlq", "rtn"] = Field("tlq", description="the later weight quantizer's grid "
-                                                                       "(per output channel)")
+                                                                       "(per output channel); a later weight pass "
+                                                                       "of the other kind is a recipe error")
     error: Literal["rounding", "gptq"] = Field(
         "rounding", description="weights in the error: nearest rounding on the grid, or GPTQ on it with the "
                                 "transformed inputs' Hessian (slower; use when the weight pass has gptq: true)")
@@ -188,6 +195,18 @@ class LRQAuto(Pass):
                 return [("", f"lrq_auto chooses smoothing and rotation on float weights, so it runs before "
                              f"passes[{i}].{p.name} and replaces `smooth` / `ars`; move it up (or drop those)")]
         return []
+
+    def check_later(self, later: list[Pass]) -> list[tuple[str, str]]:
+        """a_bits set and a weight pass after it, but no act_quant: the weights would be quantized for transforms
+        chosen against activation quantization that never comes. (lrq_auto alone, with no weight pass after it,
+        is an analysis or a first stage and stays allowed.)"""
+        a = self.config.a_bits
+        weights = next((p for p in later if isinstance(p, WeightQuantPass)), None)
+        if a is None or weights is None or any(p.name == "act_quant" for p in later):
+            return []
+        return [("a_bits", f"{a} chooses the transforms for {a}-bit activations, but no act_quant follows "
+                           f"(`{weights.name}` quantizes the weights only); add `act_quant: {{bits: {a}}}` after "
+                           "lrq_auto, or set a_bits: null for weight-only quantization")]
 
     def apply(self, state) -> None:
         store = self.calibration(state)
