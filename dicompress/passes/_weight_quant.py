@@ -47,7 +47,9 @@ class WeightQuantConfig(PassConfig):
     gptq_act_order: bool = Field(True, description="GPTQ: quantize input channels by decreasing energy")
     lowrank_rank: int = Field(0, ge=0, description="SVDQuant: keep the top-`lowrank_rank` SVD part of each weight "
                                                    "(as smoothed / rotated) as a bf16 branch on the unquantized "
-                                                   "input and quantize only the residual; 0 = off")
+                                                   "input and quantize only the residual; 0 = off. With tlq "
+                                                   "bits: auto the branch's 2·R·(in + out) bytes count inside the "
+                                                   "budget")
 
     @field_validator("group_size")
     @classmethod

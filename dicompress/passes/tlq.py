@@ -30,7 +30,12 @@ class TLQConfig(WeightQuantConfig):
         "weight", description="how eta and the clip / bottom quantiles are chosen: `weight` = weight MSE under "
                               "nearest rounding; `output` = the layer's output error tr(ΔW H ΔWᵀ) after GPTQ on "
                               "each candidate grid (per layer eta, per row quantiles; adds near-uniform etas 1, "
-                              "2, 4 to the default etas); needs gptq: true")
+                              "2, 4 to the default etas); needs gptq: true. With bits: auto the widths are chosen "
+                              "from errors measured with GPTQ on the weight-MSE grids (the report's "
+                              "budget_output_error / total_error), then this search refines each layer's grid at "
+                              "its width: same bytes, and each layer's final output_sqnr_db is the refined grid's, "
+                              "usually above the measured one, but the widths were allocated on the measured "
+                              "errors, not on the refined ones")
 
     @field_validator("bits", mode="before")
     @classmethod
