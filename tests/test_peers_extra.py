@@ -49,9 +49,15 @@ N = 2 * IN * HID                                     # weights of the two select
 def test_torchao_int4_weight_only():
     pytest.importorskip("torchao")
     import peers_extra as px
-    from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+    from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+    from torchao.quantization import quantize_
     model, rep, _ = _quantize(px.apply_torchao_int4wo)
-    assert all(isinstance(model[int(n)].weight, Int4OpaqueTensor) for n in SELECTED)
+    # evaluated on the weights read back through torchao's int4 kernel: the same outputs as the packed model
+    packed = _stack()
+    quantize_(packed, PrototypeInt4WeightOnlyConfig(group_size=128), filter_fn=lambda m, fqn: fqn in SELECTED)
+    assert all(type(model[int(n)].weight) is nn.Parameter for n in SELECTED)
+    with torch.no_grad():
+        torch.testing.assert_close(model(_x()), packed(_x()), rtol=1e-5, atol=1e-5)
     groups = N // 128
     assert rep["bytes"] == N // 2 + groups * 2 * 4    # packed codes + fp32 (scale, zero) per group of 128
 

@@ -14,6 +14,7 @@ from typing import Iterable
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from dicompress.nn.surgery import iter_linears, set_module
 from peers import _storage_bytes
@@ -44,6 +45,8 @@ def apply_torchao_int4wo(model: nn.Module, include: Iterable[str], keep: Iterabl
     torchao's default for both.
 
     `bytes`: the Int4OpaqueTensor's packed uint8 codes + its scale_and_zero tensor (in the weight dtype, fp32).
+    The evaluation then runs on the weights read back through torchao's own int4 matmul (applied to the identity):
+    the same values, at fp32-linear speed (the packed kernel takes ~50x an fp32 linear's time on this CPU).
     """
     from torchao.prototype.quantization.int4 import Int4OpaqueTensor, PrototypeInt4WeightOnlyConfig
     from torchao.quantization import quantize_
@@ -55,7 +58,13 @@ def apply_torchao_int4wo(model: nn.Module, include: Iterable[str], keep: Iterabl
     if got != names:
         raise RuntimeError(f"torchao quantized {len(got)} linears, expected the {len(names)} selected")
     total = sum(_storage_bytes(model.get_submodule(n).weight) for n in names)
-    return {"bytes": total, "bf16_bytes": _bf16(targets), "layers": len(names), "group_size": group_size}
+    for n in names:   # evaluated at fp32 speed: the packed-int4 CPU matmul takes ~50x an fp32 linear's time here
+        lin = model.get_submodule(n)
+        # the weight exactly as torchao's kernel dequantizes it: its matmul applied to the identity
+        w = F.linear(torch.eye(lin.in_features, dtype=torch.float32), lin.weight).T.contiguous()
+        lin.weight = nn.Parameter(w, requires_grad=False)
+    return {"bytes": total, "bf16_bytes": _bf16(targets), "layers": len(names), "group_size": group_size,
+            "evaluated_as": "fp32 weights read back through _weight_int4pack_mm_for_cpu (identity input)"}
 
 
 def apply_torchao_w4a8(model: nn.Module, include: Iterable[str], keep: Iterable[str] = (),
