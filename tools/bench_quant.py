@@ -369,6 +369,11 @@ COMPARISONS = [("gptq:w4:a16:channel", "tlq+gptq:w4:a16:channel"),
                # the published W4A8 peers against lrq-auto (issue 21)
                ("torchao-w4a8:w4:a8:group32", "lrq-auto:w4:a8:channel"),
                ("modelopt-w4a8-awq:w4:a8:group128", "lrq-auto:w4:a8:channel"),
+               ("quanto:w4:a8:-", "lrq-auto:w4:a8:channel"),
+               # the weight-only peers against the GPTQ-aware twin-log grid
+               *[(f"{peer}:w4:a16:{gran}", "tlq+gptq-aware:w4:a16:channel")
+                 for peer, gran in (("autoround", "group128"), ("torchao-int4wo", "group128"), ("hqq", "group64"),
+                                    ("sdnq-svd", "svd-r32"), ("sdnq", "-"))],
                *[(f"{base}:w4:a4:channel", f"{m}:w4:a4:channel:rank={r}") for m, base, r in LOWRANK],
                *[("tlq+hadamard:w4:a4:channel", f"lrq+lowrank:w4:a4:channel:rank={r}") for r in (16, 32)],
                *[(f"{m}:w{w}:a{a}:channel", f"lrq-auto:w{w}:a{a}:channel")

@@ -49,6 +49,8 @@ def combine(paths: list[Path]) -> dict:
         synthetic = res.get("synthetic_sqnr") or synthetic
         runs.append({"file": str(path), "command": res.get("command"), "seconds": res.get("seconds"),
                      "machine": res.get("machine")})
+    measured = {(r["method"], r["w_bits"], r["a_bits"]) for r in rows.values()}   # a later run measured it
+    skipped = {k: v for k, v in skipped.items() if k not in measured}
     return {"rows": list(rows.values()), "skipped": list(skipped.values()), "comparisons": comparisons(mse),
             "synthetic_sqnr": synthetic, "teacher": teacher, "settings": settings, "runs": runs,
             "command": "python " + " ".join(sys.argv)}, mse
