@@ -107,7 +107,7 @@ def test_cpu_local_low_precision_inputs(dtype, tol):
 def test_local_plan_is_the_union_of_circles():
     """A tile's key list is exactly the keys some query of the tile may see (no square corners), and the per-tile
     masks reproduce clear_mask's image block."""
-    grid, radius, tile = (12, 12), 3.5, (4, 4)
+    grid, radius, tile = (26, 23), 3.5, (4, 4)      # tile padding on both axes, interior tiles
     plan = local_plan(grid, radius, tile)
     full = clear_mask(0, grid, radius)
     for t in range(plan.index.shape[0]):
@@ -117,6 +117,12 @@ def test_local_plan_is_the_union_of_circles():
         assert torch.equal(listed.sort().values, seen)
         sub = plan.circle[plan.query_real[t]][:, plan.key_inside[t]]
         assert torch.equal(sub, full[rows][:, listed])
+        # the tile's shared border-pattern mask: the circle on the grid, nothing off it, padding rows see all
+        allowed = plan.allowed[plan.variant[t]]
+        assert torch.equal(allowed[plan.query_real[t]][:, plan.key_inside[t]], sub)
+        assert not allowed[plan.query_real[t]][:, ~plan.key_inside[t]].any()
+        assert allowed[~plan.query_real[t]].all()
+    assert 1 < plan.allowed.shape[0] < plan.index.shape[0]   # a few patterns shared by many tiles
     assert plan.index.shape[1] < (4 + 2 * 3) ** 2          # the square window's corners are cut
 
 
