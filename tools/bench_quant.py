@@ -123,7 +123,9 @@ class Bench:
     def teacher_metrics(self) -> dict:
         return {k: self.base[k] for k in ("class_acc_teacher", "frechet_teacher")}
 
-    def wants(self, method: str) -> bool:
+    def wants(self, method: str, w_bits: int | None = None) -> bool:
+        if w_bits is not None and self.args.w_bits and w_bits not in self.args.w_bits:
+            return False
         return not self.args.methods or any(fnmatch(method, p) for p in self.args.methods)
 
     def student(self):
@@ -162,7 +164,7 @@ class Bench:
 
 def weight_only_rows(b: Bench) -> None:
     for method, bits, group in WEIGHT_ONLY:
-        if not b.wants(method):
+        if not b.wants(method, bits):
             continue
         student = b.student()
         cfg = {"bits": bits, "granularity": "group" if group else "channel"}
@@ -180,7 +182,7 @@ def weight_only_rows(b: Bench) -> None:
 def weight_gptq_rows(b: Bench) -> None:
     # the same calibration set the recipes use: every class x seeds 0, 1 x all 16 sampling steps
     for method, weight_pass, bits in WEIGHT_GPTQ:
-        if not b.wants(method):
+        if not b.wants(method, bits):
             continue
         student = b.student()
         t = time.perf_counter()
@@ -198,7 +200,7 @@ def weight_gptq_rows(b: Bench) -> None:
 
 def weight_budget_rows(b: Bench) -> None:
     for method, avg_bits, weighting in WEIGHT_BUDGET:
-        if not b.wants(method):
+        if not b.wants(method, avg_bits):
             continue
         student = b.student()
         cfg = {"bits": "auto", "gptq": True,
@@ -216,7 +218,7 @@ def weight_budget_rows(b: Bench) -> None:
 
 def weight_act_rows(b: Bench) -> None:
     for method, w_bits, a_bits in W_A:
-        if not b.wants(method):
+        if not b.wants(method, w_bits):
             continue
         student = b.student()
         before, gptq = W_A_METHODS[method]
@@ -266,7 +268,7 @@ LRQ_AUTO = [("lrq-auto", 4, 8, "rounding"), ("lrq-auto", 4, 4, "rounding"), ("lr
 
 def lrq_auto_rows(b: Bench) -> None:
     for method, w_bits, a_bits, error in LRQ_AUTO:
-        if not b.wants(method):
+        if not b.wants(method, w_bits):
             continue
         student = b.student()
         passes = [{"lrq_auto": {"w_bits": w_bits, "a_bits": a_bits, "error": error}},
@@ -480,6 +482,8 @@ def main():
     ap.add_argument("--model", default="zoo:tiny-flux-digits")
     ap.add_argument("--samples-per-class", type=int, default=50)
     ap.add_argument("--synthetic-n", type=int, default=4096)
+    ap.add_argument("--w-bits", nargs="+", type=int, metavar="N",
+                    help="only the rows of these weight widths, in the sections that sweep widths (e.g. 3)")
     ap.add_argument("--methods", nargs="+", metavar="GLOB",
                     help="run only the methods matching these fnmatch patterns (e.g. 'tlq*' hqq)")
     ap.add_argument("--merge", action="store_true",
