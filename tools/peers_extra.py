@@ -13,8 +13,8 @@ import copy
 from typing import Iterable
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from dicompress.nn.surgery import iter_linears, set_module
 from peers import _storage_bytes
