@@ -43,6 +43,30 @@ TINY_QWEN = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, att
                  num_attention_heads=3, joint_attention_dim=16, axes_dims_rope=(8, 4, 4))
 
 
+# one double + one single block, 32 wide: the quantization tests' model (tests/test_lowrank.py, test_lrq_auto.py)
+SMALL_FLUX = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                  num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
+
+
+def small_flux():
+    """SMALL_FLUX with seed-0 weights: every call gives the same model (the store below was captured on it)."""
+    from diffusers import FluxTransformer2DModel
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(**SMALL_FLUX).eval()
+
+
+@pytest.fixture(scope="session")
+def small_flux_store(tmp_path_factory):
+    """A synthetic calibration store of small_flux() with block inputs (GPTQ Hessians, lrq_auto's inputs)."""
+    from dicompress.arch import adapter_for
+    from dicompress.calib import capture
+    from dicompress.recipe import CalibrationConfig
+    root = tmp_path_factory.mktemp("small_flux_calib")
+    model = small_flux()
+    return capture(model, adapter_for(model), CalibrationConfig(source="synthetic", seeds=[0], steps=2, batch_size=2),
+                   {"name": "tiny", "path": root}, root / "store", block_inputs=True, progress=False)
+
+
 @pytest.fixture(autouse=True)
 def _threads_and_cache(tmp_path_factory, monkeypatch):
     torch.set_num_threads(1)   # 2 threads on a loaded 2-core machine can be 100x slower (oversubscription)

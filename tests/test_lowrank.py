@@ -8,37 +8,20 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 import dicompress
+from conftest import small_flux
 from dicompress.arch import adapter_for
-from dicompress.calib import capture
 from dicompress.errors import RecipeError
 from dicompress.io.on_load import check_on_load_passes
 from dicompress.kernels.linear import act_forward
 from dicompress.nn.qlinear import QuantLinear
 from dicompress.quant.lowrank import lowrank_split
-from dicompress.recipe import CalibrationConfig
 
-FLUX = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
-CALIB = CalibrationConfig(source="synthetic", seeds=[0], steps=2, batch_size=2)
 W4A4 = [{"smooth": {"alpha": 0.5}}, {"ars": {"transform": "hadamard"}}, None, {"act_quant": {"bits": 4}}]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
-def build():
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(**FLUX).eval()
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lowrank_calib")
-    model = build()
-    return capture(model, adapter_for(model), CALIB, {"name": "tiny", "path": root}, root / "store",
-                   block_inputs=True, progress=False)
+@pytest.fixture
+def store(small_flux_store):
+    return small_flux_store
 
 
 def run(model, seed=5):
@@ -48,7 +31,7 @@ def run(model, seed=5):
 
 
 def compress(store, tlq: dict):
-    model = build()
+    model = small_flux()
     passes = [p if p is not None else {"tlq": tlq} for p in W4A4]
     return model, dicompress.compress(model, passes, calibration=store, progress=False)
 
@@ -67,7 +50,7 @@ def test_split_is_the_best_rank_r_part_and_the_residual_of_the_rounded_factors()
 
 
 def test_w4a4_branch_reads_the_unquantized_transformed_input_and_round_trips(store, tmp_path):
-    ref, kw = run(build())
+    ref, kw = run(small_flux())
     model, state = compress(store, {"bits": 4, "gptq": True, "lowrank_rank": 4})
     out, _ = run(model)
     qs = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
@@ -124,7 +107,7 @@ def test_branch_lowers_the_weight_error_of_every_layer(store):
 
 
 def test_rank_too_large_is_a_recipe_error_before_any_change(store):
-    model = build()
+    model = small_flux()
     with pytest.raises(RecipeError, match="lowrank_rank 32") as e:
         dicompress.compress(model, [{"rtn": {"bits": 4, "lowrank_rank": 32}}], progress=False)
     assert e.value.key == "rtn.lowrank_rank"
@@ -134,7 +117,7 @@ def test_rank_too_large_is_a_recipe_error_before_any_change(store):
 
 
 def test_without_the_branch_the_manifest_and_layers_are_as_before():
-    model = build()
+    model = small_flux()
     state = dicompress.compress(model, [{"rtn": {"bits": 4}}], progress=False)
     assert all("lowrank_rank" not in e for e in state.manifest)
     q = model.transformer_blocks[0].ff.net[2]

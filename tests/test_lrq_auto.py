@@ -7,8 +7,8 @@ from diffusers import FluxTransformer2DModel
 from torch import nn
 
 import dicompress
+from conftest import small_flux
 from dicompress.arch import adapter_for
-from dicompress.calib import capture
 from dicompress.calib.linear_inputs import block_linear_inputs
 from dicompress.cli import main
 from dicompress.errors import RecipeError
@@ -17,30 +17,14 @@ from dicompress.nn.qlinear import QuantLinear
 from dicompress.passes.lrq_auto import GRIDS, expand
 from dicompress.quant.hadamard import apply_hadamard, random_signs
 from dicompress.quant.output_error import quantized_output_error
-from dicompress.recipe import CalibrationConfig, build_passes
+from dicompress.recipe import build_passes
 
-FLUX = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
-CALIB = CalibrationConfig(source="synthetic", seeds=[0], steps=2, batch_size=2)
 AUTO = {"w_bits": 4, "a_bits": 4, "block": 16, "steps": 32, "alphas": [0.5]}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
-def build():
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(**FLUX).eval()
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lrq_auto_calib")
-    model = build()
-    return capture(model, adapter_for(model), CALIB, {"name": "tiny", "path": root}, root / "store",
-                   block_inputs=True, progress=False)
+@pytest.fixture
+def store(small_flux_store):
+    return small_flux_store
 
 
 def run(model, seed=5):
@@ -81,7 +65,7 @@ def test_candidates_expand_per_alpha():
 
 # -- the pass on a real diffusers model ---------------------------------------------------------------------
 def test_choices_are_the_least_error_exact_and_applied(store):
-    model = build()
+    model = small_flux()
     ref, _ = run(model)
     auto = {**AUTO, "candidates": ["none", "smooth", "hadamard", "outlier_aware"]}
     state = dicompress.compress(model, [{"lrq_auto": auto}], calibration=store, progress=False)
@@ -108,12 +92,12 @@ def test_reported_error_is_the_quantized_layers_error(store, tmp_path):
     """With nearest-rounding TLQ after it, the error lrq_auto reported for a linear is the error the quantized
     layer makes on the same calibration tokens (every token sampled: rows_per_call above any call's size)."""
     name = "transformer_blocks.0.ff.net.2"                             # a group of its own
-    original = build()
+    original = small_flux()
     block = original.transformer_blocks[0]
     lin = block.ff.net[2]
     x = block_linear_inputs(block, adapter_for(original), store.iter_block_inputs("transformer_blocks.0"),
                             {name: lin}, rows_per_call=10 ** 6)[name]
-    model = build()
+    model = small_flux()
     state = dicompress.compress(model, [{"lrq_auto": {**AUTO, "rows_per_call": 10 ** 6,
                                                       "candidates": ["none", "smooth+hadamard"]}}, {"tlq": {"bits": 4}},
                                         {"act_quant": {"bits": 4}}], calibration=store, progress=False)
@@ -137,7 +121,7 @@ def test_weight_rows_sample_output_channels(store):
     one = {**AUTO, "include": ["transformer_blocks.0.ff.net.2"], "candidates": ["none", "hadamard"]}
 
     def errors(**kw):
-        state = dicompress.compress(build(), [{"lrq_auto": {**one, **kw}}], calibration=store, progress=False)
+        state = dicompress.compress(small_flux(), [{"lrq_auto": {**one, **kw}}], calibration=store, progress=False)
         return rows(state)[0]["candidates_sqnr_db"]
     assert errors(weight_rows=32) == errors()                     # 32 = every output channel of ff.net.2
     assert errors(weight_rows=8) != errors()
@@ -178,7 +162,7 @@ def test_later_passes_must_use_the_bits_and_grid_lrq_auto_chose_for(passes, matc
         build_passes(passes)
 
 
-def test_recipes_that_agree_with_lrq_auto_build():
+def test_recipes_that_agree_with_lrq_auto_small_flux():
     for passes in ([{"lrq_auto": W4A4}, {"tlq": {"bits": 4}}, {"act_quant": {"bits": 4}}],
                    [{"lrq_auto": W4A4}, {"act_quant": {"bits": 4}}, {"tlq": {"bits": 4, "gptq": True}}],
                    [{"lrq_auto": {**W4A4, "a_bits": None, "weight_quantizer": "rtn"}}, {"rtn": {"bits": 4}}],
@@ -202,7 +186,7 @@ def test_dry_run_names_the_disagreeing_keys(tmp_path):
 
 
 def test_a_width_no_candidate_fits_is_an_error_before_any_change(store):
-    model = build()
+    model = small_flux()
     with pytest.raises(RecipeError, match="no candidate fits"):
         dicompress.compress(model, [{"lrq_auto": {**AUTO, "block": 48, "candidates": ["outlier_aware"]}}],
                             calibration=store, progress=False)
