@@ -1,8 +1,10 @@
 """CLEAR inference on CPU: torch's fused CPU flash-attention kernel on gathered windows, merged by log-sum-exp.
 
-The attention of an image query splits into two softmaxes over disjoint key sets, merged exactly by log-sum-exp:
-- global: the text (+ pooled) keys, the same for every image query: ONE flash call over all image queries (a large,
-  cache-friendly kernel; the global keys are never copied per tile);
+Heads run one at a time on a contiguous copy of the head (the kernel reads the (B, N, H, D) layout's rows, H x D
+apart, more slowly). The attention of an image query splits into two softmaxes over disjoint key sets, merged exactly by
+log-sum-exp:
+- global: the text (+ pooled) keys, the same for every image query: ONE flash call over the head's image queries
+  (a large, cache-friendly kernel; the global keys are never copied per tile);
 - local: the image keys inside the circle. Queries go in ty x tx tiles; a tile's keys are the union of its queries'
   circles (the square window with the corners no query reaches cut off), gathered from the image keys by one
   precomputed index list per (grid, radius) (window positions off the grid point at key 0 and are masked), with an
@@ -103,73 +105,96 @@ def local_flops(n_text: int, grid: tuple[int, int], radius: float, n_pooled: int
 def cpu_clear_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, n_text: int,
                         grid: tuple[int, int], radius: float, pooled_key: torch.Tensor | None = None,
                         pooled_value: torch.Tensor | None = None, tile: int | None = None) -> torch.Tensor:
-    """clear_attention's contract, (B, N, H, D) in [text | image] order -> (B, N, H, D); no autograd."""
+    """clear_attention's contract, (B, N, H, D) in [text | image] order -> (B, N, H, D); no autograd.
+
+    Runs head by head on one contiguous copy of the head's queries, keys and values. The local windows' gathers
+    need that copy anyway; the two global kernel calls now read it too instead of the processors' (B, N, H, D)
+    layout, whose rows of one head lie H x D apart: 64x64, 24 heads, 744 vs 801 ms for those two calls
+    (bench/clear_tiles.json `layout`)."""
     b, n, heads, d = query.shape
     h, w = grid
     check_clear_shapes(n, n_text, grid, radius)
     t = tile or tile_side(radius)
-    plan = local_plan((h, w), radius, (min(t, h), min(t, w)))
-    q, k, v = (x.transpose(1, 2) for x in (query, key, value))                 # (B, H, N, D) views
-    gk, gv = k[:, :, :n_text], v[:, :, :n_text]
-    k_all, v_all = k, v
-    if pooled_key is not None:
-        pk, pv = pooled_key.transpose(1, 2), pooled_value.transpose(1, 2)
-        gk, gv = torch.cat([gk, pk], 2), torch.cat([gv, pv], 2)
-        k_all, v_all = torch.cat([k, pk], 2), torch.cat([v, pv], 2)
-    # one spare row after the sequence: tile-padding queries write their (discarded) output there
-    buf = torch.empty(b, n + 1, heads, d, dtype=query.dtype, device=query.device)
-    out = buf[:, :n]
-    if n_text:
-        out[:, :n_text] = _FLASH(q[:, :, :n_text], k_all, v_all)[0].transpose(1, 2)
-    qi = q[:, :, n_text:]
-    img = buf[:, n_text:].transpose(1, 2)                                        # (B, H, h*w + 1, D) view
-    lse_loc = _local(qi, k[:, :, n_text:], v[:, :, n_text:], plan, img)
-    img = img[:, :, :h * w]
-    if gk.shape[2]:
-        o_glob, lse_glob = _FLASH(qi, gk, gv)
-        # softmax over [global | local] = convex mix of the two partial softmaxes, weight sigmoid(lse_g - lse_l)
-        wgt = torch.sigmoid(lse_glob - lse_loc).unsqueeze(-1)
-        if query.dtype in (torch.bfloat16, torch.float16):
-            img.copy_(torch.lerp(img.float(), o_glob.float(), wgt))
-        else:
-            img.lerp_(o_glob, wgt)
+    local = LocalWindows(local_plan((h, w), radius, (min(t, h), min(t, w))), h * w, d, query.dtype)
+    n_pooled = 0 if pooled_key is None else pooled_key.shape[1]
+    n_glob, n_img = n_pooled + n_text, h * w
+    out = torch.empty_like(query)
+    # one head's keys and values as [pooled | text | image]: the global keys (pooled + text) and all keys are
+    # then both contiguous ranges
+    qh = torch.empty(n, d, dtype=query.dtype)
+    kv = torch.empty(2, n_pooled + n, d, dtype=query.dtype)
+    o_img = torch.empty(n_img + 1, d, dtype=query.dtype)         # + one row that tile padding writes into
+    for bi in range(b):
+        for hi in range(heads):
+            qh.copy_(query[bi, :, hi])
+            for j, (x, px) in enumerate(((key, pooled_key), (value, pooled_value))):
+                kv[j, n_pooled:].copy_(x[bi, :, hi])
+                if n_pooled:
+                    kv[j, :n_pooled].copy_(px[bi, :, hi])
+            if n_text:
+                out[bi, :n_text, hi] = text_queries(qh[:n_text], kv)
+            out[bi, n_text:, hi] = image_queries(qh[n_text:], kv, n_glob, local, o_img)
     return out
 
 
-def _local(q, k, v, plan: LocalPlan, out):
-    """Image queries q (B, H, h*w, D) against the image keys in their circles: the outputs written into out
-    (B, H, h*w + 1, D; row h*w takes tile padding), the log-sum-exp (B, H, h*w) returned (fp32; fp64 for fp64)."""
-    b, heads, n_img, d = q.shape
-    n_tiles, t_k = plan.index.shape
-    t_q = plan.queries.shape[1]
-    mdtype = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype   # the kernel's lse dtype
-    lse = torch.empty(b, heads, n_img + 1, dtype=mdtype, device=q.device)
-    masks = torch.zeros(plan.allowed.shape, dtype=mdtype).masked_fill_(~plan.allowed, -math.inf)
-    q_src = plan.queries.clamp(max=n_img - 1)
-    chunk = max(1, CHUNK_ROWS // t_k)
-    chunks = []
-    starts = torch.searchsorted(plan.variant, torch.arange(masks.shape[0] + 1)).tolist()
-    for pat in range(masks.shape[0]):            # chunks within one border pattern: one shared mask each
-        for c0 in range(starts[pat], starts[pat + 1], chunk):
-            c1 = min(starts[pat + 1], c0 + chunk)
-            chunks.append((c1 - c0, masks[pat].expand(c1 - c0, 1, t_q, t_k), plan.index[c0:c1].reshape(-1),
-                           q_src[c0:c1].reshape(-1), plan.queries[c0:c1].reshape(-1)))
-    # buffers reused across heads and chunks: fresh multi-MB tensors per call cost page faults that took longer
-    # than the gathers themselves (measured: a 4 MB index_select 10 ms into a new tensor)
-    kq = torch.empty(3, n_img, d, dtype=q.dtype, device=q.device)
-    gk = torch.empty(2, chunk * t_k, d, dtype=q.dtype, device=q.device)
-    gq = torch.empty(chunk * t_q, d, dtype=q.dtype, device=q.device)
-    for bi in range(b):
-        for hi in range(heads):
-            # one head's rows made contiguous first (index_select on the strided (B, N, H, D) layout is far
-            # slower); the copy stays in cache for the gathers that follow
-            for j, x in enumerate((q, k, v)):
-                kq[j].copy_(x[bi, hi])
-            for c, mask, kidx, qsrc, qdst in chunks:
-                qc = torch.index_select(kq[0], 0, qsrc, out=gq[:c * t_q]).view(c, 1, t_q, d)
-                kc = torch.index_select(kq[1], 0, kidx, out=gk[0, :c * t_k]).view(c, 1, t_k, d)
-                vc = torch.index_select(kq[2], 0, kidx, out=gk[1, :c * t_k]).view(c, 1, t_k, d)
-                oc, lc = _FLASH(qc, kc, vc, attn_mask=mask)
-                out[bi, hi].index_copy_(0, qdst, oc.reshape(-1, d))
-                lse[bi, hi].index_copy_(0, qdst, lc.reshape(-1))
-    return lse[:, :, :n_img]
+def text_queries(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    """Text queries (n_text, D) see every key: one kernel call over kv (2, L, D)."""
+    return _FLASH(q[None, None], kv[0][None, None], kv[1][None, None])[0][0, 0]
+
+
+def image_queries(q: torch.Tensor, kv: torch.Tensor, n_glob: int, local: "LocalWindows",
+                  o_img: torch.Tensor) -> torch.Tensor:
+    """One head's image queries (h*w, D): local windows and the n_glob global keys (kv's first rows), merged."""
+    n_img = q.shape[0]
+    lse_loc = local(q, kv[0, n_glob:], kv[1, n_glob:], o_img)
+    img = o_img[:n_img]
+    if n_glob:
+        o_glob, lse_glob = (x[0, 0] for x in _FLASH(q[None, None], kv[0, :n_glob][None, None],
+                                                    kv[1, :n_glob][None, None]))
+        # softmax over [global | local] = convex mix of the two partial softmaxes, weight sigmoid(lse_g - lse_l)
+        wgt = torch.sigmoid(lse_glob - lse_loc).unsqueeze(-1)
+        if q.dtype in (torch.bfloat16, torch.float16):
+            return torch.lerp(img.float(), o_glob.float(), wgt).to(q.dtype)
+        img.lerp_(o_glob, wgt)
+    return img
+
+
+class LocalWindows:
+    """Image queries against the image keys in their circles, for one head at a time: the plan's tiles in chunks
+    of one border pattern, each chunk's queries, keys and values gathered and run in one kernel call with the
+    pattern's shared mask. Holds the masks, the chunk list and buffers reused across heads and chunks (fresh
+    multi-MB tensors per call cost page faults that took longer than the gathers themselves: a 4 MB index_select
+    took 10 ms into a new tensor)."""
+
+    def __init__(self, plan: LocalPlan, n_img: int, head_dim: int, dtype: torch.dtype):
+        self.t_k = plan.index.shape[1]
+        self.t_q = plan.queries.shape[1]
+        self.lse_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype  # the kernel's
+        masks = torch.zeros(plan.allowed.shape, dtype=self.lse_dtype).masked_fill_(~plan.allowed, -math.inf)
+        self.n_img = n_img
+        q_src = plan.queries.clamp(max=n_img - 1)
+        chunk = max(1, CHUNK_ROWS // self.t_k)
+        self.chunks = []
+        starts = torch.searchsorted(plan.variant, torch.arange(masks.shape[0] + 1)).tolist()
+        for pat in range(masks.shape[0]):            # chunks within one border pattern: one shared mask each
+            for c0 in range(starts[pat], starts[pat + 1], chunk):
+                c1 = min(starts[pat + 1], c0 + chunk)
+                self.chunks.append((c1 - c0, masks[pat].expand(c1 - c0, 1, self.t_q, self.t_k),
+                                    plan.index[c0:c1].reshape(-1), q_src[c0:c1].reshape(-1),
+                                    plan.queries[c0:c1].reshape(-1)))
+        self.gq = torch.empty(chunk * self.t_q, head_dim, dtype=dtype)
+        self.gkv = torch.empty(2, chunk * self.t_k, head_dim, dtype=dtype)
+        self.lse = torch.empty(n_img + 1, dtype=self.lse_dtype)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """q, k, v (h*w, D) contiguous; outputs written into out (h*w + 1, D; row h*w takes tile padding); the
+        log-sum-exp (h*w,) returned (fp32; fp64 for fp64)."""
+        d, t_q, t_k, gq, gkv = q.shape[-1], self.t_q, self.t_k, self.gq, self.gkv
+        for c, mask, kidx, qsrc, qdst in self.chunks:
+            qc = torch.index_select(q, 0, qsrc, out=gq[:c * t_q]).view(c, 1, t_q, d)
+            kc = torch.index_select(k, 0, kidx, out=gkv[0, :c * t_k]).view(c, 1, t_k, d)
+            vc = torch.index_select(v, 0, kidx, out=gkv[1, :c * t_k]).view(c, 1, t_k, d)
+            oc, lc = _FLASH(qc, kc, vc, attn_mask=mask)
+            out.index_copy_(0, qdst, oc.reshape(-1, d))
+            self.lse.index_copy_(0, qdst, lc.reshape(-1))
+        return self.lse[:self.n_img]
