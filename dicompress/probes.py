@@ -2,7 +2,8 @@
 just before it is written.
 
 - `model_probes`: the whole model, its first and its last block, on the architecture's small synthetic inputs
-  (one sample, fixed seed): the in-memory path, and `dicompress.save`.
+  (one sample, fixed seed): the in-memory path, and `dicompress.save`. A model with CLEAR attention gets them on
+  its calibration grid: the loaded blocks, run on their own, assume that grid (clear/processor.py).
 - `block_probe`: one streamed block on the first row of its calibration inputs, while it is in memory.
 """
 from __future__ import annotations
@@ -17,8 +18,11 @@ SEED = 0
 
 
 def model_probes(model: nn.Module, adapter) -> list[Probe]:
+    from .clear.processor import standalone_grid
     p = next(model.parameters())
-    inputs = adapter.synthetic_inputs(model, 1, torch.Generator().manual_seed(SEED))
+    grid = standalone_grid(model)
+    inputs = adapter.synthetic_inputs(model, 1, torch.Generator().manual_seed(SEED),
+                                      **({"grid": grid} if grid else {}))
     inputs = to_module(inputs, p.device, p.dtype)
     blocks = [b.name for b in adapter.blocks(model)]
     names = ["", *dict.fromkeys([blocks[0], blocks[-1]])] if blocks else [""]

@@ -15,7 +15,8 @@ import dicompress
 from dicompress.arch import adapter_for
 from dicompress.calib import capture
 from dicompress.clear.pooling import KVPool, pool_tokens
-from dicompress.clear.processor import ClearContext, FluxClearAttnProcessor, ids_layout, install_clear
+from dicompress.clear.processor import (ClearContext, FluxClearAttnProcessor, QwenClearAttnProcessor, ids_layout,
+                                       install_clear, shapes_layout)
 from dicompress.errors import RecipeError
 from dicompress.models import load_transformer, resolve_model
 from dicompress.recipe import CalibrationConfig, build_passes
@@ -121,6 +122,50 @@ def test_grid_from_ids_and_a_clear_error_for_other_layouts():
         ids_layout(torch.zeros(5, 3), two)
 
 
+def qwen_inputs(model, grid, txt=5, batch=2, mask=None, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    h, w = grid
+    cfg = model.config
+    return dict(hidden_states=torch.randn(batch, h * w, cfg.in_channels, generator=g),
+                encoder_hidden_states=torch.randn(batch, txt, cfg.joint_attention_dim, generator=g),
+                encoder_hidden_states_mask=torch.ones(batch, txt, dtype=torch.long) if mask is None else mask,
+                timestep=torch.rand(batch, generator=g), img_shapes=[[(1, h, w)]] * batch)
+
+
+def test_qwen_processor_is_the_stock_one_with_a_local_window_and_keeps_the_text_mask(tiny_qwen_dir):
+    """Qwen-Image: a radius covering the grid gives the stock processor's output, with an all-true and with a
+    padded text mask (padded text stays out of every key set); a small radius changes it; and the padded text
+    tokens' values do not reach any image output."""
+    model = QwenImageTransformer2DModel.from_pretrained(tiny_qwen_dir).eval()
+    names = [n for n, m in model.named_modules() if n.endswith(".attn")]
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    plain, padded = qwen_inputs(model, (6, 5)), qwen_inputs(model, (6, 5), mask=mask)
+    with torch.no_grad():
+        stock = [model(**kw).sample for kw in (plain, padded)]
+        install_clear(model, names, radius=100.0, pooling=None)
+        assert all(isinstance(model.get_submodule(n).processor, QwenClearAttnProcessor) for n in names)
+        ours = [model(**kw).sample for kw in (plain, padded)]
+        for a, b in zip(ours, stock):
+            assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+        install_clear(model, names, radius=1.5, pooling=None)
+        local = model(**padded).sample
+        assert (local - stock[1]).abs().max() > 1e-2 * stock[1].abs().max()
+        noisy = dict(padded, encoder_hidden_states=padded["encoder_hidden_states"].clone())
+        noisy["encoder_hidden_states"][1, 3:] += 5.0                   # only the padded tokens of sample 1
+        assert torch.equal(model(**noisy).sample[1], local[1])
+        assert model._clear_context.grid is None
+
+
+def test_qwen_grid_from_img_shapes_and_a_clear_error_for_edit_inputs():
+    assert shapes_layout([[(1, 6, 5)]] * 2, 7) == (7, (6, 5))
+    assert shapes_layout([(1, 6, 5)] * 2, 7) == (7, (6, 5))           # the flat form the model also reads
+    with pytest.raises(ValueError, match="one image of one frame"):
+        shapes_layout([[(1, 6, 5), (1, 4, 4)]], 7)                    # Qwen-Image-Edit: a reference image
+    with pytest.raises(ValueError, match="one image of one frame"):
+        shapes_layout([[(2, 6, 5)]], 7)
+
+
 # -- the pass ---------------------------------------------------------------------------------------------
 
 def _classes_store(model, info, root, steps=3):
@@ -220,6 +265,54 @@ def test_artifact_loads_in_a_fresh_process_and_runs_at_two_resolutions(tiny_flux
                            "pooling": 2, "heads": model.config.num_attention_heads, "grid": [8, 8]}
 
 
+PIPE_LOAD = textwrap.dedent("""
+    import sys, torch
+    import diffusers
+    from dicompress.clear import processor
+    out, pipe_cls, proc_cls = sys.argv[1:4]
+    torch.set_num_threads(1)
+    pipe = getattr(diffusers, pipe_cls).from_pretrained(out, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    procs = [m.processor for n, m in pipe.transformer.named_modules() if n.endswith(".attn")]
+    assert procs and all(isinstance(p, getattr(processor, proc_cls)) and p.radius == 2.0 and p.pool.factor == 2
+                         for p in procs)
+    for size, tokens in ((64, 16), (96, 36)):    # the calibration's 4x4 token grid and a 6x6 one
+        lat = pipe(prompt=["a red cat"], num_inference_steps=2, height=size, width=size, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).images
+        assert lat.shape[1] == tokens and torch.isfinite(lat).all(), lat.shape
+        assert pipe.transformer._clear_context.grid is None
+    print("OK")
+""")
+PIPES = {"flux": ("tiny_flux_pipeline_dir", "FluxPipeline", "FluxClearAttnProcessor", 4),
+         "qwenimage": ("tiny_qwenimage_pipeline_dir", "QwenImagePipeline", "QwenClearAttnProcessor", 2)}
+
+
+@pytest.mark.parametrize("family", list(PIPES))
+def test_recipe_on_a_pipeline_distils_and_loads_in_a_fresh_process(family, request, tmp_path):
+    """The way users run it: a recipe on the pipeline directory, prompt calibration over its sampling loop at 64 px
+    (a 4x4 token grid: the write-time load check's probes must use it, not the synthetic 8x8), CLEAR distilled
+    (flow matching included: the trajectories are real), the output pipeline loaded by its pipeline class's
+    from_pretrained in a fresh process and sampled at two resolutions."""
+    fixture, pipe_cls, proc_cls, n_attn = PIPES[family]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat on a blue house\ntwo dogs in the city at night\n")
+    calibration = {"source": "prompts", "prompts": str(prompts), "seeds": [0], "steps": 2, "height": 64,
+                   "width": 64, "batch_size": 2}
+    passes = [{"clear": {"radius": 2, "pooling": 2, "distill": {"steps": 3, "batch_size": 2, "lr": 1e-3,
+                                                                "checkpoint_every": 0}}}]
+    report = dicompress.run(_recipe(tmp_path, request.getfixturevalue(fixture), passes, "pc", calibration),
+                            progress=False, echo=lambda *a, **k: None)
+    summary = next(p for p in report["passes"] if p["pass"] == "clear")
+    assert summary["grid"] == [4, 4] and summary["steps"] == 3 and summary["modules"] == n_attn
+    assert all(p["bit_exact"] for p in report["load_check"]["probes"])
+    out = tmp_path / "pc"
+    manifest = json.loads((out / "transformer" / "config.json").read_text())["quantization_config"]["manifest"]
+    assert [e["op"] for e in manifest] == ["clear_attention"] * n_attn and manifest[0]["grid"] == [4, 4]
+    run = subprocess.run([sys.executable, "-c", PIPE_LOAD, str(out), pipe_cls, proc_cls], capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0 and "OK" in run.stdout, run.stderr[-3000:]
+
+
 def _recipe(tmp_path, model_dir, passes, name, calibration=None):
     data = {"model": str(model_dir), "output": str(tmp_path / name), "passes": passes,
             "calibration": calibration or {"source": "classes", "classes": [0, 5], "seeds": [0], "steps": 2,
@@ -270,15 +363,14 @@ def test_bad_inputs_before_any_work(tiny_zoo_dir, tiny_qwen_dir, tmp_path):
         assert e.value.key == key
     assert not any(isinstance(m.processor, FluxClearAttnProcessor) for m in model.modules() if hasattr(m, "processor"))
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-    # an architecture whose attention the pass cannot replace: refused by the recipe check, before any capture
-    path = _recipe(tmp_path, tiny_qwen_dir, [{"clear": {"radius": 2, "distill": {"steps": 0}}}], "q",
-                   calibration={"source": "synthetic", "seeds": [0], "steps": 2})
-    with pytest.raises(RecipeError, match=r"passes\[0\]\.clear.*FLUX only; this model is qwenimage"):
-        dicompress.run(path, progress=False, echo=lambda *a, **k: None)
-    assert not (tmp_path / "q").exists()
+    # attention the pass cannot replace (a user's own processor): refused by the recipe check, before any capture
     qwen = QwenImageTransformer2DModel.from_pretrained(tiny_qwen_dir)
-    with pytest.raises(RecipeError, match="qwenimage"):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    qwen.transformer_blocks[1].attn.set_processor(AttnProcessor2_0())
+    with pytest.raises(RecipeError, match="transformer_blocks.1 .* stock attention processor only") as e:
         dicompress.compress(qwen, [{"clear": {"radius": 2, "distill": {"steps": 0}}}], calibration=store, **QUIET)
+    assert e.value.key == "clear.include"
+    assert not any(isinstance(m.processor, QwenClearAttnProcessor) for m in qwen.modules() if hasattr(m, "processor"))
 
 
 def test_recipes_validate_and_flux_dev_fails_fast_without_weights(tmp_path, monkeypatch):
@@ -292,6 +384,9 @@ def test_recipes_validate_and_flux_dev_fails_fast_without_weights(tmp_path, monk
     dev = load_recipe(root / "recipes/flux_dev_clear.yaml")
     assert [(p.name, p.config.radius) for p in dev.pass_objects()] == [("clear", 16.0)]
     assert dev.calibration.height == dev.calibration.width == 1024          # 64x64 tokens: r = 16 fits
+    qwen = load_recipe(root / "recipes/qwenimage_clear.yaml")
+    assert [(p.name, p.config.radius) for p in qwen.pass_objects()] == [("clear", 16.0)]
+    assert qwen.calibration.height == qwen.calibration.width == 1024
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(DicompressError, match="FLUX.1-dev") as e:
         dicompress.run(root / "recipes/flux_dev_clear.yaml", progress=False, echo=lambda *a, **k: None,

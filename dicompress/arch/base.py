@@ -89,8 +89,10 @@ class ArchAdapter:
         conversion); families without a single-stream block class cannot."""
         raise NotImplementedError(f"{self.name} has no single-stream block to convert dual-stream blocks into")
 
-    def synthetic_inputs(self, model: nn.Module, batch: int, generator: torch.Generator) -> dict:
-        """Random model-forward kwargs of the right shapes (plumbing-grade calibration)."""
+    def synthetic_inputs(self, model: nn.Module, batch: int, generator: torch.Generator,
+                         grid: tuple[int, int] = (8, 8)) -> dict:
+        """Random model-forward kwargs of the right shapes (plumbing-grade calibration), on an h x w image token
+        grid."""
         raise NotImplementedError
 
     def describe(self, model: nn.Module) -> dict:

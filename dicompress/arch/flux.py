@@ -74,14 +74,14 @@ class FluxAdapter(ArchAdapter):
             single.proj_out.bias.copy_(out.bias + down.bias)
         return single
 
-    def synthetic_inputs(self, model, batch, generator):
+    def synthetic_inputs(self, model, batch, generator, grid=(8, 8)):
         cfg = model.config
-        grid, txt = 8, 8                               # an 8x8 token grid, 8 text tokens
+        (h, w), txt = grid, 8                          # an h x w token grid, 8 text tokens
         kw = dict(generator=generator)
-        ids = torch.zeros(grid, grid, 3)
-        ids[..., 1] = torch.arange(grid)[:, None]
-        ids[..., 2] = torch.arange(grid)[None, :]
-        out = dict(hidden_states=torch.randn(batch, grid * grid, cfg.in_channels, **kw),
+        ids = torch.zeros(h, w, 3)
+        ids[..., 1] = torch.arange(h)[:, None]
+        ids[..., 2] = torch.arange(w)[None, :]
+        out = dict(hidden_states=torch.randn(batch, h * w, cfg.in_channels, **kw),
                    encoder_hidden_states=torch.randn(batch, txt, cfg.joint_attention_dim, **kw),
                    pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, **kw),
                    timestep=torch.rand(batch, **kw), img_ids=ids.view(-1, 3), txt_ids=torch.zeros(txt, 3))

@@ -50,11 +50,11 @@ class QwenImageAdapter(ArchAdapter):
             temb = temb.chunk(2, dim=0)[0]
         return model.proj_out(model.norm_out(hidden_states, temb))
 
-    def synthetic_inputs(self, model, batch, generator):
+    def synthetic_inputs(self, model, batch, generator, grid=(8, 8)):
         cfg = model.config
-        grid, txt = 8, 8
+        (h, w), txt = grid, 8
         kw = dict(generator=generator)
-        return dict(hidden_states=torch.randn(batch, grid * grid, cfg.in_channels, **kw),
+        return dict(hidden_states=torch.randn(batch, h * w, cfg.in_channels, **kw),
                     encoder_hidden_states=torch.randn(batch, txt, cfg.joint_attention_dim, **kw),
                     encoder_hidden_states_mask=torch.ones(batch, txt, dtype=torch.long),
-                    timestep=torch.rand(batch, **kw), img_shapes=[(1, grid, grid)] * batch)
+                    timestep=torch.rand(batch, **kw), img_shapes=[(1, h, w)] * batch)

@@ -5,7 +5,7 @@ those blocks (q/k/v, qk-norms, output projections, pooling weights) are distille
 (clear/distill.py: flow matching + teacher prediction + attention outputs). The manifest op `clear_attention` sets
 the processors at load; passes after it (quantization) see the CLEAR model and its recaptured calibration.
 
-FLUX only (double and single blocks): Qwen-Image's joint attention has its own processor and text mask.
+FLUX (double and single blocks) and Qwen-Image (its joint attention; padded text stays masked).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pydantic import Field
 
 from ..clear.distill import distill_clear
 from ..clear.manifest_op import clear_entry
-from ..clear.processor import ids_layout, install_clear, is_flux_attention
+from ..clear.processor import clear_kind, ids_layout, install_clear, shapes_layout
 from ..distill import DistillConfig
 from ..distill.params import select_trainable
 from ..errors import RecipeError
@@ -71,10 +71,10 @@ class Clear(Pass):
     def targets(self, model, adapter) -> list[str]:
         """The attention modules that become CLEAR, or a RecipeError naming what does not fit."""
         c = self.config
-        if adapter.name != "flux":
-            raise RecipeError(f"the clear pass has attention processors for FLUX only; this model is {adapter.name} "
-                              f"({type(model).__name__}), whose attention it cannot replace", key=f"{self.name}",
-                              hint="use a FluxTransformer2DModel")
+        if adapter.name not in ("flux", "qwenimage"):
+            raise RecipeError(f"the clear pass has attention processors for FLUX and Qwen-Image only; this model is "
+                              f"{adapter.name} ({type(model).__name__}), whose attention it cannot replace",
+                              key=f"{self.name}", hint="use a FluxTransformer2DModel or QwenImageTransformer2DModel")
         include = c.include if c.include is not None else tuple(f"{attr}.*" for attr, _ in adapter.block_lists)
         refs = select_blocks(adapter.blocks(model), include, c.keep)
         if not refs:
@@ -83,14 +83,29 @@ class Clear(Pass):
         names = []
         for r in refs:
             attn = getattr(model.get_submodule(r.name), "attn", None)
-            if attn is None or not is_flux_attention(attn):
+            if attn is None or clear_kind(attn) != adapter.name:
                 what = "no attn" if attn is None else \
                     f"{type(attn).__name__} with processor {type(getattr(attn, 'processor', None)).__name__}"
-                raise RecipeError(f"{r.name} ({adapter.name}) has {what}: the clear pass finds FLUX attention "
-                                  "(FluxAttention with the stock FluxAttnProcessor) only", key=f"{self.name}.include",
-                                  hint="leave this block out with `keep`")
+                raise RecipeError(f"{r.name} ({adapter.name}) has {what}: the clear pass replaces the model's stock "
+                                  "attention processor only (FluxAttnProcessor, QwenDoubleStreamAttnProcessor2_0)",
+                                  key=f"{self.name}.include", hint="leave this block out with `keep`")
             names.append(f"{r.name}.attn")
         return names
+
+    @staticmethod
+    def calibration_layout(inputs) -> tuple[int, tuple[int, int]]:
+        """(text tokens, image token grid) of the captured calls: FLUX's txt_ids / img_ids, Qwen-Image's
+        img_shapes (with the text length of encoder_hidden_states)."""
+        try:
+            if "img_shapes" in inputs and "encoder_hidden_states" in inputs:
+                return shapes_layout(inputs["img_shapes"], inputs["encoder_hidden_states"].shape[1])
+            if "img_ids" in inputs and "txt_ids" in inputs:
+                return ids_layout(inputs["txt_ids"], inputs["img_ids"])
+        except ValueError as e:
+            raise RecipeError(f"the calibration's image tokens: {e}", key="clear") from e
+        raise RecipeError("the calibration's model inputs hold neither img_ids / txt_ids (FLUX) nor img_shapes "
+                          "(Qwen-Image): no image token grid", key="clear",
+                          hint="capture calibration on a FLUX or Qwen-Image model")
 
     def check_grid(self, grid: tuple[int, int]) -> None:
         c = self.config
@@ -108,10 +123,7 @@ class Clear(Pass):
         names = self.targets(model, state.adapter)
         store = self.calibration(state)
         inputs = store.model_inputs()
-        if "img_ids" not in inputs or "txt_ids" not in inputs:
-            raise RecipeError("the calibration's model inputs hold no img_ids / txt_ids (the image token grid)",
-                              key=self.name, hint="capture calibration on a FLUX model")
-        n_text, grid = ids_layout(inputs["txt_ids"], inputs["img_ids"])
+        n_text, grid = self.calibration_layout(inputs)
         self.check_grid(grid)
         install_clear(model, names, c.radius, c.pooling, grid)
         for n in names:
