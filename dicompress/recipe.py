@@ -243,6 +243,11 @@ def parse_recipe(data: Any, file: str | None = None) -> Recipe:
                           "(the artifact alone, no components to copy)", file=file, key="copy_components",
                           hint="drop copy_components, or set output_layout: auto or pipeline")
     passes = recipe.pass_objects()
+    if recipe.calibration is not None:
+        problems = [(f"passes[{i}].{p.name}" + (f".{k}" if k else ""), msg) for i, p in enumerate(passes)
+                    for k, msg in p.check_calibration(recipe.calibration)]
+        if problems:
+            raise _recipe_error(problems, file)
     if recipe.calibration is None:
         for i, p in enumerate(passes):
             if p.needs_calibration or p.needs_block_inputs or p.needs_model_inputs:

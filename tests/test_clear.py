@@ -363,6 +363,18 @@ def test_bad_inputs_before_any_work(tiny_zoo_dir, tiny_qwen_dir, tmp_path):
         assert e.value.key == key
     assert not any(isinstance(m.processor, FluxClearAttnProcessor) for m in model.modules() if hasattr(m, "processor"))
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # the same values in a recipe: refused when it loads, from the grid its calibration will capture at (the digits
+    # model's 8x8; prompts at 256 x 512 px: 16x32), before any capture, output or work directory
+    for cal, cfg, key in (({"source": "classes", "classes": [0], "seeds": [0], "steps": 2}, {"radius": 9}, "radius"),
+                          ({"source": "prompts", "prompts": str(tmp_path / "p.txt"), "height": 256, "width": 512},
+                           {"radius": 20, "pooling": 17}, "pooling")):
+        (tmp_path / "p.txt").write_text("a cat\n")
+        path = _recipe(tmp_path, tiny_zoo_dir, [{"clear": cfg}], "g", calibration=cal)
+        with pytest.raises(RecipeError, match=f"passes\\[0\\]\\.clear\\.{key}: .*larger than the calibration's") as e:
+            dicompress.run(path, progress=False, echo=lambda *a, **k: None)
+        assert "8x8" in str(e.value) or "16x32" in str(e.value)
+        assert not (tmp_path / "g").exists() and not (tmp_path / "g.work").exists()
+    build_passes([{"clear": {"radius": 16}}])                      # no calibration set: nothing to check yet
     # attention the pass cannot replace (a user's own processor): refused by the recipe check, before any capture
     qwen = QwenImageTransformer2DModel.from_pretrained(tiny_qwen_dir)
     from diffusers.models.attention_processor import AttnProcessor2_0

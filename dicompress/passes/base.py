@@ -49,6 +49,11 @@ class Pass:
         [(key, message)], checked by build_passes on the whole list."""
         return []
 
+    def check_calibration(self, calibration) -> list[tuple[str, str]]:
+        """Problems with this pass against the recipe's calibration set (a CalibrationConfig), before any capture:
+        [(key, message)], checked by load_recipe."""
+        return []
+
     def check_model(self, model, adapter) -> list[tuple[str, str]]:
         """Problems with the model itself, before any work: [(key, message)]. `model` may be on the meta device."""
         return []

@@ -107,16 +107,28 @@ class Clear(Pass):
                           "(Qwen-Image): no image token grid", key="clear",
                           hint="capture calibration on a FLUX or Qwen-Image model")
 
-    def check_grid(self, grid: tuple[int, int]) -> None:
+    def grid_problems(self, grid: tuple[int, int], what: str) -> list[tuple[str, str, str]]:
+        """[(key, message, hint)] of radius / pooling against an h x w token grid (`what` names the grid)."""
         c = self.config
         h, w = grid
+        out = []
         if c.radius > max(h, w):
-            raise RecipeError(f"radius {c.radius:g} is larger than the calibration's {h}x{w} image token grid (the "
-                              "window would hold the whole image)", key=f"{self.name}.radius",
-                              hint=f"a radius up to {max(h, w)} here (FLUX at 1024 px: 64x64 tokens, r = 16)")
+            out.append(("radius", f"radius {c.radius:g} is larger than {what} {h}x{w} image token grid (the window "
+                                  "would hold the whole image)",
+                        f"a radius up to {max(h, w)} here (FLUX at 1024 px: 64x64 tokens, r = 16)"))
         if c.pooling and c.pooling > min(h, w):
-            raise RecipeError(f"pooling factor {c.pooling} is larger than the calibration's {h}x{w} token grid",
-                              key=f"{self.name}.pooling", hint=f"a factor from 2 to {min(h, w)}")
+            out.append(("pooling", f"pooling factor {c.pooling} is larger than {what} {h}x{w} token grid",
+                        f"a factor from 2 to {min(h, w)}"))
+        return out
+
+    def check_calibration(self, calibration) -> list[tuple[str, str]]:
+        grid = expected_grid(calibration)
+        return [] if grid is None else [(k, f"{msg}; {hint}") for k, msg, hint in
+                                        self.grid_problems(grid, "the calibration's")]
+
+    def check_grid(self, grid: tuple[int, int]) -> None:
+        for key, msg, hint in self.grid_problems(grid, "the calibration's")[:1]:
+            raise RecipeError(msg, key=f"{self.name}.{key}", hint=hint)
 
     def apply(self, state) -> None:
         c, model = self.config, state.model
@@ -145,6 +157,20 @@ class Clear(Pass):
                            distill_seconds=round(time.perf_counter() - t, 2))
         state.add_pass_report(self.name, summary, [{"module": n, "radius": c.radius, "pooling": c.pooling}
                                                    for n in names])
+
+
+def expected_grid(calibration) -> tuple[int, int] | None:
+    """The image token grid a calibration set will capture at, from the recipe alone (None: unknown). The capture's
+    pipelines run without a VAE, so diffusers uses 8 px per latent pixel, and FLUX / Qwen-Image pack 2x2 latent
+    pixels per token: 16 px per token; the digits model samples at its fixed size; synthetic inputs are 8x8."""
+    if calibration.source == "prompts":
+        return calibration.height // 16, calibration.width // 16
+    if calibration.source in ("classes", "embeddings"):
+        from ..zoo.digits import SIZE        # the zoo model's latent side; 2x2 latent pixels per token
+        return SIZE // 2, SIZE // 2
+    if calibration.source == "synthetic":
+        return 8, 8                          # ArchAdapter.synthetic_inputs' default grid
+    return None
 
 
 def _window_size(grid: tuple[int, int], radius: float) -> float:
