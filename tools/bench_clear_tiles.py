@@ -51,19 +51,10 @@ def measure(grid_side: int, radius: float, heads: int, rounds: int) -> list[dict
     torch.manual_seed(0)
     n = N_TEXT + grid_side * grid_side
     q, k, v = (torch.randn(1, n, heads, HEAD_DIM) for _ in range(3))
-    calls = variants(q, k, v, (grid_side, grid_side), radius)
-    times = {name: [] for name in calls}
-    for f in calls.values():
-        f()
-    for _ in range(rounds):
-        for name, f in calls.items():
-            t = time.process_time()
-            f()
-            times[name].append(time.process_time() - t)
-    dense = statistics.median(times["dense"])
+    times = _timed(variants(q, k, v, (grid_side, grid_side), radius), rounds)
     return [{"grid": f"{grid_side}x{grid_side}", "radius": radius, "heads": heads, "variant": name,
-             "cpu_ms": round(statistics.median(ts) * 1e3, 1), "speedup": round(dense / statistics.median(ts), 3),
-             "loadavg": round(os.getloadavg()[0], 2)} for name, ts in times.items()]
+             "cpu_ms": round(sec * 1e3, 1), "speedup": round(times["dense"] / sec, 3),
+             "loadavg": round(os.getloadavg()[0], 2)} for name, sec in times.items()]
 
 
 def _timed(calls: dict, rounds: int) -> dict:

@@ -65,8 +65,9 @@ class ClearContext:
         self.grid: tuple[int, int] | None = None
 
     def enter(self, module, args, kwargs):
-        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
-        if "img_shapes" in inspect.signature(module.forward).parameters:          # Qwen-Image
+        sig = inspect.signature(module.forward)
+        bound = sig.bind_partial(*args, **kwargs).arguments
+        if "img_shapes" in sig.parameters:                                        # Qwen-Image
             shapes, enc = bound.get("img_shapes"), bound.get("encoder_hidden_states")
             if shapes is None or enc is None:
                 raise ValueError("a CLEAR Qwen-Image model needs img_shapes and encoder_hidden_states in its forward "
