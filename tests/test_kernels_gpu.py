@@ -47,6 +47,28 @@ def test_act_prep_at_flux_widths(k):
     torch.testing.assert_close(steps, ref_steps, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("k", [3072, 15360])
+def test_zero_point_act_prep_and_layer_at_flux_widths(k):
+    """Asymmetric A4: the Triton codes / steps / offsets against the reference, and the layer's integer path
+    (codes, GEMM, minus offset x row sums) against the fake-quantized fp32 definition."""
+    q = random_layer(k, 3072, act_bits=4)
+    q.act.zero_point = True
+    x = torch.randn(M, k, device="cuda", dtype=torch.bfloat16) * 4 + 1
+    codes, steps, offsets = ops.quantize_act_zp(x, q.act.smooth, q.act.signs, None, 4)
+    ref = reference.quantize_act_zp(x.float(), q.act.smooth, q.act.signs, None, 4)
+    diff = (codes.int() - ref[0].int()).abs()
+    assert diff.max() <= 1 and diff.float().mean() < 0.01
+    torch.testing.assert_close(steps, ref[1], rtol=1e-5, atol=0)
+    torch.testing.assert_close(offsets, ref[2], rtol=1e-4, atol=1e-5)
+    for mode in ("decode", "int8"):
+        with torch.no_grad(), gemm_mode(mode):
+            y = q(x)
+            w = reference.decode_weight(q.qweight, k, "tlq", q.scales, q.grid, q.eta, 4, None, mode)
+            want = torch.nn.functional.linear(reference.dequantize_act(*ref[:2], torch.float32, ref[2]), w,
+                                              q.bias.float())
+        assert y.dtype == torch.bfloat16 and rel_err(y, want) < 1e-2, mode
+
+
 @pytest.mark.parametrize("mode", ["decode", "int8", "int8_unpacked"])
 @pytest.mark.parametrize("k,n", FLUX_KN)
 def test_qlinear_at_flux_shapes(k, n, mode):

@@ -62,6 +62,27 @@ def test_quantize_act_matches_reference(k, rotation, smooth, bits, dtype):
     assert codes[0, 1].eq(0).all() and steps[0, 1] == 0
 
 
+@pytest.mark.parametrize("k,rotation,smooth,bits,dtype", [c for c in ACT_CASES if c[1] != "dense"][:5])
+def test_quantize_act_zero_point_matches_reference(k, rotation, smooth, bits, dtype):
+    """The asymmetric codes (centred to int8), steps and offsets, on inputs shifted off centre."""
+    from dicompress.kernels.triton_act import quantize_act_triton
+    g = torch.Generator().manual_seed(k + 1)
+    x = (torch.randn(2, 5, k, generator=g) * torch.logspace(-1, 1, k) + 0.5).to(dtype)
+    x[0, 1] = 0
+    x[1, 2] = x[1, 2].abs()                                              # one-sided: zero point 0
+    sm = torch.rand(k, generator=g) + 0.5 if smooth else None
+    signs = (torch.randint(0, 2, (k,), generator=g) * 2 - 1).to(torch.int8) if rotation == "hadamard" else None
+    args = [t if t is None else t.to(DEV) for t in (x, sm, signs, None)]
+    codes, steps, offsets = quantize_act_triton(*args, bits, zero_point=True)
+    ref = reference.quantize_act_zp(x.float(), sm, signs, None, bits)
+    diff = (codes.cpu().int() - ref[0].int()).abs()
+    assert codes.dtype == torch.int8 and diff.max() <= 1 and diff.float().mean() < 0.01
+    torch.testing.assert_close(steps.cpu(), ref[1], rtol=1e-5, atol=0)
+    torch.testing.assert_close(offsets.cpu(), ref[2], rtol=1e-5, atol=1e-6)
+    assert codes.min() >= -2 ** (bits - 1) and codes.max() <= 2 ** (bits - 1) - 1
+    assert steps[0, 1] == 0 and offsets[0, 1] == 0
+
+
 # -- the quantized GEMM -----------------------------------------------------------------------------
 GEMM_CASES = [  # (codec, bits, group, M, N, K, a8, mode, dtype, bias)
     ("tlq", 4, None, 19, 40, 72, True, "decode", torch.float32, True),

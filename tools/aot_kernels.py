@@ -150,12 +150,13 @@ def plain_variant(int8: bool, arch: int) -> dict:
     return compile_kernel(_plain_matmul, ptrs, const, 8, 3, arch, ints)
 
 
-def act_variant(k: int, arch: int) -> dict:
+def act_variant(k: int, arch: int, zero_point: bool = False) -> dict:
     geo = triton_act._rotation_layout(k, True)
     ptrs = {"x_ptr": "*bf16", "smooth_ptr": "*fp32", "signs_ptr": "*i8", "hp_ptr": "*fp32", "codes_ptr": "*i8",
-            "steps_ptr": "*fp32"}
+            "steps_ptr": "*fp32", "offsets_ptr": "*fp32"}
     tile = geo["P"] * geo["BB"]
-    const = {"HAS_SMOOTH": True, "HAS_SIGNS": True, "STAGES": geo["STAGES"], "P": geo["P"], "BB": geo["BB"]}
+    const = {"HAS_SMOOTH": True, "HAS_SIGNS": True, "STAGES": geo["STAGES"], "P": geo["P"], "BB": geo["BB"],
+             "ZERO_POINT": zero_point}
     warps = triton_act.act_warps(tile)
     ints = {"stride_x": k, "stride_c": k, "ROW": geo["ROW"], "BASE": geo["BASE"]}
     return compile_kernel(triton_act._act_quant_kernel, ptrs, const, warps, 1, arch, ints)
@@ -191,12 +192,12 @@ def main():
         rows.append({"kernel": f"plain matmul {'int8' if int8 else 'fp16'} (reference point)",
                      "variant": "128x256 tile", **row})
         print(json.dumps(rows[-1]), flush=True)
-    for k in (3072, 12288, 15360):
+    for k, zp in ((3072, False), (12288, False), (15360, False), (3072, True), (15360, True)):
         try:
-            row = act_variant(k, args.arch)
+            row = act_variant(k, args.arch, zp)
         except Exception as e:  # noqa: BLE001
             row = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-        rows.append({"kernel": "quantize_act", "variant": f"K={k}", **row})
+        rows.append({"kernel": "quantize_act_zp" if zp else "quantize_act", "variant": f"K={k}", **row})
         print(json.dumps(rows[-1]), flush=True)
     res = {"arch": f"sm_{args.arch}", "triton": triton.__version__, "rows": rows,
            "command": "python " + " ".join(sys.argv)}

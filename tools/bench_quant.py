@@ -75,9 +75,13 @@ W_A_METHODS = {"lrq": ([{"smooth": {"alpha": 0.5}}, {"ars": {"threshold": 1.0}}]
                "tlq": ([], True),
                "tlq+smooth": ([{"smooth": {"alpha": 0.5}}], True),
                "tlq+hadamard": ([{"ars": {"transform": "hadamard"}}], True)}
+# `+zp`: the same recipe with asymmetric activations (act_quant zero_point: true; a zero point per token, no
+# stored bytes), so the grid's share of a gain is measured apart from any per-layer choice
+W_A_METHODS.update({f"{m}+zp": W_A_METHODS[m] for m in ("tlq", "tlq+smooth", "tlq+hadamard", "lrq")})
 W_A = [("lrq", 4, 8), ("lrq", 3, 8), ("lrq", 4, 4), ("lrq", 3, 4), ("lrq-rounding", 4, 8), ("lrq-rounding", 4, 4),
        ("lrq-rounding", 3, 4), ("tlq", 4, 8), ("tlq", 4, 4), ("tlq+smooth", 4, 8), ("tlq+smooth", 4, 4),
-       ("tlq+hadamard", 4, 8), ("tlq+hadamard", 4, 4)]
+       ("tlq+hadamard", 4, 8), ("tlq+hadamard", 4, 4), ("tlq+zp", 4, 4), ("tlq+smooth+zp", 4, 4),
+       ("tlq+hadamard+zp", 4, 8), ("tlq+hadamard+zp", 4, 4), ("lrq+zp", 4, 4)]
 
 
 def _bytes(student, teacher_bf16: int, q_bytes: int, q_bf16: int) -> int:
@@ -222,13 +226,14 @@ def weight_act_rows(b: Bench) -> None:
             continue
         student = b.student()
         before, gptq = W_A_METHODS[method]
-        passes = [*before, {"tlq": {"bits": w_bits, "gptq": gptq}}, {"act_quant": {"bits": a_bits}}]
+        act = {"bits": a_bits, **({"zero_point": True} if method.endswith("+zp") else {})}
+        passes = [*before, {"tlq": {"bits": w_bits, "gptq": gptq}}, {"act_quant": act}]
         t = time.perf_counter()
         state = dicompress.compress(student, passes, calibration=b.store, progress=False)
         secs = time.perf_counter() - t
         q_bytes, q_bf16, _ = quantized_linear_bytes(student)
         rot = [r.get("transform") for r in state.report["layers"] if r.get("method") == "ars"]
-        extra = {"passes": [next(iter(p)) for p in passes], "gptq": gptq}
+        extra = {"passes": [next(iter(p)) for p in passes], "gptq": gptq, "act_zero_point": "zero_point" in act}
         if rot:
             extra["rotations"] = {k: rot.count(k) for k in sorted(set(rot))}
         b.add(method, w_bits, "channel", student, q_bytes, q_bf16, secs, extra, a_bits=a_bits)
@@ -261,9 +266,10 @@ def lowrank_rows(b: Bench) -> None:
 
 # lrq_auto (per-group transform chosen by the quantized output error at the row's bits), then TLQ + GPTQ, act_quant:
 # (method, w_bits, a_bits, lrq_auto's error model); `lrq-auto-gptq` scores each candidate with GPTQ on the grid
-# (the weight pass's own rounding) instead of nearest rounding
+# (the weight pass's own rounding) instead of nearest rounding; `+zp` rows also choose each input's activation
+# grid (symmetric or zero point: lrq_auto zero_points [false, true])
 LRQ_AUTO = [("lrq-auto", 4, 8, "rounding"), ("lrq-auto", 4, 4, "rounding"), ("lrq-auto", 3, 8, "rounding"),
-            ("lrq-auto-gptq", 4, 4, "gptq")]
+            ("lrq-auto-gptq", 4, 4, "gptq"), ("lrq-auto+zp", 4, 8, "rounding"), ("lrq-auto+zp", 4, 4, "rounding")]
 
 
 def lrq_auto_rows(b: Bench) -> None:
@@ -271,7 +277,8 @@ def lrq_auto_rows(b: Bench) -> None:
         if not b.wants(method, w_bits):
             continue
         student = b.student()
-        passes = [{"lrq_auto": {"w_bits": w_bits, "a_bits": a_bits, "error": error}},
+        grids = [False, True] if method.endswith("+zp") else [False]
+        passes = [{"lrq_auto": {"w_bits": w_bits, "a_bits": a_bits, "error": error, "zero_points": grids}},
                   {"tlq": {"bits": w_bits, "gptq": True}}, {"act_quant": {"bits": a_bits}}]
         t = time.perf_counter()
         state = dicompress.compress(student, passes, calibration=b.store, progress=False)
@@ -280,7 +287,9 @@ def lrq_auto_rows(b: Bench) -> None:
         summary = next(p for p in state.report["passes"] if p["pass"] == "lrq_auto")
         b.add(method, w_bits, "channel", student, q_bytes, q_bf16, secs,
               {"passes": [next(iter(p)) for p in passes], "gptq": True, "error": error,
-               "choices": summary["choices"]}, a_bits=a_bits)
+               "choices": summary["choices"], "zero_points": grids,
+               **{k: summary[k] for k in ("output_sqnr_db", "best_uniform", "best_uniform_sqnr_db", "choice_gain_db")
+                  if k in summary}}, a_bits=a_bits)
 
 
 def peer_rows(b: Bench) -> None:
@@ -385,6 +394,13 @@ COMPARISONS = [("gptq:w4:a16:channel", "tlq+gptq:w4:a16:channel"),
                *[(f"{m}:w{w}:a{a}:channel", f"lrq-auto:w{w}:a{a}:channel")
                  for w, a in ((4, 8), (4, 4)) for m in ("tlq", "tlq+smooth", "tlq+hadamard", "lrq")],
                *[(f"{m}:w4:a4:channel", "lrq-auto-gptq:w4:a4:channel") for m in ("lrq", "tlq+hadamard", "lrq-auto")],
+               # the asymmetric activation grid: uniform (what the grid alone gives), and chosen per input
+               *[(f"{m}:w4:a{a}:channel", f"{m}+zp:w4:a{a}:channel")
+                 for m, a in (("tlq", 4), ("tlq+smooth", 4), ("tlq+hadamard", 4), ("tlq+hadamard", 8), ("lrq", 4))],
+               *[(f"{m}:w4:a4:channel", "lrq-auto+zp:w4:a4:channel")
+                 for m in ("tlq", "tlq+smooth", "tlq+hadamard", "lrq", "lrq-auto", "tlq+zp", "tlq+smooth+zp",
+                           "tlq+hadamard+zp", "lrq+zp")],
+               *[(f"{m}:w4:a8:channel", "lrq-auto+zp:w4:a8:channel") for m in ("lrq-auto", "tlq+hadamard+zp")],
                ("tlq+gptq:w3:a16:channel", "tlq-budget:w3:a16:channel:budget=0.2152"),
                ("tlq+gptq:w4:a16:channel", "tlq-budget:w4:a16:channel:budget=0.2777"),
                ("tlq-budget-output:w3:a16:channel:budget=0.2152", "tlq-budget:w3:a16:channel:budget=0.2152")]

@@ -1,6 +1,8 @@
 """What QuantLinear.forward and ActTransform.forward run: the modules' buffers handed to the kernel ops.
 
     A8 (act_bits <= 8)  quantize_act -> int8 codes + per-token steps -> qlinear on the codes (fused path)
+    asymmetric A8/A4    quantize_act_zp -> centred codes, steps, offsets -> qlinear on the codes, minus
+                        offset ⊗ (row sums of the weight the GEMM used): one rank-1 update per call
     A16 / wider acts    the float transform (smooth, rotation, fake quantization) -> qlinear on floats
 With autograd recording and any tensor the ops would take requiring grad (the input, the bias, a codec or
 transform tensor a user made trainable), the differentiable torch composition runs instead (the same reference
@@ -65,13 +67,18 @@ def _digest(tensors: tuple) -> str:
 
 
 def _transform_key(act) -> tuple:
-    """(digest of the transform's values, act_bits): equal for linears sharing one transform. The digest is
-    computed once per layer (a host copy of its transform tensors) and cached against them."""
+    """(digest of the transform's values, act_bits, zero_point): equal for linears sharing one transform. The
+    digest is computed once per layer (a host copy of its transform tensors) and cached against them."""
     present = tuple((i, t) for i, t in enumerate(_act_args(act)) if t is not None)
     if not present:
-        return ("identity", act.act_bits)
+        return ("identity", act.act_bits, act.zero_point)
     tensors = tuple(t for _, t in present)
-    return derived(tensors[0], tensors, "act_digest", lambda: _digest(present)), act.act_bits
+    return derived(tensors[0], tensors, "act_digest", lambda: _digest(present)), act.act_bits, act.zero_point
+
+
+def _quantize_op(act):
+    """The activation op of `act`'s format: (codes, steps), or (codes, steps, offsets) with a zero point."""
+    return ops.quantize_act_zp if act.zero_point else ops.quantize_act
 
 
 def _input_stamp(x: torch.Tensor) -> tuple | None:
@@ -81,18 +88,19 @@ def _input_stamp(x: torch.Tensor) -> tuple | None:
         return None
 
 
-def act_codes(act, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantize_act(x) through `act`'s transform, reusing the previous call's codes when a sibling linear
-    asked for exactly these (same input object and version, same transform values and bits)."""
+def act_codes(act, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """quantize_act(x) (or quantize_act_zp) through `act`'s transform, reusing the previous call's codes when a
+    sibling linear asked for exactly these (same input object and version, same transform values, bits and
+    format)."""
     args = (x, *_act_args(act), act.act_bits)
     stamp = None if torch.compiler.is_compiling() else _input_stamp(x)
     if stamp is None:
-        return ops.quantize_act(*args)
+        return _quantize_op(act)(*args)
     key = _transform_key(act)
     last = getattr(_last_codes, "entry", None)
     if last is not None and last[0]() is x and last[1] == stamp and last[2] == key:
         return last[3]
-    value = ops.quantize_act(*args)
+    value = _quantize_op(act)(*args)
     _last_codes.entry = (weakref.ref(x), stamp, key, value)
     return value
 
@@ -105,10 +113,23 @@ def forget_act_codes() -> None:
 def act_forward(act, x: torch.Tensor) -> torch.Tensor:
     """ActTransform.forward: x / smooth -> rotation -> per-token fake quantization, in x's dtype."""
     if _fused(act) and not _needs_grad(x, *_act_args(act)):
-        codes, steps = ops.quantize_act(x, *_act_args(act), act.act_bits)
-        return reference.dequantize_act(codes, steps, x.dtype)
+        codes, steps, *offsets = _quantize_op(act)(x, *_act_args(act), act.act_bits)
+        return reference.dequantize_act(codes, steps, x.dtype, *offsets)
     x = reference.transform_act(x, *_act_args(act))
-    return x if act.act_bits is None else quantize_per_token(x, act.act_bits)
+    return x if act.act_bits is None else quantize_per_token(x, act.act_bits, act.zero_point)
+
+
+def weight_row_sums(q, mode: str) -> torch.Tensor:
+    """Σ_k w[n, k] (fp32 [N]) of the weight the GEMM `mode` computes with, built once per layer and mode
+    (kernels/cache.py): what an activation offset multiplies (x_hat = codes · step - offset)."""
+    scales, aux, eta = get_codec(q.codec).kernel_args.of(q)
+
+    def build():
+        return reference.decode_weight(q.qweight, q.in_features, q.codec, scales, aux, eta, q.bits,
+                                       q.group_size or None, mode).sum(1)
+    if torch.compiler.is_compiling():           # traced into the graph: no Python-side cache there
+        return build()
+    return derived(q.qweight, (q.qweight, scales, aux, eta), ("row_sums", mode), build)
 
 
 def _weight_args(q, int8_gemm: bool) -> tuple:
@@ -127,8 +148,13 @@ def quant_linear_forward(q, x: torch.Tensor) -> torch.Tensor:
             x = act_forward(q.act, x)
         return reference.qlinear(x, None, *_weight_args(q, False), x.dtype)
     if _fused(q.act):
-        codes, steps = act_codes(q.act, x)
-        return ops.qlinear(codes, steps, *_weight_args(q, not q.group_size), x.dtype)
+        codes, steps, *offsets = act_codes(q.act, x)
+        args = _weight_args(q, not q.group_size)
+        y = ops.qlinear(codes, steps, *args, x.dtype)
+        if not offsets:
+            return y
+        # x_hat · Wᵀ = (codes · step) · Wᵀ - offset ⊗ Σ_k W[:, k]
+        return (y.float() - offsets[0][..., None] * weight_row_sums(q, args[-1])).to(x.dtype)
     if q.act is not None:
         x = act_forward(q.act, x)
     return ops.qlinear(x, None, *_weight_args(q, False), x.dtype)

@@ -6,6 +6,8 @@ the reference quantize_act in cache-sized row blocks, and fake implementations (
 torch.compile traces through them.
 
     dicompress::quantize_act(x [..., K], smooth?, signs?, rotation?, bits) -> (codes int8 [..., K], steps fp32 [...])
+    dicompress::quantize_act_zp(x, smooth?, signs?, rotation?, bits) -> (codes, steps, offsets fp32 [...]):
+        asymmetric (zero-point) codes, centred to int8; x_hat = codes · step - offset (quant/activation.py)
     dicompress::qlinear(x, x_scale?, qweight, scales, aux, eta?, bias?, codec, bits, group_size, mode, out_dtype)
         -> y [..., N]:  x int8 codes with x_scale [...] (A8), or float x with x_scale None (A16);
         scales, aux, eta = the buffers the codec names in its kernel_args (quant/codecs.py; e.g. TLQ's
@@ -32,6 +34,19 @@ def _(x, smooth, signs, rotation, bits):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
+@torch.library.custom_op("dicompress::quantize_act_zp", mutates_args=())
+def quantize_act_zp(x: Tensor, smooth: Tensor | None, signs: Tensor | None, rotation: Tensor | None,
+                    bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    return reference.quantize_act_zp(x, smooth, signs, rotation, bits)
+
+
+@quantize_act_zp.register_fake
+def _(x, smooth, signs, rotation, bits):
+    lead = x.shape[:-1]
+    return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty(lead, dtype=torch.float32),
+            x.new_empty(lead, dtype=torch.float32))
+
+
 @torch.library.custom_op("dicompress::qlinear", mutates_args=())
 def qlinear(x: Tensor, x_scale: Tensor | None, qweight: Tensor, scales: Tensor, aux: Tensor,
             eta: Tensor | None, bias: Tensor | None, codec: str, bits: int, group_size: int, mode: str,
@@ -48,18 +63,28 @@ def _(x, x_scale, qweight, scales, aux, eta, bias, codec, bits, group_size, mode
 CPU_BLOCK_BYTES = 2 << 20
 
 
-@quantize_act.register_kernel("cpu")
-def quantize_act_cpu(x, smooth, signs, rotation, bits):
-    """The reference in row blocks that stay in cache through the transform's and the quantizer's passes
-    (tools/bench_cpu.py: rows act_prep vs act_prep_whole). Every op is per row, so the blocks give the
-    reference's bits; a dense rotation is a matmul, whose kernel may depend on the row count, so it runs
-    whole."""
+def _in_row_blocks(quantize, x, smooth, signs, rotation, bits) -> tuple:
+    """`quantize` (a reference activation quantizer) in row blocks that stay in cache through the transform's
+    and the quantizer's passes (tools/bench_cpu.py: rows act_prep vs act_prep_whole). Every op is per row, so
+    the blocks give the reference's bits; a dense rotation is a matmul, whose kernel may depend on the row
+    count, so it runs whole."""
     k = x.shape[-1]
     step = max(1, CPU_BLOCK_BYTES // max(1, k * x.element_size()))
     if rotation is not None or x.dim() < 2 or x.numel() <= step * k:
-        return reference.quantize_act(x, smooth, signs, rotation, bits)
-    parts = [reference.quantize_act(rows, smooth, signs, None, bits) for rows in x.reshape(-1, k).split(step)]
-    return torch.cat([c for c, _ in parts]).view(x.shape), torch.cat([s for _, s in parts]).view(x.shape[:-1])
+        return quantize(x, smooth, signs, rotation, bits)
+    parts = [quantize(rows, smooth, signs, None, bits) for rows in x.reshape(-1, k).split(step)]
+    codes, *per_token = zip(*parts)
+    return (torch.cat(codes).view(x.shape), *(torch.cat(t).view(x.shape[:-1]) for t in per_token))
+
+
+@quantize_act.register_kernel("cpu")
+def quantize_act_cpu(x, smooth, signs, rotation, bits):
+    return _in_row_blocks(reference.quantize_act, x, smooth, signs, rotation, bits)
+
+
+@quantize_act_zp.register_kernel("cpu")
+def quantize_act_zp_cpu(x, smooth, signs, rotation, bits):
+    return _in_row_blocks(reference.quantize_act_zp, x, smooth, signs, rotation, bits)
 
 
 @quantize_act.register_kernel("cuda")
@@ -68,6 +93,14 @@ def quantize_act_cuda(x, smooth, signs, rotation, bits):
         return reference.quantize_act(x, smooth, signs, rotation, bits)
     from .triton_act import quantize_act_triton  # lazy: imports triton (optional, heavy), on CUDA only
     return quantize_act_triton(x, smooth, signs, rotation, bits)
+
+
+@quantize_act_zp.register_kernel("cuda")
+def quantize_act_zp_cuda(x, smooth, signs, rotation, bits):
+    if force_reference() or not has_triton() or not triton_supported(x.device):
+        return reference.quantize_act_zp(x, smooth, signs, rotation, bits)
+    from .triton_act import quantize_act_triton
+    return quantize_act_triton(x, smooth, signs, rotation, bits, zero_point=True)
 
 
 @qlinear.register_kernel("cpu")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..quant.activation import check_act_bits, per_token_step
+from ..quant.activation import asymmetric_step_zero, check_act_bits, per_token_step
 from ..quant.codecs import get_codec
 from ..quant.hadamard import apply_hadamard
 from ..quant.packing import unpack_codes
@@ -42,12 +42,31 @@ def quantize_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tens
     return (xf / safe).round().clamp(-qmax, qmax).to(torch.int8), step[..., 0]
 
 
+def quantize_codes_zp(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token asymmetric codes of x [..., K]: centred codes c = q - 2^(b-1) (int8 [..., K]), steps and offsets
+    (fp32 [...]) with codes · step - offset = quantize_per_token(x, bits, zero_point=True)."""
+    if check_act_bits(bits) > 8:
+        raise ValueError(f"integer activation codes hold at most 8 bits, got {bits}")
+    half = 1 << (bits - 1)
+    xf = x.float()
+    step, zero = asymmetric_step_zero(xf, bits)
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    q = ((xf / safe).round() + zero).clamp(0, 2 * half - 1)
+    return (q - half).to(torch.int8), step[..., 0], ((zero - half) * step)[..., 0]
+
+
 def quantize_act(x, smooth, signs, rotation, bits):
     return quantize_codes(transform_act(x, smooth, signs, rotation), bits)
 
 
-def dequantize_act(codes: torch.Tensor, steps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (codes.float() * steps[..., None]).to(dtype)
+def quantize_act_zp(x, smooth, signs, rotation, bits):
+    return quantize_codes_zp(transform_act(x, smooth, signs, rotation), bits)
+
+
+def dequantize_act(codes: torch.Tensor, steps: torch.Tensor, dtype: torch.dtype,
+                   offsets: torch.Tensor | None = None) -> torch.Tensor:
+    x = codes.float() * steps[..., None]
+    return (x if offsets is None else x - offsets[..., None]).to(dtype)
 
 
 def decode_weight(qweight: torch.Tensor, in_features: int, codec: str, scales: torch.Tensor, aux: torch.Tensor,

@@ -6,7 +6,8 @@ The rotation follows quant/hadamard.py's plan exactly: with n = base · 2^k, the
 stages (reshape / split / join, the same pairing as `_fwht_unnormalised`), the base factor H_base is a
 small dense tl.dot (IEEE fp32), and 1/√n is applied last, as `apply_hadamard` does. A dense rotation is a
 real GEMM, so it runs as a torch fp32 matmul before the kernel. Everything inside is fp32, whatever the
-input dtype; codes are rounded half-to-even like torch.round.
+input dtype; codes are rounded half-to-even like torch.round. With ZERO_POINT the same kernel writes the
+asymmetric codes (centred to int8) and each token's offset, as reference.quantize_codes_zp does.
 """
 from __future__ import annotations
 
@@ -34,10 +35,10 @@ def _butterfly(x, P: tl.constexpr, BB: tl.constexpr, H: tl.constexpr):
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, smooth_ptr, signs_ptr, hp_ptr, codes_ptr, steps_ptr,
+def _act_quant_kernel(x_ptr, smooth_ptr, signs_ptr, hp_ptr, codes_ptr, steps_ptr, offsets_ptr,
                       stride_x, stride_c, ROW, BASE, norm, qmax,
                       HAS_SMOOTH: tl.constexpr, HAS_SIGNS: tl.constexpr, STAGES: tl.constexpr,
-                      P: tl.constexpr, BB: tl.constexpr):
+                      P: tl.constexpr, BB: tl.constexpr, ZERO_POINT: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     b = tl.arange(0, P)[:, None]
     a = tl.arange(0, BB)[None, :]
@@ -55,10 +56,21 @@ def _act_quant_kernel(x_ptr, smooth_ptr, signs_ptr, hp_ptr, codes_ptr, steps_ptr
             hp = tl.load(hp_ptr + i[:, None] * BB + i[None, :])
             x = tl.dot(x, hp, input_precision="ieee")
         x = x * norm
-    step = tl.max(tl.max(tl.abs(x), axis=1), axis=0) / qmax
-    safe = tl.where(step > 0, step, 1.0)
-    q = (x / safe + _RNE) - _RNE
-    q = tl.minimum(tl.maximum(q, -qmax), qmax)
+    if ZERO_POINT:      # qmax = 2^(b-1) - 1: the grid has 2·qmax + 1 steps; padding (0) is inside [lo, hi]
+        lo = tl.minimum(tl.min(tl.min(x, axis=1), axis=0), 0.0)
+        hi = tl.maximum(tl.max(tl.max(x, axis=1), axis=0), 0.0)
+        step = (hi - lo) / (2 * qmax + 1)
+        safe = tl.where(step > 0, step, 1.0)
+        zero = ((-lo / safe + _RNE) - _RNE)
+        zero = tl.minimum(tl.maximum(zero, 0.0), 2 * qmax + 1)
+        q = ((x / safe + _RNE) - _RNE) + zero
+        q = tl.minimum(tl.maximum(q, 0.0), 2 * qmax + 1) - (qmax + 1)
+        tl.store(offsets_ptr + row, (zero - (qmax + 1)) * step)
+    else:
+        step = tl.max(tl.max(tl.abs(x), axis=1), axis=0) / qmax
+        safe = tl.where(step > 0, step, 1.0)
+        q = (x / safe + _RNE) - _RNE
+        q = tl.minimum(tl.maximum(q, -qmax), qmax)
     tl.store(codes_ptr + row * stride_c + col, q.to(tl.int8), mask=mask)
     tl.store(steps_ptr + row, step)
 
@@ -90,8 +102,9 @@ def _padded_base(base: int, bb: int, device: torch.device) -> torch.Tensor:
 
 
 def quantize_act_triton(x: torch.Tensor, smooth: torch.Tensor | None, signs: torch.Tensor | None,
-                        rotation: torch.Tensor | None, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as reference.quantize_act: int8 codes [..., K] and fp32 steps [...]."""
+                        rotation: torch.Tensor | None, bits: int, zero_point: bool = False) -> tuple:
+    """Same contract as reference.quantize_act: int8 codes [..., K] and fp32 steps [...]; with `zero_point`,
+    reference.quantize_act_zp's: (codes, steps, offsets)."""
     if not 2 <= bits <= 8:
         raise ValueError(f"integer activation codes hold 2..8 bits, got {bits}")
     k = x.shape[-1]
@@ -104,6 +117,7 @@ def quantize_act_triton(x: torch.Tensor, smooth: torch.Tensor | None, signs: tor
     m = x2.shape[0]
     codes = torch.empty(m, k, dtype=torch.int8, device=x.device)
     steps = torch.empty(m, dtype=torch.float32, device=x.device)
+    offsets = torch.empty(m if zero_point else 0, dtype=torch.float32, device=x.device)
     geo = _rotation_layout(k, signs is not None)
     hp = _padded_base(geo["BASE"], geo["BB"], x.device) if geo["BB"] > 1 else x2    # x2: an unused pointer
     if smooth is not None:       # fp32 once per layer, not a cast kernel per call
@@ -112,7 +126,10 @@ def quantize_act_triton(x: torch.Tensor, smooth: torch.Tensor | None, signs: tor
         tile = geo["P"] * geo["BB"]
         _act_quant_kernel[(m,)](
             x2, smooth if smooth is not None else x2, signs if signs is not None else x2, hp, codes, steps,
+            offsets if zero_point else steps,
             x2.stride(0), codes.stride(0), geo["ROW"], geo["BASE"], 1.0 / math.sqrt(k), float((1 << (bits - 1)) - 1),
             HAS_SMOOTH=smooth is not None, HAS_SIGNS=signs is not None, STAGES=geo["STAGES"], P=geo["P"],
-            BB=geo["BB"], num_warps=act_warps(tile))
+            BB=geo["BB"], ZERO_POINT=zero_point, num_warps=act_warps(tile))
+    if zero_point:
+        return codes.view(*lead, k), steps.view(lead), offsets.view(lead)
     return codes.view(*lead, k), steps.view(lead)

@@ -1,6 +1,6 @@
 """What a linear does to its input before the matmul: smoothing, rotation, per-token fake quantization.
 
-    x -> x / smooth -> x · Q -> quantize_per_token(·, act_bits) -> · Wᵀ
+    x -> x / smooth -> x · Q -> quantize_per_token(·, act_bits[, zero point]) -> · Wᵀ
 
 The weight was transformed offline to match (W·diag(smooth)·Q), so without quantization the layer computes
 exactly what the original did. Q is a randomised Hadamard diag(signs)·H_n, stored as its ±1 signs and
@@ -12,7 +12,8 @@ Buffers (persistent: they are saved with the model; their dtypes are part of the
     signs     int8    [in]        ±1 of the randomised Hadamard
     rotation  float32 [in, in]    dense orthogonal matrix
 Spec (JSON, kept in the manifest, enough to rebuild the empty module before weights are read):
-    {"smooth": bool, "rotation": null | "hadamard" | "dense", "act_bits": null | 2..16, "granularity": "token"}
+    {"smooth": bool, "rotation": null | "hadamard" | "dense", "act_bits": null | 2..16, "granularity": "token",
+     "zero_point": true}      (the last key only when set: asymmetric activations, quant/activation.py)
 """
 from __future__ import annotations
 
@@ -25,16 +26,17 @@ from ..quant.hadamard import apply_hadamard, hadamard_plan
 
 ROTATIONS = ("hadamard", "dense")
 GRANULARITIES = ("token",)
-SPEC_KEYS = {"smooth", "rotation", "act_bits", "granularity"}
+SPEC_KEYS = {"smooth", "rotation", "act_bits", "granularity", "zero_point"}
 
 
 class ActTransform(nn.Module):
     def __init__(self, in_features: int, smooth: bool = False, rotation: str | None = None,
-                 act_bits: int | None = None, device=None):
+                 act_bits: int | None = None, device=None, zero_point: bool = False):
         super().__init__()
         self.in_features = in_features
         self.rotation_kind: str | None = None
         self.act_bits = None if act_bits is None else check_act_bits(act_bits)
+        self.zero_point = bool(zero_point)    # asymmetric per-token grid (when act_bits is set)
         if smooth:
             self.register_buffer("smooth", torch.ones(in_features, dtype=torch.float32, device=device))
         if rotation is not None:
@@ -49,12 +51,17 @@ class ActTransform(nn.Module):
                              f"(known: {sorted(SPEC_KEYS)}); upgrade dicompress")
         if spec.get("granularity", "token") not in GRANULARITIES:
             raise ValueError(f"activation granularity {spec['granularity']!r} is not one of {GRANULARITIES}")
+        if not isinstance(spec.get("zero_point", False), bool):
+            raise ValueError(f"activation zero_point must be true or false, got {spec['zero_point']!r}")
         return cls(in_features, smooth=bool(spec.get("smooth")), rotation=spec.get("rotation"),
-                   act_bits=spec.get("act_bits"), device=device)
+                   act_bits=spec.get("act_bits"), device=device, zero_point=spec.get("zero_point", False))
 
     def spec(self) -> dict:
-        return {"smooth": self.has_smooth, "rotation": self.rotation_kind, "act_bits": self.act_bits,
-                "granularity": "token"}
+        out = {"smooth": self.has_smooth, "rotation": self.rotation_kind, "act_bits": self.act_bits,
+               "granularity": "token"}
+        if self.zero_point:         # only then: symmetric artifacts stay readable by earlier versions
+            out["zero_point"] = True
+        return out
 
     def _add_rotation(self, kind: str, device) -> None:
         if self.rotation_kind is not None:
@@ -86,8 +93,12 @@ class ActTransform(nn.Module):
         self._add_rotation("dense", rotation.device)
         self.rotation.copy_(rotation.detach().to(torch.float32))
 
-    def set_act_bits(self, bits: int | None) -> None:
+    def set_act_bits(self, bits: int | None, zero_point: bool | None = None) -> None:
+        """Quantize the input to `bits` per token (None: float); `zero_point` True / False sets the grid
+        (asymmetric / symmetric), None keeps the one this transform has."""
         self.act_bits = None if bits is None else check_act_bits(bits)
+        if zero_point is not None:
+            self.zero_point = bool(zero_point)
 
     @property
     def has_smooth(self) -> bool:
@@ -96,9 +107,9 @@ class ActTransform(nn.Module):
         return "smooth" in self._buffers or "smooth" in self._parameters
 
     def describe(self) -> str:
-        """Short label for reports: e.g. 'smooth+hadamard+a8', 'identity'."""
+        """Short label for reports: e.g. 'smooth+hadamard+a8', 'hadamard+a4-asym', 'identity'."""
         parts = (["smooth"] if self.has_smooth else []) + ([self.rotation_kind] if self.rotation_kind else []) \
-            + ([f"a{self.act_bits}"] if self.act_bits else [])
+            + ([f"a{self.act_bits}" + ("-asym" if self.zero_point else "")] if self.act_bits else [])
         return "+".join(parts) or "identity"
 
     # -- math -----------------------------------------------------------------------------------

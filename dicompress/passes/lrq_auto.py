@@ -4,7 +4,9 @@ Where `smooth` + `ars` apply fixed rules (one alpha everywhere; Hadamard or outl
 every allowed candidate — none, smoothing at each alpha, Hadamard, outlier-aware rotation, smoothing followed by
 a rotation — on each group's captured calibration inputs and keeps the one with the least
 ||X·Wᵀ - Qa(X·T)·Qw(W·T)ᵀ||² summed over the group's linears (quant/output_error.py), at the bits the recipe's
-later weight quantizer and `act_quant` use. Linears reading one tensor (an InputGroup) share the choice: one
+later weight quantizer and `act_quant` use. With `zero_points: [false, true]` each candidate is scored with the
+symmetric and the asymmetric (zero-point) activation grid too, and the group's inputs get the better grid (the
+later act_quant keeps it). Linears reading one tensor (an InputGroup) share the choice: one
 fold, one online transform. The choice is applied with `smooth`'s and `ars`'s own steps (`smooth_group`,
 `rotate_linear`), so the artifact is the one those passes would write for the same choices.
 
@@ -26,7 +28,7 @@ from ..errors import RecipeError
 from ..nn.act import ActTransform, TransformedLinear, act_entry
 from ..nn.surgery import set_module
 from ..quant.hadamard import can_hadamard, random_signs
-from ..quant.output_error import WeightGrid, error_db, quantized_output_error
+from ..quant.output_error import WeightGrid, error_db, quantized_output_errors
 from ..quant.rotation import outlier_aware_rotation, rms_J
 from ..quant.tlq import tlq_column_quantizer, tlq_dequantize, tlq_quantize
 from ..quant.uniform import rtn_column_quantizer, rtn_dequantize, rtn_quantize
@@ -57,6 +59,11 @@ class LRQAutoConfig(PassConfig):
     weight_quantizer: Literal["tlq", "rtn"] = Field("tlq", description="the later weight quantizer's grid "
                                                                        "(per output channel); a later weight pass "
                                                                        "of the other kind is a recipe error")
+    zero_points: tuple[bool, ...] = Field(
+        (False,), description="activation grids tried per InputGroup with every candidate: [false] symmetric only, "
+                              "[false, true] also the asymmetric grid (an integer zero point per token; helps "
+                              "one-sided inputs, most at 4 bits), [true] asymmetric only. The choice is kept on "
+                              "the layer; the later act_quant must leave its own zero_point unset")
     error: Literal["rounding", "gptq"] = Field(
         "rounding", description="weights in the error: nearest rounding on the grid, or GPTQ on it with the "
                                 "transformed inputs' Hessian (slower; use when the weight pass has gptq: true)")
@@ -80,6 +87,13 @@ class LRQAutoConfig(PassConfig):
     def _candidates(cls, v):
         if not v or len(set(v)) != len(v):
             raise ValueError(f"candidates must be a non-empty list without repeats, from {list(CANDIDATES)}")
+        return v
+
+    @field_validator("zero_points")
+    @classmethod
+    def _zero_points(cls, v):
+        if not v or len(set(v)) != len(v):
+            raise ValueError("zero_points must be [false], [true] or [false, true]")
         return v
 
     @field_validator("alphas")
@@ -144,36 +158,64 @@ def evaluate(model, g, stats, xs: dict, seed: int, cfg: LRQAutoConfig, cache: di
             continue
         s = group_factors(model, g, stats, alpha) if alpha is not None else None
         act = _transform(width, rot, seed, raw if s is None else raw / s, cfg, cache)
-        noise = signal = 0.0
+        grids = cfg.zero_points if cfg.a_bits is not None else (False,)
+        noise, signal = [0.0] * len(grids), 0.0
         for m in g.members:
             x, w = xs[m], ws[m]
             xt = act.rotate((x / s if s is not None else x).double())
             wt = act.rotate((w * s if s is not None else w).double())
-            n, sg = quantized_output_error(x, w, xt, wt, cfg.w_bits, cfg.a_bits, grid, cfg.error == "gptq")
-            noise, signal = noise + n, signal + sg
-        out.append({"candidate": label, "alpha": alpha, "rotation": rot, "error": noise, "signal": signal})
+            errs = quantized_output_errors(x, w, xt, wt, cfg.w_bits, cfg.a_bits, grid, cfg.error == "gptq", grids)
+            noise = [a + n for a, (n, _) in zip(noise, errs)]
+            signal += errs[0][1]
+        for zp, n in zip(grids, noise):
+            out.append({"candidate": label + ("+zp" if zp and len(grids) > 1 else ""), "alpha": alpha,
+                        "rotation": rot, "zero_point": zp, "error": n, "signal": signal})
     return out
 
 
 def apply_choice(model, g, stats, best: dict, seed: int, cfg: LRQAutoConfig, cache: dict, state):
-    """`smooth_group` then `rotate_linear` on every member, as `smooth` and `ars` do; returns (s or None, J)."""
+    """`smooth_group` then `rotate_linear` on every member, as `smooth` and `ars` do, and the chosen activation
+    grid on each member's transform; returns (s or None, J)."""
     s = None
     if best["alpha"] is not None:
         s, _ = smooth_group(model, g, stats, best["alpha"], state)
     st = stats[g.members[0]]
     J = rms_J((st["rms"].double() / (s.double() if s is not None else 1)) ** 2, 1)
-    if best["rotation"] is None:
+    if best["rotation"] is None and not best["zero_point"]:
         return s, J
-    rcfg = ARSConfig(transform=best["rotation"], block=cfg.block, steps=cfg.steps, seed=cfg.seed)
+    rcfg = ARSConfig(transform=best["rotation"] or "hadamard", block=cfg.block, steps=cfg.steps, seed=cfg.seed)
     for m in g.members:
         mod = model.get_submodule(m)
         lin = mod if isinstance(mod, TransformedLinear) else TransformedLinear.wrap(mod)
-        absmax = stats[m]["absmax"].float() / (s if s is not None else 1)
-        rotate_linear(lin, Choice(m, lin.in_features, J, best["rotation"], seed, g.members[0], absmax), rcfg, cache)
+        if best["rotation"] is not None:
+            absmax = stats[m]["absmax"].float() / (s if s is not None else 1)
+            rotate_linear(lin, Choice(m, lin.in_features, J, best["rotation"], seed, g.members[0], absmax), rcfg,
+                          cache)
+        lin.act.zero_point = best["zero_point"]      # act_quant sets the bits later and keeps the grid
         if lin is not mod:
             set_module(model, m, lin)
         state.record(act_entry(m, lin))
     return s, J
+
+
+def choice_gain(totals: list[tuple[list[dict], dict]]) -> dict:
+    """What choosing per group bought over one candidate everywhere, on the calibration tokens: the output SQNR
+    of all groups together (noise and signal summed) under the choices, and under the best single candidate
+    among those every group could take."""
+    def pooled(picks):
+        return error_db(sum(t["error"] for t in picks), sum(t["signal"] for t in picks))
+
+    if not totals:
+        return {}
+    everywhere = set.intersection(*({t["candidate"] for t in tried if "error" in t} for tried, _ in totals))
+    uniform = {c: pooled([next(t for t in tried if t["candidate"] == c) for tried, _ in totals])
+               for c in sorted(everywhere)}
+    chosen = pooled([best for _, best in totals])
+    if not uniform or chosen is None or None in uniform.values():
+        return {}
+    top = max(uniform, key=uniform.get)
+    return {"output_sqnr_db": round(chosen, 3), "best_uniform": top, "best_uniform_sqnr_db": round(uniform[top], 3),
+            "choice_gain_db": round(chosen - uniform[top], 3)}
 
 
 def _db(t: dict) -> float | None:
@@ -226,7 +268,7 @@ class LRQAuto(Pass):
             if all(whys):
                 raise RecipeError(f"no candidate fits {', '.join(g.members)}: {'; '.join(dict.fromkeys(whys))}",
                                   key="lrq_auto.candidates", hint="add `none` or `smooth` to the candidates")
-        keys, scales, rows, cache = group_keys(model, state.adapter), {}, [], {}
+        keys, scales, rows, cache, totals = group_keys(model, state.adapter), {}, [], {}, []
         blocks = list(dict.fromkeys(g.block for g in groups))
         for block in tqdm(blocks, desc=self.name, unit="block", disable=not state.progress):
             mine = [g for g in groups if g.block == block]
@@ -237,12 +279,14 @@ class LRQAuto(Pass):
                 seed = layer_seed(c.seed, keys.get(g.members[0], g.members[0]))
                 tried = evaluate(model, g, stats, xs, seed, c, cache)
                 best = min((t for t in tried if "error" in t), key=lambda t: t["error"])
+                totals.append((tried, best))
                 s, J = apply_choice(model, g, stats, best, seed, c, cache, state)
                 if s is not None:
                     scales.update({m: s for m in g.members})
                 errors = {t["candidate"]: _db(t) for t in tried}   # None: unavailable (or exact)
                 rows += [{"module": m, "method": self.name, "group": g.members[0], "choice": best["candidate"],
                           "alpha": best["alpha"], "transform": best["rotation"] or "none",
+                          "act_zero_point": best["zero_point"],
                           "smoothing": g.label() if s is not None else None, "J": round(J, 5),
                           "output_sqnr_db": errors[best["candidate"]], "candidates_sqnr_db": errors}
                          for m in g.members]
@@ -250,11 +294,12 @@ class LRQAuto(Pass):
         rows.sort(key=lambda r: position[r["module"]])
         if scales:
             state.calibration = SmoothedStats(state.calibration, scales)
-        state.add_pass_report(self.name, self.summarize(rows), rows)
+        state.add_pass_report(self.name, {**self.summarize(rows), **choice_gain(totals)}, rows)
 
     def summarize(self, rows: list[dict]) -> dict:
         firsts = {r["group"]: r for r in rows}.values()       # one row per group
         picks = [r["choice"] for r in firsts]
         c = self.config
         return {"groups": len(picks), "layers": len(rows), "choices": {k: picks.count(k) for k in sorted(set(picks))},
-                "w_bits": c.w_bits, "a_bits": c.a_bits, "weight_quantizer": c.weight_quantizer, "error": c.error}
+                "w_bits": c.w_bits, "a_bits": c.a_bits, "zero_points": list(c.zero_points),
+                "weight_quantizer": c.weight_quantizer, "error": c.error}

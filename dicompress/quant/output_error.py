@@ -6,7 +6,8 @@ diag(1/s), a rotation Q, or both: T = diag(1/s)·Q), the quantized layer compute
 and its error against the float layer is ||X·Wᵀ - Qa(X·T)·Qw(Tᵀ-folded W)ᵀ||²_F. Linears that read one
 tensor (an InputGroup) share T, so a candidate's error is summed over the group's linears. The weight
 quantizer is nearest rounding on the recipe's grid (`rounding`) or GPTQ on that grid with the Hessian of the
-same transformed inputs (`gptq`); the activation quantizer is the per-token one the `act_quant` pass applies.
+same transformed inputs (`gptq`); the activation quantizer is the per-token one the `act_quant` pass applies
+(symmetric, or asymmetric with a zero point).
 """
 from __future__ import annotations
 
@@ -48,16 +49,28 @@ def input_hessian(x: torch.Tensor) -> torch.Tensor:
     return (xd.T @ xd / max(x.shape[0], 1)).float()
 
 
-def quantized_output_error(x: torch.Tensor, w: torch.Tensor, xt: torch.Tensor, wt: torch.Tensor, w_bits: int,
-                           a_bits: int | None, grid: WeightGrid, gptq: bool = False) -> tuple[float, float]:
-    """(||x·wᵀ - Qa(xt)·Qw(wt)ᵀ||², ||x·wᵀ||²) in float64. x, w: the float layer; xt, wt: the same layer in a
-    transformed basis (xt·wtᵀ = x·wᵀ up to float rounding). a_bits None: activations stay float."""
+def quantized_output_errors(x: torch.Tensor, w: torch.Tensor, xt: torch.Tensor, wt: torch.Tensor, w_bits: int,
+                            a_bits: int | None, grid: WeightGrid, gptq: bool = False,
+                            zero_points: tuple[bool, ...] = (False,)) -> list[tuple[float, float]]:
+    """(||x·wᵀ - Qa(xt)·Qw(wt)ᵀ||², ||x·wᵀ||²) in float64 for each activation grid in `zero_points` (symmetric,
+    asymmetric), the weight quantized once. x, w: the float layer; xt, wt: the same layer in a transformed basis
+    (xt·wtᵀ = x·wᵀ up to float rounding). a_bits None: activations stay float (one entry)."""
     wt = wt.detach().float()
-    w_hat = grid.gptq(wt, w_bits, input_hessian(xt)) if gptq else grid.rounding(wt, w_bits)
-    xq = xt.float() if a_bits is None else quantize_per_token(xt.float(), a_bits)
+    w_hat = (grid.gptq(wt, w_bits, input_hessian(xt)) if gptq else grid.rounding(wt, w_bits)).double()
     ref = x.double() @ w.double().T
-    err = ref - xq.double() @ w_hat.double().T
-    return float(err.pow(2).sum()), float(ref.pow(2).sum())
+    signal = float(ref.pow(2).sum())
+    out = []
+    for zp in (zero_points if a_bits is not None else (False,)):
+        xq = xt.float() if a_bits is None else quantize_per_token(xt.float(), a_bits, zp)
+        out.append((float((ref - xq.double() @ w_hat.T).pow(2).sum()), signal))
+    return out
+
+
+def quantized_output_error(x: torch.Tensor, w: torch.Tensor, xt: torch.Tensor, wt: torch.Tensor, w_bits: int,
+                           a_bits: int | None, grid: WeightGrid, gptq: bool = False,
+                           zero_point: bool = False) -> tuple[float, float]:
+    """quantized_output_errors for one activation grid."""
+    return quantized_output_errors(x, w, xt, wt, w_bits, a_bits, grid, gptq, (zero_point,))[0]
 
 
 def error_db(noise: float, signal: float) -> float | None:
