@@ -42,13 +42,15 @@ def main(path: str) -> None:
 
     hooks = [m.register_forward_pre_hook(count("quantized_linear_calls")) for m in model.modules()
              if isinstance(m, QuantLinear)]
-    real = ops.quantize_act
-    ops.quantize_act = lambda *a: count("activation_quantizations")() or real(*a)
+    real = {n: getattr(ops, n) for n in ("quantize_act", "quantize_act_zp")}     # symmetric and zero-point grids
+    for n, op in real.items():
+        setattr(ops, n, lambda *a, op=op: count("activation_quantizations")() or op(*a))
     try:
         with torch.no_grad():
             eager = model(**kw)[0]
     finally:
-        ops.quantize_act = real
+        for n, op in real.items():
+            setattr(ops, n, op)
         for h in hooks:
             h.remove()
     import torch._dynamo as dynamo
