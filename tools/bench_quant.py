@@ -81,7 +81,7 @@ W_A_METHODS.update({f"{m}+zp": W_A_METHODS[m] for m in ("tlq", "tlq+smooth", "tl
 W_A = [("lrq", 4, 8), ("lrq", 3, 8), ("lrq", 4, 4), ("lrq", 3, 4), ("lrq-rounding", 4, 8), ("lrq-rounding", 4, 4),
        ("lrq-rounding", 3, 4), ("tlq", 4, 8), ("tlq", 4, 4), ("tlq+smooth", 4, 8), ("tlq+smooth", 4, 4),
        ("tlq+hadamard", 4, 8), ("tlq+hadamard", 4, 4), ("tlq+zp", 4, 4), ("tlq+smooth+zp", 4, 4),
-       ("tlq+hadamard+zp", 4, 8), ("tlq+hadamard+zp", 4, 4), ("lrq+zp", 4, 4)]
+       ("tlq+hadamard+zp", 4, 8), ("tlq+hadamard+zp", 4, 4), ("lrq+zp", 4, 4), ("lrq+zp", 3, 4)]
 
 
 def _bytes(student, teacher_bf16: int, q_bytes: int, q_bf16: int) -> int:
@@ -397,6 +397,7 @@ COMPARISONS = [("gptq:w4:a16:channel", "tlq+gptq:w4:a16:channel"),
                # the asymmetric activation grid: uniform (what the grid alone gives), and chosen per input
                *[(f"{m}:w4:a{a}:channel", f"{m}+zp:w4:a{a}:channel")
                  for m, a in (("tlq", 4), ("tlq+smooth", 4), ("tlq+hadamard", 4), ("tlq+hadamard", 8), ("lrq", 4))],
+               ("lrq:w3:a4:channel", "lrq+zp:w3:a4:channel"),
                *[(f"{m}:w4:a4:channel", "lrq-auto+zp:w4:a4:channel")
                  for m in ("tlq", "tlq+smooth", "tlq+hadamard", "lrq", "lrq-auto", "tlq+zp", "tlq+smooth+zp",
                            "tlq+hadamard+zp", "lrq+zp")],
