@@ -183,14 +183,14 @@ def apply_choice(model, g, stats, best: dict, seed: int, cfg: LRQAutoConfig, cac
     J = rms_J((st["rms"].double() / (s.double() if s is not None else 1)) ** 2, 1)
     if best["rotation"] is None and not best["zero_point"]:
         return s, J
-    rcfg = ARSConfig(transform=best["rotation"] or "hadamard", block=cfg.block, steps=cfg.steps, seed=cfg.seed)
+    rot = best["rotation"]
+    rcfg = rot and ARSConfig(transform=rot, block=cfg.block, steps=cfg.steps, seed=cfg.seed)
     for m in g.members:
         mod = model.get_submodule(m)
         lin = mod if isinstance(mod, TransformedLinear) else TransformedLinear.wrap(mod)
-        if best["rotation"] is not None:
+        if rot is not None:
             absmax = stats[m]["absmax"].float() / (s if s is not None else 1)
-            rotate_linear(lin, Choice(m, lin.in_features, J, best["rotation"], seed, g.members[0], absmax), rcfg,
-                          cache)
+            rotate_linear(lin, Choice(m, lin.in_features, J, rot, seed, g.members[0], absmax), rcfg, cache)
         lin.act.zero_point = best["zero_point"]      # act_quant sets the bits later and keeps the grid
         if lin is not mod:
             set_module(model, m, lin)
