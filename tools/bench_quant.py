@@ -243,7 +243,8 @@ def weight_act_rows(b: Bench) -> None:
 # The zoo model is 128 wide: rank 32 is 25% of a hidden linear's rank (0.1-1% on FLUX.1's 3072), so rank 4 is
 # measured too
 LOWRANK = [("lrq+lowrank", "lrq", 4), ("lrq+lowrank", "lrq", 16), ("lrq+lowrank", "lrq", 32),
-           ("tlq+hadamard+lowrank", "tlq+hadamard", 16), ("tlq+hadamard+lowrank", "tlq+hadamard", 32)]
+           ("tlq+hadamard+lowrank", "tlq+hadamard", 16), ("tlq+hadamard+lowrank", "tlq+hadamard", 32),
+           ("lrq+lowrank+zp", "lrq+zp", 16)]
 
 
 def lowrank_rows(b: Bench) -> None:
@@ -252,7 +253,8 @@ def lowrank_rows(b: Bench) -> None:
             continue
         student = b.student()
         before, gptq = W_A_METHODS[base]
-        passes = [*before, {"tlq": {"bits": 4, "gptq": gptq, "lowrank_rank": rank}}, {"act_quant": {"bits": 4}}]
+        act = {"bits": 4, **({"zero_point": True} if base.endswith("+zp") else {})}
+        passes = [*before, {"tlq": {"bits": 4, "gptq": gptq, "lowrank_rank": rank}}, {"act_quant": act}]
         t = time.perf_counter()
         dicompress.compress(student, passes, calibration=b.store, progress=False)
         secs = time.perf_counter() - t
@@ -391,6 +393,7 @@ COMPARISONS = [("gptq:w4:a16:channel", "tlq+gptq:w4:a16:channel"),
                                     ("sdnq-svd", "svd-r32"), ("sdnq", "-"))],
                *[(f"{base}:w4:a4:channel", f"{m}:w4:a4:channel:rank={r}") for m, base, r in LOWRANK],
                *[("tlq+hadamard:w4:a4:channel", f"lrq+lowrank:w4:a4:channel:rank={r}") for r in (16, 32)],
+               ("lrq+lowrank:w4:a4:channel:rank=16", "lrq+lowrank+zp:w4:a4:channel:rank=16"),
                *[(f"{m}:w{w}:a{a}:channel", f"lrq-auto:w{w}:a{a}:channel")
                  for w, a in ((4, 8), (4, 4)) for m in ("tlq", "tlq+smooth", "tlq+hadamard", "lrq")],
                *[(f"{m}:w4:a4:channel", "lrq-auto-gptq:w4:a4:channel") for m in ("lrq", "tlq+hadamard", "lrq-auto")],
