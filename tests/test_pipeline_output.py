@@ -136,8 +136,21 @@ FRESH_PROCESS = textwrap.dedent("""
 """)
 
 
-def test_from_pretrained_output_runs_in_a_fresh_process(outs, chain):
-    targets = [outs["st"], outs["mem"], outs["copy"], chain]
+@pytest.fixture(scope="module")
+def zero_point(outs):
+    """W4 weights and asymmetric 4-bit activations (act_quant zero_point), streamed from the pipeline directory."""
+    return _run(outs["d"], "zp", outs["src"], passes=[*RTN, {"act_quant": {"bits": 4, "zero_point": True}}])
+
+
+def test_zero_point_grid_is_read_back_from_the_pipeline_output(zero_point):
+    from diffusers import FluxTransformer2DModel
+    model = FluxTransformer2DModel.from_pretrained(zero_point / "transformer")
+    acts = [m.act for m in model.modules() if isinstance(m, QuantLinear)]
+    assert acts and all(a is not None and a.act_bits == 4 and a.zero_point for a in acts)
+
+
+def test_from_pretrained_output_runs_in_a_fresh_process(outs, chain, zero_point):
+    targets = [outs["st"], outs["mem"], outs["copy"], chain, zero_point]
     proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(outs["src"]), *map(str, targets)],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
