@@ -119,17 +119,16 @@ def act_forward(act, x: torch.Tensor) -> torch.Tensor:
     return x if act.act_bits is None else quantize_per_token(x, act.act_bits, act.zero_point)
 
 
-def weight_row_sums(q, mode: str) -> torch.Tensor:
-    """Σ_k w[n, k] (fp32 [N]) of the weight the GEMM `mode` computes with, built once per layer and mode
-    (kernels/cache.py): what an activation offset multiplies (x_hat = codes · step - offset)."""
-    scales, aux, eta = get_codec(q.codec).kernel_args.of(q)
-
+def weight_row_sums(in_features: int, qweight, scales, aux, eta, bias, codec, bits, group_size, mode) -> torch.Tensor:
+    """Σ_k w[n, k] (fp32 [N]) of the weight the GEMM `mode` computes with (the ops' weight arguments, as
+    `_weight_args` gives them), built once per layer and mode (kernels/cache.py): what an activation offset
+    multiplies (x_hat = codes · step - offset)."""
     def build():
-        return reference.decode_weight(q.qweight, q.in_features, q.codec, scales, aux, eta, q.bits,
-                                       q.group_size or None, mode).sum(1)
+        return reference.decode_weight(qweight, in_features, codec, scales, aux, eta, bits, group_size or None,
+                                       mode).sum(1)
     if torch.compiler.is_compiling():           # traced into the graph: no Python-side cache there
         return build()
-    return derived(q.qweight, (q.qweight, scales, aux, eta), ("row_sums", mode), build)
+    return derived(qweight, (qweight, scales, aux, eta), ("row_sums", mode), build)
 
 
 def _weight_args(q, int8_gemm: bool) -> tuple:
@@ -154,7 +153,7 @@ def quant_linear_forward(q, x: torch.Tensor) -> torch.Tensor:
         if not offsets:
             return y
         # x_hat · Wᵀ = (codes · step) · Wᵀ - offset ⊗ Σ_k W[:, k]
-        return (y.float() - offsets[0][..., None] * weight_row_sums(q, args[-1])).to(x.dtype)
+        return (y.float() - offsets[0][..., None] * weight_row_sums(q.in_features, *args)).to(x.dtype)
     if q.act is not None:
         x = act_forward(q.act, x)
     return ops.qlinear(x, None, *_weight_args(q, False), x.dtype)
