@@ -9,12 +9,13 @@ half a step of its reconstruction.
 With a zero point (asymmetric), each token's grid spans [min(x, 0), max(x, 0)] instead of [-max|x|, max|x|]:
   step = (hi - lo) / (2^b - 1),  zero = round(-lo / step) in 0..2^b - 1,
   x_hat = (clamp(round(x / step) + zero, 0, 2^b - 1) - zero) · step.
-The zero point is an integer, so zero still maps to exactly zero. A token whose values are one-sided (after
-a GELU, or a rotation that concentrates the mean in one coefficient) wastes up to half a symmetric grid; at 4
-bits that half is most of the resolution. The GEMM still takes integer codes: centred codes
+The zero point is an integer, so zero still maps to exactly zero. A token whose values are one-sided (after a
+GELU) leaves half of a symmetric grid unused, one of its b bits. The GEMM still takes integer codes: centred codes
 c = q - 2^(b-1) fit int8, and x_hat · Wᵀ = step · (c · Wᵀ) - offset · (1 · Wᵀ) with offset = (zero - 2^(b-1))
-· step per token, a rank-1 correction by the weight's row sums (kernels/linear.py). The math runs in fp32 whatever the input dtype (bf16 has 8 mantissa bits:
-x / step in bf16 would already round before the grid does).
+· step per token, a rank-1 correction by the weight's row sums (kernels/linear.py).
+
+The math runs in fp32 whatever the input dtype (bf16 has 8 mantissa bits: x / step in bf16 would already round
+before the grid does).
 """
 from __future__ import annotations
 
